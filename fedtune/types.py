@@ -1,0 +1,82 @@
+"""The few typed objects that flow between modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# name -> tensor, adapter tensors only (peft's get_peft_model_state_dict keys)
+AdapterState = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One user's tokenized data: fixed-length chunks of token ids."""
+
+    user_id: str
+    train: torch.Tensor  # [N, T] int64
+    heldout: torch.Tensor  # [M, T] int64
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train.shape[0])
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """What one device is asked to do this round."""
+
+    server_round: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a device sends back: its adapter after local training and how it got there."""
+
+    adapter: AdapterState
+    num_examples: int
+    train_loss: float
+    epsilon: float | None = None  # sample-level epsilon spent by this client so far
+    delta: float | None = None
+    steps: int = 0
+    tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One round as recorded in metrics.jsonl."""
+
+    round: int
+    clients_sampled: int
+    clients_succeeded: int
+    train_loss: float | None
+    eval_loss: float
+    eval_perplexity: float
+    upload_bytes: int
+    wall_seconds: float
+    epsilon: float | None = None
+    delta: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, object]:
+        rec: dict[str, object] = {
+            "round": self.round,
+            "clients_sampled": self.clients_sampled,
+            "clients_succeeded": self.clients_succeeded,
+            "train_loss": self.train_loss,
+            "eval_loss": self.eval_loss,
+            "eval_perplexity": self.eval_perplexity,
+            "upload_bytes": self.upload_bytes,
+            "wall_seconds": self.wall_seconds,
+        }
+        if self.epsilon is not None:
+            rec["epsilon"] = self.epsilon
+            rec["delta"] = self.delta
+        rec.update(self.extra)
+        return rec

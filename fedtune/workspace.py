@@ -1,0 +1,89 @@
+"""The run directory: one place that knows where each artifact of a run lives.
+
+    run_dir/
+      config.yaml          resolved experiment config
+      metrics.jsonl        one JSON object per round (round 0 = the starting adapter)
+      events.jsonl         progress events (clients finishing), for the CLI's live view
+      adapters/round-N/    global adapter after round N, PEFT format (+ fedtune.json metadata)
+      data/                prepared per-client token chunks (index.json, clients/<i>.safetensors)
+      state/ledgers/       per-client privacy ledgers (accountant history)
+      flower/              Flower home, logs of the simulation engine
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @classmethod
+    def create(cls, root: str | Path) -> "RunDir":
+        root = Path(root).absolute()
+        for sub in ("adapters", "data", "state/ledgers", "flower"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        return cls(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def ledgers(self) -> Path:
+        return self.root / "state" / "ledgers"
+
+    @property
+    def flower(self) -> Path:
+        return self.root / "flower"
+
+    def adapter(self, server_round: int) -> Path:
+        return self.root / "adapters" / f"round-{server_round}"
+
+    def append_metrics(self, record: dict) -> None:
+        _append_jsonl(self.metrics, record)
+
+    def append_event(self, event: dict) -> None:
+        _append_jsonl(self.events, dict(event, time=time.time()))
+
+    def read_metrics(self) -> list[dict]:
+        return read_jsonl(self.metrics)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)  # one write of a short line: whole lines even with concurrent writers
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line still being written
+    return out

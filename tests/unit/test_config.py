@@ -1,0 +1,62 @@
+import pytest
+
+from fedtune.config import ConfigError, apply_overrides, config_from_dict, load_config
+
+
+def test_defaults_validate():
+    cfg = config_from_dict({})
+    assert cfg.model.source == "tiny" and cfg.adapter.method == "lora"
+
+
+def test_reports_every_error_at_once_naming_fields():
+    raw = {
+        "model": {"quantization": "int3"},
+        "adapter": {"rank": 0},
+        "train": {"lr": -1},
+        "federation": {"clients_per_round": 2, "min_clients": 5},
+        "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 2.0},
+        "dataa": {},
+    }
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(raw)
+    text = "\n".join(exc.value.problems)
+    assert len(exc.value.problems) >= 6, text
+    for field in ("model.quantization", "adapter.rank", "train.lr", "dataa", "federation.min_clients",
+                  "privacy"):
+        assert field in text, f"{field} not reported:\n{text}"
+    assert "int3" in text  # says what came
+
+
+def test_privacy_takes_noise_or_target_not_both():
+    assert config_from_dict({"privacy": {"enabled": True}}).privacy.noise_multiplier == 1.0
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_dict({"privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 3.0}})
+    assert config_from_dict({"privacy": {"enabled": True, "target_epsilon": 3.0}}).privacy.target_epsilon == 3.0
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("federation:\n  rounds: 2\nprivacy:\n  enabled: false\n")
+    cfg = load_config(path, ["federation.rounds=7", "adapter.target_modules=[q_proj]", "train.lr=1e-3"])
+    assert cfg.federation.rounds == 7
+    assert cfg.adapter.target_modules == ["q_proj"]
+    assert cfg.train.lr == pytest.approx(1e-3)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["federation.rounds"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_files_source_needs_existing_path(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({"data": {"source": "files", "path": str(tmp_path / "missing.jsonl")},
+                          "privacy": {"enabled": False}})
+    assert "data.path" in str(exc.value) and "not found" in str(exc.value)
+
+
+def test_shipped_configs_validate():
+    for name in ("configs/smoke.yaml", "configs/default.yaml"):
+        load_config(name)
