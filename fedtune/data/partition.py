@@ -1,0 +1,74 @@
+"""Per-user ClientData with a held-out split, saved once per run and loaded lazily by each client.
+
+Preparing the data once (in the launching process) means simulation workers never re-tokenize:
+a worker serving partition i reads ``clients/<i>.safetensors`` from the run's data directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedtune.config import DataConfig
+from fedtune.data.sources import load_user_texts
+from fedtune.data.tokenize import chunk_tokens
+from fedtune.types import ClientData
+
+
+def split_heldout(chunks: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded shuffle, then the last ``fraction`` (at least one chunk when there are two) is held out."""
+    n = chunks.shape[0]
+    if n < 2:
+        return chunks, chunks[:0]
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    n_held = min(n - 1, max(1, round(n * fraction)))
+    return chunks[perm[n_held:]], chunks[perm[:n_held]]
+
+
+def build_client_data(cfg: DataConfig, encoder, seed: int = 0) -> list[ClientData]:
+    """All users' data, in the source's order (partition id i = i-th user)."""
+    out = []
+    for i, (user, docs) in enumerate(load_user_texts(cfg, seed).items()):
+        chunks = chunk_tokens(docs, encoder, cfg.seq_len)
+        train, held = split_heldout(chunks, cfg.heldout_fraction, seed * 100_003 + i)
+        if cfg.max_train_chunks is not None:
+            train = train[: cfg.max_train_chunks]
+        if cfg.max_heldout_chunks is not None:
+            held = held[: cfg.max_heldout_chunks]
+        if train.shape[0] == 0:
+            continue
+        out.append(ClientData(user_id=user, train=train.contiguous(), heldout=held.contiguous()))
+    if not out:
+        raise ValueError(f"no user has at least one chunk of {cfg.seq_len} tokens; lower data.seq_len")
+    return out
+
+
+def save_client_data(clients: list[ClientData], directory: str | Path) -> Path:
+    directory = Path(directory)
+    (directory / "clients").mkdir(parents=True, exist_ok=True)
+    index = []
+    for i, c in enumerate(clients):
+        save_file({"train": c.train, "heldout": c.heldout}, str(directory / "clients" / f"{i}.safetensors"))
+        index.append({"partition": i, "user_id": c.user_id, "train": c.num_train,
+                      "heldout": int(c.heldout.shape[0])})
+    (directory / "index.json").write_text(json.dumps(index, indent=1))
+    return directory
+
+
+def read_index(directory: str | Path) -> list[dict]:
+    path = Path(directory) / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no prepared data at {directory} (index.json missing)")
+    return json.loads(path.read_text())
+
+
+def load_client_data(directory: str | Path, partition: int) -> ClientData:
+    index = read_index(directory)
+    if not 0 <= partition < len(index):
+        raise IndexError(f"partition {partition} out of range: the data has {len(index)} clients")
+    t = load_file(str(Path(directory) / "clients" / f"{partition}.safetensors"))
+    return ClientData(user_id=index[partition]["user_id"], train=t["train"], heldout=t["heldout"])
