@@ -1,0 +1,67 @@
+"""Sample-level DP-SGD on one device through opacus, resuming the client's accountant history."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from fedtune.config import PrivacyConfig
+from fedtune.privacy.accounting import noise_for_target_epsilon
+from fedtune.privacy.ledger import PrivacyLedger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrivateTraining:
+    module: torch.nn.Module  # GradSampleModule around the model
+    optimizer: torch.optim.Optimizer  # DPOptimizer
+    loader: torch.utils.data.DataLoader  # Poisson-sampled DPDataLoader
+    engine: object
+    noise_multiplier: float
+    sample_rate: float
+
+    def close(self, ledger: PrivacyLedger, server_round: int) -> None:
+        """Record this round's steps in the ledger and detach opacus from the (cached) model."""
+        ledger.history = [tuple(h) for h in self.engine.accountant.history]
+        ledger.rounds.append(server_round)
+        self.module._close()  # removes hooks and grad_sample attributes; the model is reused
+
+
+def resolve_noise(cfg: PrivacyConfig, sample_rate: float, planned_steps: int) -> float:
+    if cfg.target_epsilon is None:
+        return float(cfg.noise_multiplier)
+    return noise_for_target_epsilon(cfg.target_epsilon, cfg.delta, sample_rate, planned_steps, cfg.accountant)
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: torch.utils.data.DataLoader,
+    cfg: PrivacyConfig,
+    ledger: PrivacyLedger,
+    planned_steps: int,
+    seed: int,
+) -> PrivateTraining:
+    """Wrap for DP-SGD with Poisson sampling; the accountant continues from ``ledger``."""
+    from opacus import PrivacyEngine
+
+    sample_rate = 1.0 / len(loader)
+    noise = resolve_noise(cfg, sample_rate, planned_steps)
+    engine = PrivacyEngine(accountant=cfg.accountant)
+    engine.accountant.history = [tuple(h) for h in ledger.history]
+    noise_gen = torch.Generator(device=next(p.device for p in model.parameters() if p.requires_grad))
+    noise_gen.manual_seed(seed)
+    module, opt, dl = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise,
+        max_grad_norm=cfg.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode="hooks",
+        noise_generator=noise_gen,
+    )
+    return PrivateTraining(module, opt, dl, engine, noise, sample_rate)

@@ -1,0 +1,104 @@
+"""One device's local training: (model, adapter state, data, task, privacy) -> ClientUpdate.
+
+The model is the worker's cached base with its adapter attached; the incoming adapter state fully
+overwrites the trainable tensors, so nothing leaks from the previous client that used the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from fedtune.adapters import get_adapter_state, set_adapter_state
+from fedtune.config import PrivacyConfig
+from fedtune.privacy.dpsgd import make_private
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.types import AdapterState, ClientData, ClientTask, ClientUpdate
+
+log = logging.getLogger(__name__)
+
+
+def _batches(loader, steps: int):
+    """Yield exactly ``steps`` batches, cycling the loader."""
+    done = 0
+    while done < steps:
+        for (batch,) in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def _noise_only_step(optimizer, params) -> None:
+    """An empty Poisson batch is still a DP step: opacus adds noise to a zero gradient."""
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_local(
+    model,
+    adapter: AdapterState,
+    data: ClientData,
+    task: ClientTask,
+    privacy: PrivacyConfig | None = None,
+    ledger: PrivacyLedger | None = None,
+    planned_steps: int | None = None,
+    weight_decay: float = 0.0,
+) -> ClientUpdate:
+    """Train the adapter for ``task.local_steps`` steps; with ``privacy.enabled``, by DP-SGD."""
+    if data.num_train == 0:
+        raise ValueError(f"client {data.user_id} has no training chunks")
+    dp = privacy is not None and privacy.enabled
+    if dp and ledger is None:
+        raise ValueError("DP training needs the client's privacy ledger (its accountant history)")
+    set_adapter_state(model, adapter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable adapter parameters")
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=task.lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(task.seed)
+    dataset = torch.utils.data.TensorDataset(data.train)
+    batch_size = min(task.batch_size, data.num_train)
+    # fixed-size batches without DP; with DP opacus replaces this by Poisson sampling (rate B/N)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen,
+                                         drop_last=not dp)
+    module, private = model, None
+    if dp:
+        private = make_private(model, optimizer, loader, privacy, ledger,
+                               planned_steps or task.local_steps, task.seed)
+        module, optimizer, loader = private.module, private.optimizer, private.loader
+    device = params[0].device
+    losses, tokens = [], 0
+    try:
+        for x in _batches(loader, task.local_steps):
+            if x.shape[0] == 0:
+                _noise_only_step(optimizer, params)
+                continue
+            x = x.to(device)  # [B, T]
+            loss = module(input_ids=x, labels=x).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            tokens += x.numel()
+    finally:
+        if private is not None:
+            private.close(ledger, task.server_round)
+    train_loss = sum(losses) / len(losses) if losses else math.nan
+    epsilon = ledger.epsilon(privacy.delta) if dp else None
+    metrics = {"noise_multiplier": private.noise_multiplier, "sample_rate": private.sample_rate} if dp else {}
+    return ClientUpdate(
+        adapter=get_adapter_state(model),
+        num_examples=data.num_train,
+        train_loss=train_loss,
+        epsilon=epsilon,
+        delta=privacy.delta if dp else None,
+        steps=task.local_steps,
+        tokens=tokens,
+        metrics=metrics,
+    )
