@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from fedtune.aggregation import UpdateRejected, validate_update, weighted_average
+
+REF = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+
+
+def test_weighted_average_by_examples():
+    s1 = {"a": torch.ones(2, 3), "b": torch.zeros(4)}
+    s2 = {"a": torch.full((2, 3), 4.0), "b": torch.ones(4)}
+    out = weighted_average([s1, s2], [3, 1])
+    assert torch.allclose(out["a"], torch.full((2, 3), 1.75))
+    assert torch.allclose(out["b"], torch.full((4,), 0.25))
+    with pytest.raises(ValueError, match="no updates"):
+        weighted_average([], [])
+
+
+@pytest.mark.parametrize("update,n,reason", [
+    ({"a": torch.zeros(2, 3)}, 5, "missing_keys"),
+    (dict(REF, c=torch.zeros(1)), 5, "extra_keys"),
+    ({"a": torch.zeros(3, 2), "b": torch.zeros(4)}, 5, "bad_shape"),
+    ({"a": torch.zeros(2, 3, dtype=torch.int64), "b": torch.zeros(4)}, 5, "bad_dtype"),
+    ({"a": torch.tensor([[0.0, float("nan"), 0], [0, 0, 0]]), "b": torch.zeros(4)}, 5, "non_finite"),
+    ({"a": torch.zeros(2, 3), "b": torch.tensor([0.0, float("inf"), 0, 0])}, 5, "non_finite"),
+    (REF, 0, "bad_num_examples"),
+    (REF, 10**9, "bad_num_examples"),
+])
+def test_validate_rejects_with_reason(update, n, reason):
+    with pytest.raises(UpdateRejected) as exc:
+        validate_update(update, REF, n, max_examples=1000)
+    assert exc.value.reason == reason
+
+
+def test_validate_accepts_good_update():
+    validate_update({"a": torch.ones(2, 3), "b": torch.ones(4)}, REF, 10, max_examples=1000)
