@@ -1,0 +1,97 @@
+"""The Flower ClientApp: one device's round, as Flower messages.
+
+train:    adapter (ArrayRecord) + task (ConfigRecord) in -> trained adapter + metrics out
+evaluate: adapter in -> held-out loss / perplexity / accuracy of this client out
+
+The base model comes from the worker's cache (loaded once per process, never per round); the
+client's privacy ledger is read from and written back to the run's on-disk state store, so a
+recycled worker or a client served by another worker never forgets its ε.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.data.partition import load_client_data
+from fedtune.flower.context import run_context
+from fedtune.flower.records import (
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, state_to_arrays, update_to_metrics,
+)
+from fedtune.privacy import LedgerStore
+from fedtune.training import evaluate_chunks, train_local
+from fedtune.types import ClientTask
+
+log = logging.getLogger(__name__)
+
+
+def _partition(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise KeyError(
+            "node config has no 'partition-id'; start the SuperNode with "
+            "--node-config \"partition-id=<i> num-partitions=<n>\""
+        ) from None
+
+
+def task_from_config(config, partition: int, seed: int) -> ClientTask:
+    server_round = int(config["server-round"])
+    return ClientTask(
+        server_round=server_round,
+        local_steps=int(config["local-steps"]),
+        batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]),
+        # a fresh, reproducible stream per (run seed, round, client)
+        seed=(seed * 1_000_003 + server_round * 10_007 + partition) % (2**31),
+    )
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    ctx = run_context(context.run_config)
+    cfg, partition = ctx.cfg, _partition(context)
+    start = time.perf_counter()
+    model, _ = ctx.model()
+    data = load_client_data(ctx.run.data, partition)
+    task = task_from_config(msg.content[CONFIG_KEY], partition, cfg.seed)
+    store = LedgerStore(ctx.run.ledgers)
+    ledger = store.load(data.user_id, cfg.privacy.accountant) if cfg.privacy.enabled else None
+    update = train_local(
+        model, arrays_to_state(msg.content[ARRAYS_KEY]), data, task, cfg.privacy, ledger,
+        planned_steps=cfg.federation.rounds * cfg.train.local_steps, weight_decay=cfg.train.weight_decay,
+    )
+    if ledger is not None:
+        store.save(ledger)
+    seconds = time.perf_counter() - start
+    ctx.run.append_event({"event": "client_done", "round": task.server_round, "partition": partition,
+                          "user": data.user_id, "seconds": round(seconds, 2), "train_loss": update.train_loss,
+                          "epsilon": update.epsilon})
+    content = RecordDict({ARRAYS_KEY: state_to_arrays(update.adapter),
+                          METRICS_KEY: update_to_metrics(update, seconds, partition)})
+    return Message(content=content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    ctx = run_context(context.run_config)
+    model, _ = ctx.model()
+    from fedtune.adapters import set_adapter_state
+
+    data = load_client_data(ctx.run.data, _partition(context))
+    set_adapter_state(model, arrays_to_state(msg.content[ARRAYS_KEY]))
+    if data.heldout.shape[0] == 0:
+        metrics = {"num-examples": 0, "eval-loss": 0.0, "eval-accuracy": 0.0}
+    else:
+        res = evaluate_chunks(model, data.heldout, ctx.cfg.train.eval_batch_size)
+        metrics = {"num-examples": int(data.heldout.shape[0]), "eval-loss": res.loss,
+                   "eval-accuracy": res.accuracy}
+    return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+
+def build_client_app() -> ClientApp:
+    app = ClientApp()
+    app.train()(handle_train)
+    app.evaluate()(handle_evaluate)
+    return app

@@ -1,0 +1,42 @@
+"""AdapterState <-> Flower records. Only adapter tensors ever go into a message."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedtune.types import AdapterState, ClientUpdate
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+
+# Every reply carries the same metric keys (Flower's FedAvg requires it).
+UPDATE_METRIC_KEYS = ("partition", "num-examples", "train-loss", "epsilon", "delta", "steps", "tokens", "train-seconds")
+
+
+def state_to_arrays(state: AdapterState) -> ArrayRecord:
+    # ArrayRecord rejects bf16; adapters travel as fp32 (fp16 compression is a later option)
+    return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()})
+
+
+def arrays_to_state(arrays: ArrayRecord) -> AdapterState:
+    return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+
+
+def update_to_metrics(update: ClientUpdate, seconds: float, partition: int) -> MetricRecord:
+    return MetricRecord({
+        "partition": int(partition),
+        "num-examples": int(update.num_examples),
+        "train-loss": float(update.train_loss),
+        "epsilon": float(update.epsilon if update.epsilon is not None else -1.0),
+        "delta": float(update.delta if update.delta is not None else -1.0),
+        "steps": int(update.steps),
+        "tokens": int(update.tokens),
+        "train-seconds": float(seconds),
+    })
+
+
+def payload_bytes(arrays: ArrayRecord) -> int:
+    """Serialized bytes of the tensors in a record (what crosses the wire for the adapter)."""
+    return sum(len(a.data) for a in arrays.values())

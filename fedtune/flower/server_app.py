@@ -1,0 +1,152 @@
+"""The Flower ServerApp: the federated loop, end to end.
+
+One run, as the server sees it:
+  1. Read the experiment config and the run directory from the Flower run config; prepare the
+     per-client data if the launcher has not (``flwr run .`` straight from a checkout).
+  2. Load the base model (quantized) with its adapter once; its seeded initial adapter state is
+     the round-0 global adapter. Only that state is ever sent.
+  3. Wait until every virtual device (one per data partition) has connected.
+  4. For each round, Flower's FedAvg (``AdapterFedAvg``) samples a seeded cohort, sends each
+     device the global adapter and its task, validates every reply and averages the valid ones
+     weighted by example count.
+  5. After each round (and for round 0) ``evaluate`` measures held-out perplexity centrally,
+     saves the global adapter in PEFT format and appends one record to metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.adapters import adapter_bytes, get_adapter_state, set_adapter_state
+from fedtune.data.partition import read_index
+from fedtune.flower.context import RunContext, run_context
+from fedtune.flower.records import arrays_to_state, state_to_arrays
+from fedtune.flower.strategy import AdapterFedAvg, RoundStats
+from fedtune.recording import save_adapter
+from fedtune.training import evaluate_chunks
+from fedtune.types import RoundResult
+
+log = logging.getLogger(__name__)
+
+
+def ensure_data(ctx: RunContext) -> list[dict]:
+    """The data index; tokenizes and partitions the data once if nobody has yet."""
+    if not (ctx.run.data / "index.json").is_file():
+        from fedtune.data import build_client_data, save_client_data
+        from fedtune.models import load_encoder
+
+        save_client_data(build_client_data(ctx.cfg.data, load_encoder(ctx.cfg.model), ctx.cfg.seed), ctx.run.data)
+    return read_index(ctx.run.data)
+
+
+def heldout_pool(ctx: RunContext, n_clients: int) -> torch.Tensor:
+    """Round-robin over clients' held-out chunks, capped: a fixed, user-balanced eval set."""
+    from fedtune.data.partition import load_client_data
+
+    per_client = [load_client_data(ctx.run.data, i).heldout for i in range(n_clients)]
+    chunks, depth = [], 0
+    while len(chunks) < ctx.cfg.train.eval_max_chunks and any(depth < h.shape[0] for h in per_client):
+        chunks += [h[depth] for h in per_client if depth < h.shape[0]]
+        depth += 1
+    return torch.stack(chunks[: ctx.cfg.train.eval_max_chunks])  # [M, T]
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (n := len(list(grid.get_node_ids()))) < expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {n} of {expected} devices connected after {timeout:.0f}s; the data has {expected} "
+                f"users, so the federation needs num-supernodes={expected}"
+            )
+        time.sleep(0.2)
+
+
+class Recorder:
+    """Evaluates the global adapter after each round and writes its record and checkpoint."""
+
+    def __init__(self, ctx: RunContext, strategy: AdapterFedAvg, model, info: dict, heldout: torch.Tensor):
+        self.ctx, self.strategy, self.model, self.info, self.heldout = ctx, strategy, model, info, heldout
+        self.results: list[RoundResult] = []
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        cfg, run = self.ctx.cfg, self.ctx.run
+        state = arrays_to_state(arrays)
+        set_adapter_state(self.model, state)
+        res = evaluate_chunks(self.model, self.heldout, cfg.train.eval_batch_size)
+        stats = self.strategy.stats.get(server_round, RoundStats(started=self._t0))
+        eps = [c["epsilon"] for c in stats.clients if c.get("epsilon", -1) >= 0]
+        result = RoundResult(
+            round=server_round,
+            clients_sampled=stats.sampled,
+            clients_succeeded=stats.succeeded,
+            train_loss=stats.train_loss,
+            eval_loss=res.loss,
+            eval_perplexity=res.perplexity,
+            upload_bytes=stats.upload_bytes,
+            wall_seconds=round(time.perf_counter() - stats.started, 3),
+            epsilon=max(eps) if eps else (0.0 if cfg.privacy.enabled else None),
+            delta=cfg.privacy.delta if cfg.privacy.enabled else None,
+            extra={
+                "eval_accuracy": res.accuracy,
+                "epsilon_mean": sum(eps) / len(eps) if eps else None,
+                "privacy_level": "sample" if cfg.privacy.enabled else "none",
+                "clients_failed": stats.failed,
+                "clients_rejected": dict(stats.rejected),
+                "round_skipped": stats.skipped,
+                "adapter_bytes": adapter_bytes(state),
+                "base_model_bytes_dense": self.info["base_bytes_dense"],
+                "base_model_bytes": self.info["base_bytes"],
+                "quantization": self.info["quantization"],
+                "clients": stats.clients,
+            },
+        )
+        save_adapter(self.model, run.adapter(server_round), result, cfg)
+        run.append_metrics(result.to_record())
+        self.results.append(result)
+        run.append_event({"event": "round_done", "round": server_round})
+        if server_round < cfg.federation.rounds:
+            run.append_event({"event": "round_start", "round": server_round + 1,
+                              "clients": min(cfg.federation.clients_per_round, self.n_clients)})
+        log.info("round %d: eval_loss %.4f perplexity %.2f", server_round, res.loss, res.perplexity)
+        self._t0 = time.perf_counter()
+        return MetricRecord({"eval-loss": res.loss, "eval-perplexity": min(res.perplexity, 1e30)})
+
+    _t0: float = 0.0
+    n_clients: int = 0
+
+
+def run_server(grid: Grid, context: Context) -> list[RoundResult]:
+    ctx = run_context(context.run_config)
+    cfg = ctx.cfg
+    index = ensure_data(ctx)
+    model, info = ctx.model()
+    initial = get_adapter_state(model)
+    max_examples = max(entry["train"] for entry in index)
+    strategy = AdapterFedAvg(reference=initial, clients_per_round=min(cfg.federation.clients_per_round, len(index)),
+                             min_clients=cfg.federation.min_clients, seed=cfg.seed, max_examples=max_examples)
+    recorder = Recorder(ctx, strategy, model, info, heldout_pool(ctx, len(index)))
+    recorder.n_clients = len(index)
+    recorder._t0 = time.perf_counter()
+    ctx.run.append_event({"event": "waiting_for_nodes", "expected": len(index)})
+    wait_for_nodes(grid, len(index))
+    train_config = ConfigRecord({"local-steps": cfg.train.local_steps, "batch-size": cfg.train.batch_size,
+                                 "lr": cfg.train.lr})
+    strategy.start(grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=cfg.federation.rounds,
+                   train_config=train_config, evaluate_fn=recorder)
+    ctx.run.append_event({"event": "finished", "rounds": cfg.federation.rounds})
+    if any(math.isnan(r.eval_loss) for r in recorder.results):
+        raise RuntimeError("evaluation produced NaN; see metrics.jsonl")
+    return recorder.results
+
+
+def build_server_app() -> ServerApp:
+    app = ServerApp()
+    app.main()(run_server)
+    return app

@@ -1,0 +1,208 @@
+"""Run an experiment on Flower's simulation engine (Ray backend) through ``flwr run``.
+
+The launcher stages a tiny Flower app in the run directory (a pyproject.toml whose components are
+``fedtune.flower.apps:server_app`` / ``:client_app``), points a private FLWR_HOME at a private
+SuperLink port, submits the run, follows it until Flower reports it finished, and then stops the
+detached SuperLink it started, by PID. ``flwr run`` exits 0 even when a run fails, so the run's
+status is read back with ``flwr ls`` and a failure raises ``SimulationFailed`` with Flower's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.config import ExperimentConfig
+from fedtune.workspace import RunDir
+
+log = logging.getLogger(__name__)
+
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else flwr installs CUDA torch per run
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+class SimulationFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SimulationHandle:
+    run_id: str
+    status: str
+    details: str
+    seconds: float
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stage_app(run: RunDir, config_path: Path) -> Path:
+    app = run.flower / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(f"""[project]
+name = "fedtune-run"
+version = "1.0.0"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedtune"
+
+[tool.flwr.app.components]
+serverapp = "fedtune.flower.apps:server_app"
+clientapp = "fedtune.flower.apps:client_app"
+
+[tool.flwr.app.config]
+config-path = {json.dumps(str(config_path))}
+run-dir = {json.dumps(str(run.root))}
+""")
+    return app
+
+
+def flower_env(run: RunDir, port: int) -> dict[str, str]:
+    home = run.flower / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    env = dict(os.environ, **OFFLINE_ENV)
+    env["FLWR_HOME"] = str(home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
+    return env
+
+
+def federation_config(cfg: ExperimentConfig, num_nodes: int) -> str:
+    sim = cfg.simulation
+    return (f"num-supernodes={num_nodes} client-resources-num-cpus={sim.num_cpus_per_client} "
+            f"client-resources-num-gpus={sim.num_gpus_per_client} "
+            f"init-args-num-cpus={sim.num_cpus_per_client * sim.max_concurrent_clients}")
+
+
+def _flwr(args: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("flwr")
+    return subprocess.run([str(exe) if exe.exists() else "flwr", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _run_status(run_id: str, env: dict, cwd: Path) -> tuple[str, str]:
+    out = _flwr(["ls", "--run-id", run_id, "--format", "json"], env, cwd)
+    try:
+        run = json.loads(out.stdout)["runs"][0]
+        return run["status"], run.get("status-details", "")
+    except (ValueError, KeyError, IndexError):
+        return "unknown", (out.stdout + out.stderr)[-500:]
+
+
+def _superlink_pid(port: int) -> int | None:
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return int(conn.pid)
+    return None
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def stop_superlink(port: int, timeout: float = 15.0) -> None:
+    """Stop the SuperLink listening on ``port`` (ours), and what it left behind, by PID."""
+    import psutil
+
+    pid = _superlink_pid(port)
+    if pid is None:
+        return
+    try:
+        proc = psutil.Process(pid)
+        children = proc.children(recursive=True)
+        groups = {_pgid(c.pid) for c in children} - {os.getpgid(0), None}
+        proc.terminate()
+        proc.wait(timeout)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        proc.kill()
+    for pgid in groups:  # superexec's group: flwr-simulation and Ray helpers
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for c in children:
+        try:
+            c.wait(5)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
+                   on_poll: Callable[[], None] | None = None, poll_seconds: float = 1.0,
+                   timeout: float = 6 * 3600) -> SimulationHandle:
+    """Submit the run, follow it to the end, stop the SuperLink; raise SimulationFailed on failure."""
+    port = _free_port()
+    env = flower_env(run, port)
+    app = stage_app(run, run.config)
+    start = time.monotonic()
+    log_file = open(run.flower / "flower.log", "w")
+    follower = None
+    try:
+        out = _flwr(["run", str(app), "--format", "json", "--federation-config",
+                     federation_config(cfg, num_nodes)], env, run.root)
+        try:
+            run_id = str(json.loads(out.stdout)["run-id"])
+        except (ValueError, KeyError):
+            raise SimulationFailed(f"flwr run did not start the run:\n{(out.stdout + out.stderr)[-2000:]}") from None
+        follower = subprocess.Popen([str(Path(sys.executable).with_name("flwr")), "log", run_id],
+                                    env=env, cwd=run.root, stdout=log_file, stderr=subprocess.STDOUT)
+        status, details = "pending", ""
+        while not status.startswith("finished"):
+            if time.monotonic() - start > timeout:
+                _flwr(["stop", run_id], env, run.root)
+                raise SimulationFailed(f"run {run_id} exceeded {timeout:.0f}s and was stopped")
+            time.sleep(poll_seconds)
+            if on_poll:
+                on_poll()
+            status, details = _run_status(run_id, env, run.root)
+        if on_poll:
+            on_poll()
+        handle = SimulationHandle(run_id, status, details, time.monotonic() - start)
+        if status != "finished:completed":
+            raise SimulationFailed(f"Flower run {run_id} ended {status}: {details}\n"
+                                   f"(full log: {run.flower / 'flower.log'})")
+        return handle
+    finally:
+        if follower is not None:
+            time.sleep(0.5)
+            follower.terminate()
+            try:
+                follower.wait(5)
+            except subprocess.TimeoutExpired:
+                follower.kill()
+        log_file.close()
+        stop_superlink(port)

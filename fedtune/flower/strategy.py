@@ -1,0 +1,106 @@
+"""Flower's FedAvg over adapter tensors, with a seeded cohort sampler and update validation.
+
+Composition, not a subclass chain: this class only adds (1) a reproducible cohort per round,
+(2) validation of every reply before Flower aggregates it, and (3) per-round statistics that the
+ServerApp turns into a metrics.jsonl record. The weighted mean itself is Flower's FedAvg.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedtune.aggregation import UpdateRejected, validate_update
+from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes
+from fedtune.types import AdapterState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundStats:
+    sampled: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    upload_bytes: int = 0
+    train_loss: float | None = None
+    clients: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    skipped: bool = False
+
+
+class AdapterFedAvg(FedAvg):
+    def __init__(self, *, reference: AdapterState, clients_per_round: int, min_clients: int,
+                 seed: int, max_examples: int | None = None):
+        super().__init__(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients_per_round,
+            min_available_nodes=clients_per_round, weighted_by_key="num-examples",
+            arrayrecord_key=ARRAYS_KEY, configrecord_key=CONFIG_KEY,
+        )
+        self.reference = reference
+        self.clients_per_round = clients_per_round
+        self.min_clients = min_clients
+        self.seed = seed
+        self.max_examples = max_examples
+        self.stats: dict[int, RoundStats] = {}
+
+    def sample(self, server_round: int, node_ids: list[int]) -> list[int]:
+        """A seeded cohort: the same seed and population give the same cohorts."""
+        rng = random.Random(self.seed * 1_000_003 + server_round)
+        k = min(self.clients_per_round, len(node_ids))
+        return sorted(rng.sample(sorted(node_ids), k))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        node_ids = self.sample(server_round, list(grid.get_node_ids()))
+        self.stats[server_round] = RoundStats(sampled=len(node_ids))
+        config["server-round"] = server_round
+        record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        log.info("round %d: sampled %d clients", server_round, len(node_ids))
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def _accept(self, msg: Message, stats: RoundStats) -> bool:
+        try:
+            content = msg.content
+            if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
+                raise UpdateRejected("malformed", "reply lacks the adapter arrays or the metrics")
+            arrays, metrics = content[ARRAYS_KEY], content[METRICS_KEY]
+            validate_update(arrays_to_state(arrays), self.reference,
+                            float(metrics.get("num-examples", 0)), self.max_examples)
+        except UpdateRejected as err:
+            stats.rejected[err.reason] += 1
+            log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, err)
+            return False
+        stats.upload_bytes += payload_bytes(arrays)
+        stats.clients.append({k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()})
+        return True
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.stats.setdefault(server_round, RoundStats())
+        good = []
+        for msg in replies:
+            if msg.has_error():
+                stats.failed += 1
+                log.warning("client failed in round %d: %s", server_round, msg.error.reason)
+            elif self._accept(msg, stats):
+                good.append(msg)
+        stats.succeeded = len(good)
+        if len(good) < self.min_clients:
+            stats.skipped = True
+            log.warning("round %d: only %d valid updates (< min_clients=%d); global adapter unchanged",
+                        server_round, len(good), self.min_clients)
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, good)
+        if metrics is not None and "train-loss" in metrics:
+            stats.train_loss = float(metrics["train-loss"])
+        return arrays, metrics

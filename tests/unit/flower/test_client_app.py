@@ -1,0 +1,115 @@
+"""The ClientApp on real Flower messages: what crosses the wire, and nothing else."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedtune.adapters import get_adapter_state
+from fedtune.config import dump_config
+from fedtune.data import build_client_data, save_client_data
+from fedtune.flower.client_app import build_client_app
+from fedtune.flower.context import run_context
+from fedtune.flower.records import UPDATE_METRIC_KEYS, payload_bytes, state_to_arrays
+from fedtune.models.tokenizer import ByteEncoder
+from fedtune.privacy import LedgerStore
+from fedtune.workspace import RunDir
+from tests.conftest import make_config
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """What a SuperNode sets before it calls a ClientApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
+    yield
+
+
+@pytest.fixture
+def run_setup(tmp_path):
+    cfg = make_config(model={"quantization": "nf4"}, privacy={"enabled": True, "noise_multiplier": 0.8})
+    run = RunDir.create(tmp_path / "run")
+    dump_config(cfg, run.config)
+    save_client_data(build_client_data(cfg.data, ByteEncoder(), cfg.seed), run.data)
+    run_config = {"config-path": str(run.config), "run-dir": str(run.root)}
+    return cfg, run, run_config
+
+
+def _train_message(state, server_round=1):
+    content = RecordDict({"arrays": state_to_arrays(state),
+                          "config": ConfigRecord({"server-round": server_round, "local-steps": 2,
+                                                  "batch-size": 4, "lr": 0.01})})
+    return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def _context(run_config, partition):
+    return Context(run_id=1, node_id=7, node_config={"partition-id": partition, "num-partitions": 3},
+                   state=RecordDict(), run_config=run_config)
+
+
+def test_only_adapter_tensors_cross_the_wire(run_setup):
+    cfg, run, run_config = run_setup
+    app = build_client_app()
+    model, _ = run_context(run_config).model()
+    state = get_adapter_state(model)
+    msg = _train_message(state)
+    # downlink: the message the server sends holds the adapter and the task, nothing else
+    assert set(msg.content.keys()) == {"arrays", "config"}
+    assert set(msg.content["arrays"].keys()) == set(state)
+    reply = app(msg, _context(run_config, 0))
+    assert not reply.has_error(), reply.error
+    content = reply.content
+    # uplink: exactly one ArrayRecord with exactly the adapter keys, one MetricRecord of numbers
+    assert set(content.array_records) == {"arrays"} and set(content.metric_records) == {"metrics"}
+    assert not content.config_records
+    arrays = content["arrays"]
+    assert set(arrays.keys()) == set(state)
+    assert all("lora_" in k for k in arrays.keys())
+    assert set(content["metrics"].keys()) == set(UPDATE_METRIC_KEYS)
+    base_names = {n for n, _ in model.named_parameters() if "lora_" not in n}
+    assert not (set(arrays.keys()) & base_names)
+
+
+def test_upload_byte_count(run_setup):
+    cfg, run, run_config = run_setup
+    app = build_client_app()
+    state = get_adapter_state(run_context(run_config).model()[0])
+    reply = app(_train_message(state), _context(run_config, 1))
+    arrays: ArrayRecord = reply.content["arrays"]
+    # every tensor travels as an fp32 .npy blob: raw bytes + the .npy header, nothing more
+    expected = 0
+    for k, t in state.items():
+        buf = io.BytesIO()
+        np.save(buf, t.numpy(), allow_pickle=False)
+        expected += len(buf.getvalue())
+    assert payload_bytes(arrays) == expected
+    raw = sum(t.numel() * 4 for t in state.values())
+    assert raw < payload_bytes(arrays) <= raw + 128 * len(state)
+    # LoRA r=4 on q (64->64) and v (64->32: 2 kv heads x 16) of the 2-layer tiny model, fp32
+    assert raw == 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4)) * 4
+
+
+def test_epsilon_persists_across_rounds_and_workers(run_setup):
+    cfg, run, run_config = run_setup
+    state = get_adapter_state(run_context(run_config).model()[0])
+    eps = []
+    for server_round in (1, 2, 3):
+        app = build_client_app()  # a fresh app object each round, as a recycled worker would have
+        reply = app(_train_message(state, server_round), _context(run_config, 2))
+        eps.append(reply.content["metrics"]["epsilon"])
+    assert 0 < eps[0] < eps[1] < eps[2]
+    ledger = LedgerStore(run.ledgers).load("user-002")
+    assert ledger.rounds == [1, 2, 3] and ledger.steps == 6
+    assert ledger.epsilon(cfg.privacy.delta) == pytest.approx(eps[2])
+
+
+def test_missing_partition_id_is_explained(run_setup):
+    cfg, run, run_config = run_setup
+    app = build_client_app()
+    state = get_adapter_state(run_context(run_config).model()[0])
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(KeyError, match="partition-id"):
+        app(_train_message(state), ctx)
