@@ -1,0 +1,139 @@
+"""fedtune's command line: one CLI over plain library functions. Only this module prints for people."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedtune.config import ConfigError, dump_config, load_config
+from fedtune.report import COLUMNS, fmt
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="fedtune: federated DP fine-tuning of quantized language models through Flower.")
+console = Console(highlight=False, width=None if os.isatty(1) else 120)
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
+               "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+
+def _load_or_exit(config: Path, overrides: list[str]):
+    try:
+        return load_config(config, overrides)
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="experiment YAML"),
+             set_: list[str] = typer.Option([], "--set", help="override, e.g. federation.rounds=5")) -> None:
+    """Check a config and report every error at once."""
+    cfg = _load_or_exit(config, set_)
+    console.print(f"{config}: OK ({cfg.model.source}:{cfg.model.name}, {cfg.model.quantization}, "
+                  f"{cfg.adapter.method}, {cfg.data.source}, {cfg.federation.rounds} rounds)")
+
+
+class _Progress:
+    """Follows events.jsonl / metrics.jsonl that the ServerApp and ClientApps write."""
+
+    def __init__(self, run, rounds: int):
+        from fedtune.workspace import read_jsonl
+
+        self.read, self.run, self.rounds = read_jsonl, run, rounds
+        self.n_events = 0
+        self.started = time.monotonic()
+        self.round_clients: dict[int, int] = {}
+        self.done: dict[int, int] = {}
+
+    def _table(self, rec: dict) -> None:
+        table = Table(title=f"round {rec['round']}/{self.rounds}", title_justify="left")
+        for c in COLUMNS:
+            table.add_column(c, justify="right")
+        table.add_row(*(fmt(rec.get(c)) for c in COLUMNS))
+        console.print(table)
+
+    def __call__(self) -> None:
+        events = self.read(self.run.events)
+        metrics = {m["round"]: m for m in self.read(self.run.metrics)}
+        for ev in events[self.n_events:]:
+            t = f"[{time.monotonic() - self.started:6.0f}s]"
+            kind = ev["event"]
+            if kind == "waiting_for_nodes":
+                console.print(f"{t} waiting for {ev['expected']} virtual devices to join")
+            elif kind == "round_start":
+                self.round_clients[ev["round"]] = ev["clients"]
+                self.done[ev["round"]] = 0
+                console.print(f"{t} round {ev['round']}/{self.rounds}: training {ev['clients']} clients")
+            elif kind == "client_done":
+                r = ev["round"]
+                self.done[r] = self.done.get(r, 0) + 1
+                eps = f", ε={ev['epsilon']:.2f}" if ev.get("epsilon") is not None else ""
+                console.print(f"{t}   client {ev['user']} done ({self.done[r]}/{self.round_clients.get(r, '?')}) "
+                              f"loss={ev['train_loss']:.3f}{eps} in {ev['seconds']:.0f}s")
+            elif kind == "round_done":
+                if ev["round"] not in metrics:
+                    break  # its record is not readable yet; take this event again next poll
+                self._table(metrics[ev["round"]])
+            self.n_events += 1
+
+
+@app.command()
+def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
+             set_: list[str] = typer.Option([], "--set", help="override, e.g. federation.rounds=5"),
+             out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<name>-<time>)"),
+             verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run a federated simulation on Flower's simulation engine and write a run directory."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    cfg = _load_or_exit(config, set_)
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    from fedtune.data import build_client_data, save_client_data
+    from fedtune.flower.simulation import SimulationFailed, run_simulation
+    from fedtune.models import load_encoder, resolve_model_dir
+    from fedtune.report import write_plots, write_report
+    from fedtune.workspace import RunDir
+
+    root = out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run = RunDir.create(root)
+    dump_config(cfg, run.config)
+    t0 = time.monotonic()
+    console.print(f"run directory: {run.root}")
+    console.print(f"model: {cfg.model.source}:{cfg.model.name} ({cfg.model.quantization}) "
+                  "- converting to the local cache if this is the first use")
+    resolve_model_dir(cfg.model)
+    clients = build_client_data(cfg.data, load_encoder(cfg.model), cfg.seed)
+    save_client_data(clients, run.data)
+    n_train = sum(c.num_train for c in clients)
+    console.print(f"data: {cfg.data.source}, {len(clients)} users, {n_train} training chunks of "
+                  f"{cfg.data.seq_len} tokens ({time.monotonic() - t0:.0f}s)")
+    console.print(f"Flower simulation engine (Ray): {len(clients)} virtual devices, "
+                  f"{min(cfg.federation.clients_per_round, len(clients))} per round, "
+                  f"{cfg.federation.rounds} rounds, DP-SGD {'on' if cfg.privacy.enabled else 'off'}")
+    progress = _Progress(run, cfg.federation.rounds)
+    try:
+        handle = run_simulation(cfg, run, len(clients), on_poll=progress)
+    except SimulationFailed as err:
+        console.print(f"[red]simulation failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    records = run.read_metrics()
+    write_plots(run, records)
+    report = write_report(run, cfg, records, time.monotonic() - t0)
+    first, last = records[0], records[-1]
+    console.print(f"done in {time.monotonic() - t0:.0f}s (Flower run {handle.run_id}): held-out perplexity "
+                  f"{first['eval_perplexity']:.3f} -> {last['eval_perplexity']:.3f}; report: {report}")
+
+
+if __name__ == "__main__":
+    app()
