@@ -11,12 +11,14 @@ recycled worker or a client served by another worker never forgets its ε.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.data.partition import load_client_data
+from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context
 from fedtune.flower.records import (
     ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, state_to_arrays, update_to_metrics,
@@ -68,7 +70,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     seconds = time.perf_counter() - start
     ctx.run.append_event({"event": "client_done", "round": task.server_round, "partition": partition,
                           "user": data.user_id, "seconds": round(seconds, 2), "train_loss": update.train_loss,
-                          "epsilon": update.epsilon})
+                          "epsilon": update.epsilon, "pid": os.getpid(), "model_loads": load_count()})
     content = RecordDict({ARRAYS_KEY: state_to_arrays(update.adapter),
                           METRICS_KEY: update_to_metrics(update, seconds, partition)})
     return Message(content=content, reply_to=msg)

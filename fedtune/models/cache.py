@@ -14,6 +14,7 @@ from fedtune.config import ModelConfig
 
 _LOCK = threading.Lock()
 _CACHE: dict[str, tuple[Any, dict]] = {}
+_LOADS = 0  # base models loaded by this process (a simulation worker should show 1)
 
 
 def _key(cfg: ModelConfig, device: str, extra: str = "") -> str:
@@ -28,10 +29,12 @@ def get_base_model(cfg: ModelConfig, device: str = "cpu", build=None, extra: str
     """
     from fedtune.models.loader import load_base_model
 
+    global _LOADS
     key = _key(cfg, device, extra)
     with _LOCK:
         if key not in _CACHE:
             model, info = load_base_model(cfg, device)
+            _LOADS += 1
             if build is not None:
                 model = build(model)
             info = dict(info, uses=0)
@@ -39,6 +42,10 @@ def get_base_model(cfg: ModelConfig, device: str = "cpu", build=None, extra: str
         model, info = _CACHE[key]
         info["uses"] += 1
         return model, info
+
+
+def load_count() -> int:
+    return _LOADS
 
 
 def clear_cache() -> None:

@@ -76,6 +76,17 @@ def test_smoke_run_reports_progress_and_leaves_no_superlink(smoke_run):
     assert leftovers == []
 
 
+def test_each_worker_loads_the_base_once(smoke_run):
+    out, _ = smoke_run
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    done = [e for e in events if e["event"] == "client_done"]
+    assert len(done) == 8  # 4 clients x 2 rounds
+    workers = {e["pid"] for e in done}
+    assert len(workers) <= 2  # simulation.max_concurrent_clients
+    assert len(done) > len(workers)  # workers were reused across clients and rounds
+    assert all(e["model_loads"] == 1 for e in done)  # ...without reloading the base
+
+
 def test_flower_app_section_in_pyproject():
     import tomllib
 

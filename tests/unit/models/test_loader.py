@@ -54,3 +54,39 @@ def test_nf4_lora_gives_the_same_logits_in_eval_and_train_mode():
     model.train()
     train_logits = model(input_ids=x).logits.detach()
     assert torch.allclose(eval_logits, train_logits, atol=1e-3), (eval_logits - train_logits).abs().max()
+
+
+def test_local_directory_source(tmp_path):
+    import shutil
+
+    tiny = make_config().model
+    src = resolve_model_dir(tiny)
+    shutil.copytree(src, tmp_path / "my-model")
+    cfg = make_config(model={"source": "local", "name": str(tmp_path / "my-model")}).model
+    assert resolve_model_dir(cfg) == tmp_path / "my-model"
+    model, info = load_base_model(cfg)
+    ref, _ = load_base_model(tiny)
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, ref(input_ids=x).logits)
+
+
+def test_torchao_int8_backend_trains_lora():
+    pytest.importorskip("torchao")
+    from fedtune.adapters import create_adapter, get_adapter_state
+    from fedtune.data import build_client_data
+    from fedtune.models.tokenizer import ByteEncoder
+    from fedtune.training import evaluate_chunks, train_local
+    from fedtune.types import ClientTask
+
+    cfg = make_config(model={"quantization": "int8", "quant_backend": "torchao",
+                             "tiny": {"hidden_size": 128, "intermediate_size": 256}})
+    base, info = load_base_model(cfg.model)
+    assert info["quant_backend"] == "torchao"
+    assert any("AffineQuantized" in type(m.weight).__name__ or "Int8" in type(m.weight).__name__
+               for m in base.modules() if isinstance(m, torch.nn.Linear)), "no torchao-quantized weight"
+    model = create_adapter(base, cfg.adapter, seed=0)
+    client = build_client_data(cfg.data, ByteEncoder(), seed=0)[0]
+    before = evaluate_chunks(model, client.train).loss
+    train_local(model, get_adapter_state(model), client, ClientTask(1, 20, 8, 0.02, seed=0))
+    assert evaluate_chunks(model, client.train).loss < before - 0.2
