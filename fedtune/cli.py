@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.config import ConfigError, dump_config, load_config
+from fedtune.config import ConfigError, dump_config, load_config, with_absolute_paths
 from fedtune.report import COLUMNS, fmt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -91,10 +91,12 @@ class _Progress:
 def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
              set_: list[str] = typer.Option([], "--set", help="override, e.g. federation.rounds=5"),
              out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<name>-<time>)"),
+             ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                       help="run on an existing Ray cluster (e.g. auto)"),
              verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run a federated simulation on Flower's simulation engine and write a run directory."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    cfg = _load_or_exit(config, set_)
+    cfg = _load_or_exit(config, set_ + ([f"simulation.ray_address={ray_address}"] if ray_address else []))
     import transformers
 
     transformers.logging.disable_progress_bar()
@@ -102,9 +104,10 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     from fedtune.data import build_client_data, save_client_data
     from fedtune.flower.simulation import SimulationFailed, run_simulation
     from fedtune.models import load_encoder, resolve_model_dir
-    from fedtune.report import write_plots, write_report
+    from fedtune.report import write_fleet_plots, write_plots, write_report
     from fedtune.workspace import RunDir
 
+    cfg = with_absolute_paths(cfg)
     root = out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     run = RunDir.create(root)
     dump_config(cfg, run.config)
@@ -118,17 +121,19 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     n_train = sum(c.num_train for c in clients)
     console.print(f"data: {cfg.data.source}, {len(clients)} users, {n_train} training chunks of "
                   f"{cfg.data.seq_len} tokens ({time.monotonic() - t0:.0f}s)")
-    console.print(f"Flower simulation engine (Ray): {len(clients)} virtual devices, "
-                  f"{min(cfg.federation.clients_per_round, len(clients))} per round, "
+    n_devices = (cfg.fleet.population or len(clients)) if cfg.fleet.enabled else len(clients)
+    console.print(f"Flower simulation engine (Ray): {n_devices} virtual devices, "
+                  f"{min(cfg.federation.clients_per_round, n_devices)} per round, "
                   f"{cfg.federation.rounds} rounds, DP-SGD {'on' if cfg.privacy.enabled else 'off'}")
     progress = _Progress(run, cfg.federation.rounds)
     try:
-        handle = run_simulation(cfg, run, len(clients), on_poll=progress)
+        handle = run_simulation(cfg, run, n_devices, on_poll=progress)
     except SimulationFailed as err:
         console.print(f"[red]simulation failed:[/red] {err}")
         raise typer.Exit(1) from None
     records = run.read_metrics()
     write_plots(run, records)
+    write_fleet_plots(run, records)
     report = write_report(run, cfg, records, time.monotonic() - t0)
     first, last = records[0], records[-1]
     console.print(f"done in {time.monotonic() - t0:.0f}s (Flower run {handle.run_id}): held-out perplexity "

@@ -97,12 +97,36 @@ class FederationConfig(_Section):
     min_clients: int = Field(2, gt=0)
 
 
+class FleetConfig(_Section):
+    """A heterogeneous fleet: device profiles, availability, a simulated clock, stragglers.
+
+    Off by default (every device is alike and always available). With ``enabled``, device i gets a
+    profile from ``mixture`` as a deterministic function of (i, seed); its quantization, LoRA rank,
+    batch size and local steps follow from the profile and the deadline.
+    """
+
+    enabled: bool = False
+    # number of virtual devices; None = one per data user. Device i trains on data user i mod n_users.
+    population: int | None = Field(None, gt=0)
+    catalog: str = "configs/devices"
+    mixture: dict[str, float] = {}
+    over_selection: float = Field(0.0, ge=0, le=5)
+    deadline_s: float | None = Field(None, gt=0)
+    start_hour: float = Field(0.0, ge=0, lt=24)
+    # time devices as if the base had this many parameters (e.g. 135e6 while a tiny model stands in)
+    simulated_params: int | None = Field(None, gt=0)
+    # how LoRA updates of different ranks are combined: flexlora (exact for B.A) or zeropad (baseline)
+    rank_aggregation: Literal["flexlora", "zeropad"] = "flexlora"
+
+
 class SimulationConfig(_Section):
     """Flower simulation engine (Ray backend) resources."""
 
     num_cpus_per_client: int = Field(1, gt=0)
     num_gpus_per_client: float = Field(0.0, ge=0)
     max_concurrent_clients: int = Field(2, gt=0)
+    # an existing Ray cluster ("auto" or "ray://host:10001"); empty = Flower starts a local one
+    ray_address: str = ""
 
 
 class ExperimentConfig(_Section):
@@ -114,6 +138,7 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
+    fleet: FleetConfig = FleetConfig()
     simulation: SimulationConfig = SimulationConfig()
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +181,16 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
                  "CPU); use quant_backend=bitsandbytes for nf4")
     if cfg.adapter.method == "lora" and not cfg.adapter.target_modules:
         p.append("adapter.target_modules: LoRA needs at least one module name, e.g. [q_proj, v_proj]")
+    fl = cfg.fleet
+    if fl.enabled and not fl.mixture:
+        p.append("fleet.mixture: the fleet is enabled but has no profiles; give shares, e.g. "
+                 "{phone-low: 0.5, laptop-8gb: 0.5} (profiles live in fleet.catalog)")
+    if fl.enabled and any(v <= 0 for v in fl.mixture.values()):
+        p.append(f"fleet.mixture: shares must be > 0, got {fl.mixture}")
+    if fl.enabled and not Path(fl.catalog).is_dir():
+        p.append(f"fleet.catalog: directory not found: {fl.catalog}")
+    if fl.enabled and cfg.adapter.method != "lora":
+        p.append("fleet.enabled: device tiers set LoRA ranks; use adapter.method=lora")
     t = model.tiny
     if model.source == "tiny" and t.hidden_size % t.num_attention_heads:
         p.append(f"model.tiny.hidden_size ({t.hidden_size}) must be divisible by "
@@ -241,6 +276,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     except yaml.YAMLError as err:
         raise ConfigError([f"not valid YAML: {err}"], str(path)) from None
     return config_from_dict(apply_overrides(raw, overrides or []), str(path))
+
+
+def with_absolute_paths(cfg: ExperimentConfig, base: str | Path = ".") -> ExperimentConfig:
+    """The same config with its file paths made absolute (a run's config is read from elsewhere)."""
+    base = Path(base).absolute()
+
+    def absolute(p: str | None) -> str | None:
+        return str((base / p).absolute()) if p and not Path(p).is_absolute() else p
+
+    raw = cfg.to_dict()
+    raw["data"]["path"] = absolute(cfg.data.path)
+    raw["fleet"]["catalog"] = absolute(cfg.fleet.catalog)
+    if cfg.model.source == "local":
+        raw["model"]["name"] = absolute(cfg.model.name)
+    return ExperimentConfig.model_validate(raw)
 
 
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:

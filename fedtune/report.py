@@ -41,6 +41,48 @@ def write_plots(run: RunDir, records: list[dict]) -> list[Path]:
     return [out]
 
 
+def tier_totals(records: list[dict]) -> dict[str, dict[str, int]]:
+    """Per-tier sums over the rounds of a fleet run."""
+    totals: dict[str, dict[str, int]] = {}
+    for r in records:
+        for tier, counts in (r.get("tiers") or {}).items():
+            t = totals.setdefault(tier, {"sampled": 0, "succeeded": 0, "stragglers": 0, "dropouts": 0})
+            for k in t:
+                t[k] += counts.get(k, 0)
+    return totals
+
+
+def write_fleet_plots(run: RunDir, records: list[dict]) -> Path | None:
+    totals = tier_totals(records)
+    if not totals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tiers = sorted(totals)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    bottom = [0] * len(tiers)
+    for key, color in (("succeeded", "tab:green"), ("stragglers", "tab:orange"), ("dropouts", "tab:red")):
+        vals = [totals[t][key] for t in tiers]
+        axes[0].bar(tiers, vals, bottom=bottom, label=key, color=color)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    other = [totals[t]["sampled"] - b for t, b in zip(tiers, bottom)]
+    axes[0].bar(tiers, other, bottom=bottom, label="over-selected, not needed", color="tab:gray")
+    axes[0].set(ylabel="devices (all rounds)", title="Participation by tier")
+    axes[0].tick_params(axis="x", rotation=20)
+    axes[0].legend(fontsize=8)
+    rounds = [r["round"] for r in records if r["round"] > 0]
+    axes[1].bar(rounds, [r.get("sim_round_seconds", 0) / 60 for r in records if r["round"] > 0])
+    axes[1].set(xlabel="round", ylabel="simulated minutes", title="Simulated round time")
+    fig.tight_layout()
+    out = run.root / "fleet.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
     lines = [
         f"# fedtune run: {cfg.name}",
@@ -56,6 +98,15 @@ def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
     ]
     for r in records:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |")
+    totals = tier_totals(records)
+    if totals:
+        clock = records[-1].get("sim_clock_seconds", 0.0)
+        lines += ["", f"Fleet: population {cfg.fleet.population}, simulated time {clock / 3600:.2f} h.", "",
+                  "| tier | sampled | succeeded | stragglers | dropouts |", "|---|---|---|---|---|"]
+        for tier in sorted(totals):
+            t = totals[tier]
+            lines.append(f"| {tier} | {t['sampled']} | {t['succeeded']} | {t['stragglers']} | {t['dropouts']} |")
+        lines += ["", "![fleet](fleet.png)"]
     if records:
         first, last = records[0], records[-1]
         lines += ["", f"Held-out perplexity {first['eval_perplexity']:.3f} -> {last['eval_perplexity']:.3f}.",

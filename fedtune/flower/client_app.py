@@ -20,8 +20,9 @@ from flwr.clientapp import ClientApp
 from fedtune.data.partition import load_client_data
 from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context
+from fedtune.flower.fleet_device import fleet_device
 from fedtune.flower.records import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, state_to_arrays, update_to_metrics,
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays, update_to_metrics,
 )
 from fedtune.privacy import LedgerStore
 from fedtune.training import evaluate_chunks, train_local
@@ -52,28 +53,51 @@ def task_from_config(config, partition: int, seed: int) -> ClientTask:
     )
 
 
+class DeviceDropout(RuntimeError):
+    """A simulated device that drops out mid-round (its reply is a failure the round survives)."""
+
+
+def _device(config, context: Context) -> int:
+    """The device this message is for: the server's ``device-index`` (fleet simulations map devices
+    onto interchangeable virtual nodes), else the SuperNode's own partition id."""
+    return int(config["device-index"]) if "device-index" in config else _partition(context)
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     ctx = run_context(context.run_config)
-    cfg, partition = ctx.cfg, _partition(context)
+    cfg, config = ctx.cfg, msg.content[CONFIG_KEY]
+    device = _device(config, context)
+    partition = device % len(ctx.data_index)  # a population larger than the data reuses its users
     start = time.perf_counter()
-    model, _ = ctx.model()
+    task = task_from_config(config, device, cfg.seed)
+    rank = int(config["rank"]) if "rank" in config else None
+    model, info = ctx.model(quantization=config.get("quantization"), rank=rank, alpha=config.get("alpha"))
+    params = cfg.fleet.simulated_params or info["base_bytes_dense"] // 4
+    fleet = fleet_device(cfg, device, params) if cfg.fleet.enabled else None
+    if fleet is not None and fleet.drops_out(task.server_round):
+        raise DeviceDropout(f"device {device} ({fleet.profile.name}) dropped out in round {task.server_round}")
     data = load_client_data(ctx.run.data, partition)
-    task = task_from_config(msg.content[CONFIG_KEY], partition, cfg.seed)
+    key = data.user_id if device == partition else f"device-{device}"
     store = LedgerStore(ctx.run.ledgers)
-    ledger = store.load(data.user_id, cfg.privacy.accountant) if cfg.privacy.enabled else None
+    ledger = store.load(key, cfg.privacy.accountant) if cfg.privacy.enabled else None
+    incoming = arrays_to_state(msg.content[ARRAYS_KEY])
     update = train_local(
-        model, arrays_to_state(msg.content[ARRAYS_KEY]), data, task, cfg.privacy, ledger,
+        model, incoming, data, task, cfg.privacy, ledger,
         planned_steps=cfg.federation.rounds * cfg.train.local_steps, weight_decay=cfg.train.weight_decay,
     )
     if ledger is not None:
         store.save(ledger)
     seconds = time.perf_counter() - start
+    arrays = state_to_arrays(update.adapter)
+    sim_seconds = fleet.seconds(task.server_round, payload_bytes(msg.content[ARRAYS_KEY]), update.tokens,
+                                payload_bytes(arrays)) if fleet is not None else -1.0
     ctx.run.append_event({"event": "client_done", "round": task.server_round, "partition": partition,
-                          "user": data.user_id, "seconds": round(seconds, 2), "train_loss": update.train_loss,
-                          "epsilon": update.epsilon, "pid": os.getpid(), "model_loads": load_count()})
-    content = RecordDict({ARRAYS_KEY: state_to_arrays(update.adapter),
-                          METRICS_KEY: update_to_metrics(update, seconds, partition)})
-    return Message(content=content, reply_to=msg)
+                          "device": device, "user": data.user_id, "seconds": round(seconds, 2),
+                          "train_loss": update.train_loss, "epsilon": update.epsilon, "pid": os.getpid(),
+                          "model_loads": load_count(), "sim_seconds": sim_seconds})
+    metrics = update_to_metrics(update, seconds, partition, device=device, rank=rank or cfg.adapter.rank,
+                                sim_seconds=sim_seconds)
+    return Message(content=RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

@@ -20,14 +20,28 @@ class RunContext:
     run: RunDir
     device: str
 
-    def model(self):
-        """The worker's cached base model with its adapter attached (loaded once per process)."""
+    def model(self, quantization: str | None = None, rank: int | None = None, alpha: float | None = None):
+        """The worker's cached base model with its adapter attached (loaded once per process).
+
+        A device tier may override the quantization and the LoRA rank/alpha; each distinct
+        (quantization, rank) is loaded once per worker and then reused.
+        """
         cfg = self.cfg
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
-        return get_base_model(cfg.model, self.device,
-                              build=lambda m: create_adapter(m, cfg.adapter, cfg.seed),
-                              extra=cfg.adapter.model_dump_json())
+        model_cfg = cfg.model if quantization is None else cfg.model.model_copy(update={"quantization": quantization})
+        adapter_cfg = cfg.adapter
+        if rank is not None:
+            adapter_cfg = adapter_cfg.model_copy(update={"rank": rank, "alpha": alpha or adapter_cfg.alpha})
+        return get_base_model(model_cfg, self.device,
+                              build=lambda m: create_adapter(m, adapter_cfg, cfg.seed),
+                              extra=adapter_cfg.model_dump_json())
+
+    @functools.cached_property
+    def data_index(self) -> list[dict]:
+        from fedtune.data.partition import read_index
+
+        return read_index(self.run.data)
 
 
 def default_device() -> str:

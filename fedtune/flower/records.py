@@ -12,7 +12,7 @@ METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 
 # Every reply carries the same metric keys (Flower's FedAvg requires it).
-UPDATE_METRIC_KEYS = ("partition", "num-examples", "train-loss", "epsilon", "delta", "steps", "tokens", "train-seconds")
+UPDATE_METRIC_KEYS = ("partition", "device", "rank", "sim-seconds", "num-examples", "train-loss", "epsilon", "delta", "steps", "tokens", "train-seconds")
 
 
 def state_to_arrays(state: AdapterState) -> ArrayRecord:
@@ -24,9 +24,14 @@ def arrays_to_state(arrays: ArrayRecord) -> AdapterState:
     return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
 
 
-def update_to_metrics(update: ClientUpdate, seconds: float, partition: int) -> MetricRecord:
+def update_to_metrics(update: ClientUpdate, seconds: float, partition: int, *, device: int | None = None,
+                      rank: int = 0, sim_seconds: float = -1.0) -> MetricRecord:
+    """Every reply carries every key (sim-seconds is -1 outside fleet simulations)."""
     return MetricRecord({
         "partition": int(partition),
+        "device": int(partition if device is None else device),
+        "rank": int(rank),
+        "sim-seconds": float(sim_seconds),
         "num-examples": int(update.num_examples),
         "train-loss": float(update.train_loss),
         "epsilon": float(update.epsilon if update.epsilon is not None else -1.0),

@@ -27,6 +27,8 @@ from fedtune.adapters import adapter_bytes, get_adapter_state, set_adapter_state
 from fedtune.data.partition import read_index
 from fedtune.flower.context import RunContext, run_context
 from fedtune.flower.records import arrays_to_state, state_to_arrays
+from fedtune.flower.fleet import FleetCoordinator
+from fedtune.flower.fleet_strategy import FleetFedAvg
 from fedtune.flower.strategy import AdapterFedAvg, RoundStats
 from fedtune.recording import save_adapter
 from fedtune.training import evaluate_chunks
@@ -49,12 +51,17 @@ def heldout_pool(ctx: RunContext, n_clients: int) -> torch.Tensor:
     """Round-robin over clients' held-out chunks, capped: a fixed, user-balanced eval set."""
     from fedtune.data.partition import load_client_data
 
-    per_client = [load_client_data(ctx.run.data, i).heldout for i in range(n_clients)]
+    limit = ctx.cfg.train.eval_max_chunks
+    per_client: list[torch.Tensor] = []
+    for i in range(n_clients):  # only as many clients as the cap needs (10,000 users: a few files)
+        per_client.append(load_client_data(ctx.run.data, i).heldout)
+        if sum(h.shape[0] for h in per_client) >= limit and len(per_client) >= min(limit, n_clients):
+            break
     chunks, depth = [], 0
-    while len(chunks) < ctx.cfg.train.eval_max_chunks and any(depth < h.shape[0] for h in per_client):
+    while len(chunks) < limit and any(depth < h.shape[0] for h in per_client):
         chunks += [h[depth] for h in per_client if depth < h.shape[0]]
         depth += 1
-    return torch.stack(chunks[: ctx.cfg.train.eval_max_chunks])  # [M, T]
+    return torch.stack(chunks[:limit])  # [M, T]
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> None:
@@ -81,6 +88,12 @@ class Recorder:
         set_adapter_state(self.model, state)
         res = evaluate_chunks(self.model, self.heldout, cfg.train.eval_batch_size)
         stats = self.strategy.stats.get(server_round, RoundStats(started=self._t0))
+        fleet_extra = {}
+        coord = getattr(self.strategy, "coord", None)
+        if coord is not None:
+            fstats = coord.stats.get(server_round)
+            fleet_extra = dict(fstats.record() if fstats else {"sim_round_seconds": 0.0},
+                               sim_clock_seconds=round(coord.clock.seconds, 3))
         eps = [c["epsilon"] for c in stats.clients if c.get("epsilon", -1) >= 0]
         result = RoundResult(
             round=server_round,
@@ -105,6 +118,7 @@ class Recorder:
                 "base_model_bytes": self.info["base_bytes"],
                 "quantization": self.info["quantization"],
                 "clients": stats.clients,
+                **fleet_extra,
             },
         )
         save_adapter(self.model, run.adapter(server_round), result, cfg)
@@ -112,8 +126,10 @@ class Recorder:
         self.results.append(result)
         run.append_event({"event": "round_done", "round": server_round})
         if server_round < cfg.federation.rounds:
-            run.append_event({"event": "round_start", "round": server_round + 1,
-                              "clients": min(cfg.federation.clients_per_round, self.n_clients)})
+            cohort = min(cfg.federation.clients_per_round, self.n_clients)
+            if cfg.fleet.enabled:  # over-selection: more start than will count
+                cohort = min(self.n_clients, math.ceil(cohort * (1 + cfg.fleet.over_selection)))
+            run.append_event({"event": "round_start", "round": server_round + 1, "clients": cohort})
         log.info("round %d: eval_loss %.4f perplexity %.2f", server_round, res.loss, res.perplexity)
         self._t0 = time.perf_counter()
         return MetricRecord({"eval-loss": res.loss, "eval-perplexity": min(res.perplexity, 1e30)})
@@ -129,13 +145,21 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     model, info = ctx.model()
     initial = get_adapter_state(model)
     max_examples = max(entry["train"] for entry in index)
-    strategy = AdapterFedAvg(reference=initial, clients_per_round=min(cfg.federation.clients_per_round, len(index)),
-                             min_clients=cfg.federation.min_clients, seed=cfg.seed, max_examples=max_examples)
+    population = (cfg.fleet.population or len(index)) if cfg.fleet.enabled else len(index)
+    if cfg.fleet.enabled:
+        coord = FleetCoordinator(cfg, len(index), cfg.fleet.simulated_params or info["base_bytes_dense"] // 4,
+                                 adapter_bytes(initial) // cfg.adapter.rank)
+        strategy = FleetFedAvg(reference=initial, coordinator=coord, rank_aggregation=cfg.fleet.rank_aggregation,
+                               scale=cfg.adapter.alpha / cfg.adapter.rank, min_clients=cfg.federation.min_clients,
+                               seed=cfg.seed, max_examples=max_examples)
+    else:
+        strategy = AdapterFedAvg(reference=initial, clients_per_round=min(cfg.federation.clients_per_round, len(index)),
+                                 min_clients=cfg.federation.min_clients, seed=cfg.seed, max_examples=max_examples)
     recorder = Recorder(ctx, strategy, model, info, heldout_pool(ctx, len(index)))
-    recorder.n_clients = len(index)
+    recorder.n_clients = population
     recorder._t0 = time.perf_counter()
-    ctx.run.append_event({"event": "waiting_for_nodes", "expected": len(index)})
-    wait_for_nodes(grid, len(index))
+    ctx.run.append_event({"event": "waiting_for_nodes", "expected": population})
+    wait_for_nodes(grid, population)
     train_config = ConfigRecord({"local-steps": cfg.train.local_steps, "batch-size": cfg.train.batch_size,
                                  "lr": cfg.train.lr})
     strategy.start(grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=cfg.federation.rounds,

@@ -81,21 +81,25 @@ run-dir = {json.dumps(str(run.root))}
     return app
 
 
-def flower_env(run: RunDir, port: int) -> dict[str, str]:
+def flower_env(run: RunDir, port: int, ray_address: str = "") -> dict[str, str]:
     home = run.flower / "home"
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     env = dict(os.environ, **OFFLINE_ENV)
     env["FLWR_HOME"] = str(home)
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address  # ray.init() in Flower's Ray backend joins this cluster
     return env
 
 
 def federation_config(cfg: ExperimentConfig, num_nodes: int) -> str:
     sim = cfg.simulation
-    return (f"num-supernodes={num_nodes} client-resources-num-cpus={sim.num_cpus_per_client} "
-            f"client-resources-num-gpus={sim.num_gpus_per_client} "
-            f"init-args-num-cpus={sim.num_cpus_per_client * sim.max_concurrent_clients}")
+    out = (f"num-supernodes={num_nodes} client-resources-num-cpus={sim.num_cpus_per_client} "
+           f"client-resources-num-gpus={sim.num_gpus_per_client}")
+    if not sim.ray_address:  # a local Ray of our own size; an existing cluster brings its own resources
+        out += f" init-args-num-cpus={sim.num_cpus_per_client * sim.max_concurrent_clients}"
+    return out
 
 
 def _flwr(args: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -166,7 +170,7 @@ def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
                    timeout: float = 6 * 3600) -> SimulationHandle:
     """Submit the run, follow it to the end, stop the SuperLink; raise SimulationFailed on failure."""
     port = _free_port()
-    env = flower_env(run, port)
+    env = flower_env(run, port, cfg.simulation.ray_address)
     app = stage_app(run, run.config)
     start = time.monotonic()
     log_file = open(run.flower / "flower.log", "w")
