@@ -56,13 +56,22 @@ class FleetFedAvg(AdapterFedAvg):
         self.global_state = (FlexLoRAState.from_adapter(reference, scale) if rank_aggregation == "flexlora"
                              else reference)
         self.sent: dict[int, dict[int, int]] = {}  # round -> node id -> device
+        self._factored: tuple[object, AdapterState] | None = None  # (global state, its rank-r_max SVD)
 
     def send(self, rank: int) -> AdapterState:
-        return fill_dead_components(self.hetero.send(self.global_state, rank), self.reference)
+        """The global adapter at ``rank``. For FlexLoRA, the rank-r truncated SVD equals the first r
+        components of the rank-r_max one, so one SVD per round serves every tier."""
+        if isinstance(self.global_state, FlexLoRAState):
+            state = truncate_rank(self.global_adapter(), rank)
+        else:
+            state = self.hetero.send(self.global_state, rank)
+        return fill_dead_components(state, self.reference)
 
     def global_adapter(self) -> AdapterState:
         if isinstance(self.global_state, FlexLoRAState):
-            return self.global_state.to_adapter(self.r_max)
+            if self._factored is None or self._factored[0] is not self.global_state:
+                self._factored = (self.global_state, self.global_state.to_adapter(self.r_max))
+            return self._factored[1]
         return self.global_state
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

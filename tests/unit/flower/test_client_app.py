@@ -113,3 +113,29 @@ def test_missing_partition_id_is_explained(run_setup):
     ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config=run_config)
     with pytest.raises(KeyError, match="partition-id"):
         app(_train_message(state), ctx)
+
+
+def test_state_written_in_round_r_is_read_back_in_round_r_plus_k(run_setup):
+    """A device's ledger lives on disk: sampled in rounds 2 and 5, it resumes where it stopped."""
+    cfg, run, run_config = run_setup
+    state = get_adapter_state(run_context(run_config).model()[0])
+    r2 = build_client_app()(_train_message(state, 2), _context(run_config, 1))
+    store = LedgerStore(run.ledgers)
+    assert store.load("user-001").rounds == [2]
+    r5 = build_client_app()(_train_message(state, 5), _context(run_config, 1))
+    ledger = store.load("user-001")
+    assert ledger.rounds == [2, 5] and ledger.steps == 4
+    assert r5.content["metrics"]["epsilon"] > r2.content["metrics"]["epsilon"]
+    assert (run.ledgers / "user-001.json").is_file()
+
+
+def test_fleet_device_index_overrides_the_partition(run_setup, tmp_path):
+    """In a fleet simulation the server names the device; its data is user (device mod users)."""
+    cfg, run, run_config = run_setup
+    state = get_adapter_state(run_context(run_config).model()[0])
+    msg = _train_message(state, 1)
+    msg.content["config"]["device-index"] = 7  # 7 mod 3 users -> user-001's data, its own ledger
+    reply = build_client_app()(msg, _context(run_config, 0))
+    metrics = reply.content["metrics"]
+    assert metrics["device"] == 7 and metrics["partition"] == 1
+    assert LedgerStore(run.ledgers).load("device-7").rounds == [1]

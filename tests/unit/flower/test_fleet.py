@@ -87,3 +87,20 @@ def test_strategy_sends_each_rank_its_share_of_the_global_adapter():
         s = FleetFedAvg(reference=init, coordinator=_coord(), rank_aggregation=agg, scale=2.0, min_clients=2, seed=0)
         assert lora_rank(s.send(4)) == 4 and lora_rank(s.send(8)) == 8
         assert set(s.global_adapter()) == set(init)
+
+
+def test_flexlora_send_truncates_one_svd_exactly():
+    """Sending rank r as the first r components of the rank-r_max SVD = the rank-r SVD itself."""
+    from fedtune.aggregation import FlexLoRAState
+
+    cfg = _cfg()
+    base, _ = load_base_model(cfg.model)
+    init = get_adapter_state(create_adapter(base, cfg.adapter, seed=0))
+    gen = torch.Generator().manual_seed(0)
+    trained = {k: torch.randn(v.shape, generator=gen) for k, v in init.items()}
+    s = FleetFedAvg(reference=init, coordinator=_coord(), rank_aggregation="flexlora", scale=2.0, min_clients=2, seed=0)
+    s.global_state = FlexLoRAState.from_adapter(trained, 2.0)
+    for r in (2, 4):
+        direct = s.global_state.to_adapter(r)
+        for p, d in products(s.send(r), 2.0).items():
+            assert torch.allclose(d, products(direct, 2.0)[p], atol=1e-5)
