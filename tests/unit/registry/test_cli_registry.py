@@ -1,0 +1,99 @@
+"""The CLI over the registry, the device and the exports (mounted here as fedtune/cli.py mounts them)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import typer
+from typer.testing import CliRunner
+
+from fedtune.cli_registry import device_app, export_app, registry_app
+
+app = typer.Typer()
+app.add_typer(registry_app, name="registry")
+app.add_typer(device_app, name="device")
+app.add_typer(export_app, name="export")
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_registry_and_device_commands(tmp_path, runs, live, registry):
+    run_a, run_b = runs
+    key, pub, reg = tmp_path / "k" / "signing.key", tmp_path / "k" / "signing.pub", registry.root
+    assert cli("registry", "keygen", "--out", key).exit_code == 0 and pub.is_file()
+    r = cli("registry", "keygen", "--out", key)
+    assert r.exit_code == 1 and "refusing to overwrite" in r.output
+
+    r = cli("registry", "publish", run_a, "--registry", reg, "--key", key, "--round", "1")
+    assert r.exit_code == 0 and "published v1" in r.output and "ε=2.5" in r.output, r.output
+    r = cli("registry", "publish", run_b / "adapters" / "round-1", "--registry", reg, "--key", key)
+    assert r.exit_code == 0 and "published v2" in r.output, r.output
+    assert "v1 for every device" in cli("registry", "promote", "1", "--registry", reg).output
+    r = cli("registry", "promote", "2", "--registry", reg, "--rollout", "10%")
+    assert "v2 to 10% of devices, the rest stay on v1" in r.output
+    r = cli("registry", "list", "--registry", reg, "--events")
+    assert r.exit_code == 0 and "stable 10%" in r.output and "tiny-run/1" in r.output and "promote" in r.output
+
+    state = tmp_path / "device"
+    pull = ["device", "pull", "--server", live.url, "--base-model", "tiny-llama", "--public-key", pub,
+            "--state", state, "--device-id", "cli-device"]
+    r = cli(*pull)
+    assert r.exit_code == 0 and "updated to v" in r.output, r.output
+    assert "304 Not Modified" in cli(*pull).output
+    r = cli("device", "status", "--state", state, "--public-key", pub)
+    assert r.exit_code == 0 and "verified (signature + 4 files)" in r.output and "cli-device" in r.output
+    r = cli("device", "rollback", "--state", state, "--public-key", pub)
+    assert r.exit_code == 1 and "nothing to roll back" in r.output
+
+    assert "now v1 for every device" in cli("registry", "rollback", "--registry", reg).output
+    r = cli("registry", "promote", "9", "--registry", reg)
+    assert r.exit_code == 1 and "no version 9" in r.output
+    r = cli("registry", "promote", "2", "--registry", reg, "--rollout", "150%")
+    assert r.exit_code == 1 and "percentage in (0, 100]" in r.output
+    r = cli(*pull[:3], "http://127.0.0.1:9", *pull[4:])
+    assert r.exit_code == 1 and "cannot reach" in r.output
+
+
+def test_export_commands(tmp_path, runs):
+    adapter = runs[0] / "adapters" / "round-1"
+    r = cli("export", "peft", adapter, "--out", tmp_path / "peft")
+    assert r.exit_code == 0 and (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    r = cli("export", "gguf-lora", adapter, "--out", tmp_path / "a.gguf")
+    assert r.exit_code == 0 and (tmp_path / "a.gguf").is_file(), r.output
+    r = cli("export", "merged", tmp_path / "nowhere", "--out", tmp_path / "m")
+    assert r.exit_code == 1 and "no adapter_config.json" in r.output
+
+
+def test_serve_command_in_a_subprocess(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "import sys; from fedtune.cli_registry import registry_app; sys.argv[0] = 'fedtune'; registry_app()"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--registry", str(tmp_path / "reg"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.2)
+        assert r.json() == {"status": "ok", "versions": 0}
+    finally:
+        proc.send_signal(signal.SIGINT)  # our own child, by its PID
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
