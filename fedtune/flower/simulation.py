@@ -86,6 +86,9 @@ def flower_env(run: RunDir, port: int, ray_address: str = "") -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     env = dict(os.environ, **OFFLINE_ENV)
+    # flwr starts `flower-superlink` etc. by name: make sure this interpreter's scripts are found even
+    # when the virtual environment is not activated (e.g. `.venv/bin/fedtune ...`)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(home)
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
     if ray_address:
