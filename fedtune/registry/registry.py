@@ -25,7 +25,7 @@ from fedtune.registry.db import ArtifactRow, ChannelState, Event, MetadataDB
 from fedtune.registry.errors import ManifestError, NotFoundError, RegistryError
 from fedtune.registry.manifest import (AdapterInfo, BaseModelRef, Manifest, PrivacyGuarantee, Provenance,
                                        SignedManifest, file_entries, now_iso)
-from fedtune.registry.rollout import in_rollout
+from fedtune.registry.rollout import choose_version
 from fedtune.registry.signing import SigningKey, VerifyKey, sign_manifest, verify_manifest
 from fedtune.registry.store import BlobStore, DirectoryBlobStore
 
@@ -157,6 +157,5 @@ class Registry:
 
     def resolve(self, base_model_id: str, channel: str, device_id: str) -> ArtifactRow | None:
         s = self.channel(base_model_id, channel)
-        if s.candidate is not None and in_rollout(device_id, self.rollout_salt, s.rollout):
-            return self.row(s.candidate)
-        return self.row(s.current) if s.current is not None else None
+        version = choose_version(s.current, s.candidate, s.rollout, device_id, self.rollout_salt)
+        return self.row(version) if version is not None else None

@@ -21,6 +21,14 @@ def in_rollout(device_id: str, salt: str, percent: float) -> bool:
     return rollout_bucket(device_id, salt) < percent
 
 
+def choose_version(current: int | None, candidate: int | None, percent: float, device_id: str,
+                   salt: str) -> int | None:
+    """The version a device runs: the staged candidate inside the rollout, else the channel's current."""
+    if candidate is not None and in_rollout(device_id, salt, percent):
+        return candidate
+    return current
+
+
 def parse_percent(text: str | float | int) -> float:
     """'10%', '10', 10 or 0.1? -> 10.0. Fractions are not guessed: '0.1' means 0.1%."""
     raw = str(text).strip().rstrip("%").strip()

@@ -117,3 +117,13 @@ def test_envelope_is_canonical_json(registry, keys, runs):
     raw = registry.row(1).envelope
     assert raw == json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
     assert signed.to_bytes() == raw
+
+
+def test_registry_imports_neither_flwr_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, fedtune.registry, fedtune.registry.service, fedtune.registry.device, fedtune.cli_registry; "
+            "print(sorted(m for m in ('flwr', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedtune.registry.rollout import in_rollout, parse_percent, rollout_bucket
+from fedtune.registry.rollout import choose_version, in_rollout, parse_percent, rollout_bucket
 
 IDS = [f"device-{i:05d}" for i in range(10_000)]
 
@@ -30,17 +30,21 @@ def test_registry_resolves_ten_percent_to_the_candidate(registry, keys, runs):
     registry.promote(v1, "stable", 100)
     registry.promote(v2, "stable", 10)
 
-    def who_gets_v2():
-        return {d for d in IDS if registry.resolve("tiny-llama", "stable", d).version == v2}
+    def who_gets(version):
+        s = registry.channel("tiny-llama", "stable")  # what resolve() reads per request, read once here
+        return {d for d in IDS if choose_version(s.current, s.candidate, s.rollout, d, registry.rollout_salt) == version}
 
-    first = who_gets_v2()
+    first = who_gets(v2)
     assert 800 <= len(first) <= 1200
-    assert who_gets_v2() == first  # same ids every time
+    assert who_gets(v2) == first  # same ids every time
     assert first == {d for d in IDS if in_rollout(d, registry.rollout_salt, 10.0)}
+    # the full request path (resolve) agrees, device by device
+    for d in IDS[:300]:
+        assert registry.resolve("tiny-llama", "stable", d).version == (v2 if d in first else v1)
     # the salt is version-independent: a third version at 10% reaches the same devices
     v3 = publish_run(runs[1], registry, key).manifest.version
     registry.promote(v3, "stable", 10)
-    assert {d for d in IDS if registry.resolve("tiny-llama", "stable", d).version == v3} == first
+    assert who_gets(v3) == first
 
 
 @pytest.mark.parametrize("text,value", [("10%", 10.0), ("10", 10.0), (" 2.5 % ", 2.5), (100, 100.0)])
