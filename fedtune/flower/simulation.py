@@ -91,8 +91,9 @@ def flower_env(run: RunDir, port: int, ray_address: str = "") -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(home)
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address  # ray.init() in Flower's Ray backend joins this cluster
+    # ray.init() in Flower's Ray backend joins the given cluster; without one, "local" makes it start
+    # its own instead of attaching to whatever `ray start` cluster this machine last knew of
+    env["RAY_ADDRESS"] = ray_address or "local"
     return env
 
 
