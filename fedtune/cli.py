@@ -80,6 +80,9 @@ class _Progress:
                 eps = f", ε={ev['epsilon']:.2f}" if ev.get("epsilon") is not None else ""
                 console.print(f"{t}   client {ev['user']} done ({self.done[r]}/{self.round_clients.get(r, '?')}) "
                               f"loss={ev['train_loss']:.3f}{eps} in {ev['seconds']:.0f}s")
+            elif kind == "published":
+                console.print(f"{t} published v{ev['version']} (round {ev['round']}) to {ev['registry']}; "
+                              "promote it with `fedtune registry promote`")
             elif kind == "round_done":
                 if ev["round"] not in metrics:
                     break  # its record is not readable yet; take this event again next poll

@@ -119,6 +119,16 @@ class FleetConfig(_Section):
     rank_aggregation: Literal["flexlora", "zeropad"] = "flexlora"
 
 
+class PublishConfig(_Section):
+    """Publish the global adapter to a signed registry from the server (promotion stays a human step)."""
+
+    registry: str | None = None  # registry directory; None = never publish
+    signing_key: str | None = None  # ed25519 private key (`fedtune registry keygen`)
+    every_n_rounds: int | None = Field(None, gt=0)  # also publish every N rounds
+    at_end: bool = True
+    name: str | None = None  # artifact name; default: the experiment name
+
+
 class SimulationConfig(_Section):
     """Flower simulation engine (Ray backend) resources."""
 
@@ -139,6 +149,7 @@ class ExperimentConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
     fleet: FleetConfig = FleetConfig()
+    publish: PublishConfig = PublishConfig()
     simulation: SimulationConfig = SimulationConfig()
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +202,11 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
         p.append(f"fleet.catalog: directory not found: {fl.catalog}")
     if fl.enabled and cfg.adapter.method != "lora":
         p.append("fleet.enabled: device tiers set LoRA ranks; use adapter.method=lora")
+    pub = cfg.publish
+    if pub.registry and not pub.signing_key:
+        p.append("publish.signing_key: publishing needs an ed25519 key; make one with `fedtune registry keygen`")
+    if pub.signing_key and not Path(pub.signing_key).is_file():
+        p.append(f"publish.signing_key: file not found: {pub.signing_key}")
     t = model.tiny
     if model.source == "tiny" and t.hidden_size % t.num_attention_heads:
         p.append(f"model.tiny.hidden_size ({t.hidden_size}) must be divisible by "
@@ -288,6 +304,8 @@ def with_absolute_paths(cfg: ExperimentConfig, base: str | Path = ".") -> Experi
     raw = cfg.to_dict()
     raw["data"]["path"] = absolute(cfg.data.path)
     raw["fleet"]["catalog"] = absolute(cfg.fleet.catalog)
+    raw["publish"]["registry"] = absolute(cfg.publish.registry)
+    raw["publish"]["signing_key"] = absolute(cfg.publish.signing_key)
     if cfg.model.source == "local":
         raw["model"]["name"] = absolute(cfg.model.name)
     return ExperimentConfig.model_validate(raw)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -123,6 +124,7 @@ class Recorder:
         )
         save_adapter(self.model, run.adapter(server_round), result, cfg)
         run.append_metrics(result.to_record())
+        self._maybe_publish(server_round)
         self.results.append(result)
         run.append_event({"event": "round_done", "round": server_round})
         if server_round < cfg.federation.rounds:
@@ -133,6 +135,19 @@ class Recorder:
         log.info("round %d: eval_loss %.4f perplexity %.2f", server_round, res.loss, res.perplexity)
         self._t0 = time.perf_counter()
         return MetricRecord({"eval-loss": res.loss, "eval-perplexity": min(res.perplexity, 1e30)})
+
+    def _maybe_publish(self, server_round: int) -> None:
+        pub, rounds = self.ctx.cfg.publish, self.ctx.cfg.federation.rounds
+        due = (pub.at_end and server_round == rounds) or (
+            pub.every_n_rounds is not None and server_round > 0 and server_round % pub.every_n_rounds == 0)
+        if not pub.registry or not due:
+            return
+        from fedtune.registry import Registry, load_signing_key, publish_run
+
+        signed = publish_run(self.ctx.run.root, Registry(Path(pub.registry)), load_signing_key(Path(pub.signing_key)),
+                             round=server_round, name=pub.name)
+        self.ctx.run.append_event({"event": "published", "round": server_round,
+                                   "version": signed.manifest.version, "registry": pub.registry})
 
     _t0: float = 0.0
     n_clients: int = 0

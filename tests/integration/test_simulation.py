@@ -16,9 +16,14 @@ FIELDS = ("round", "clients_sampled", "clients_succeeded", "train_loss", "eval_l
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "run"
+    tmp = tmp_path_factory.mktemp("smoke")
+    out = tmp / "run"
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "fedtune.cli", "simulate", str(ROOT / "configs/smoke.yaml"), "--out", str(out)]
+    from fedtune.registry import generate_keypair
+
+    generate_keypair(tmp / "signing.key")
+    cmd = [sys.executable, "-m", "fedtune.cli", "simulate", str(ROOT / "configs/smoke.yaml"), "--out", str(out),
+           "--set", f"publish.registry={tmp / 'registry'}", "--set", f"publish.signing_key={tmp / 'signing.key'}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, proc.stdout
@@ -85,6 +90,20 @@ def test_each_worker_loads_the_base_once(smoke_run):
     assert len(workers) <= 2  # simulation.max_concurrent_clients
     assert len(done) > len(workers)  # workers were reused across clients and rounds
     assert all(e["model_loads"] == 1 for e in done)  # ...without reloading the base
+
+
+def test_the_server_publishes_the_final_adapter_signed_with_its_guarantee(smoke_run):
+    from fedtune.registry import Registry, load_verify_key, verify_manifest
+
+    out, stdout = smoke_run
+    registry = Registry(out.parent / "registry")
+    versions = registry.versions()
+    assert [v.manifest.version for v in versions] == [1]
+    manifest = verify_manifest(versions[0], load_verify_key(out.parent / "signing.pub"))
+    assert manifest.source.round == 2
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert manifest.privacy.epsilon == pytest.approx(final["epsilon"]) and manifest.privacy.level == "sample"
+    assert "published v1" in stdout
 
 
 def test_flower_app_section_in_pyproject():
