@@ -79,8 +79,22 @@ class TrainConfig(_Section):
     torch_threads: int | None = Field(None, gt=0)
 
 
+class UserLevelPrivacyConfig(_Section):
+    """User-level DP-FedAvg on the server: each device's update is clipped to ``clip_norm`` and the
+    server adds Gaussian noise to the sum; devices are Poisson-sampled with rate cohort / population
+    (the scheme the accountant's amplification assumes), so the cohort size varies round to round."""
+
+    enabled: bool = False
+    clip_norm: float = Field(0.1, gt=0)
+    # used unless target_epsilon is set, in which case it is calibrated before training starts
+    noise_multiplier: float = Field(1.0, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)  # None: 1 / population
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
 class PrivacyConfig(_Section):
-    """Sample-level DP-SGD on each device (opacus)."""
+    """Sample-level DP-SGD on each device (opacus), and optionally user-level DP on the server."""
 
     enabled: bool = True
     # used unless target_epsilon is set, in which case the noise is calibrated to meet it
@@ -89,6 +103,9 @@ class PrivacyConfig(_Section):
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    # a device stops contributing once its own sample-level epsilon reaches this budget
+    device_epsilon_budget: float | None = Field(None, gt=0)
+    user_level: UserLevelPrivacyConfig = UserLevelPrivacyConfig()
 
 
 class FederationConfig(_Section):
@@ -202,6 +219,12 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
         p.append(f"fleet.catalog: directory not found: {fl.catalog}")
     if fl.enabled and cfg.adapter.method != "lora":
         p.append("fleet.enabled: device tiers set LoRA ranks; use adapter.method=lora")
+    ul = pv.user_level
+    if ul.enabled and cfg.fleet.enabled and cfg.fleet.rank_aggregation == "flexlora":
+        p.append("privacy.user_level: clipping and noising apply to the adapter tensors, so with a fleet use "
+                 "fleet.rank_aggregation=zeropad (FlexLoRA aggregates B.A products)")
+    if ul.enabled and "noise_multiplier" in ul.model_fields_set and ul.target_epsilon is not None:
+        p.append("privacy.user_level: set either noise_multiplier or target_epsilon, not both")
     pub = cfg.publish
     if pub.registry and not pub.signing_key:
         p.append("publish.signing_key: publishing needs an ed25519 key; make one with `fedtune registry keygen`")
