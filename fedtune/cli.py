@@ -50,7 +50,7 @@ class _Progress:
         from fedtune.workspace import read_jsonl
 
         self.read, self.run, self.rounds = read_jsonl, run, rounds
-        self.n_events = 0
+        self.n_events = len(read_jsonl(run.events))  # a resumed run: only what happens from now on
         self.started = time.monotonic()
         self.round_clients: dict[int, int] = {}
         self.done: dict[int, int] = {}
@@ -80,6 +80,11 @@ class _Progress:
                 eps = f", ε={ev['epsilon']:.2f}" if ev.get("epsilon") is not None else ""
                 console.print(f"{t}   client {ev['user']} done ({self.done[r]}/{self.round_clients.get(r, '?')}) "
                               f"loss={ev['train_loss']:.3f}{eps} in {ev['seconds']:.0f}s")
+            elif kind == "resumed":
+                console.print(f"{t} resumed after round {ev['round']} from the checkpoint")
+            elif kind == "budget":
+                console.print(f"{t} user-level budget ε={ev['budget']} allows {ev['rounds']} rounds "
+                              f"(ε={ev['epsilon']:.3f} after them); the run stops there")
             elif kind == "published":
                 console.print(f"{t} published v{ev['version']} (round {ev['round']}) to {ev['registry']}; "
                               "promote it with `fedtune registry promote`")
@@ -96,6 +101,8 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
              out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<name>-<time>)"),
              ray_address: Optional[str] = typer.Option(None, "--ray-address",
                                                        help="run on an existing Ray cluster (e.g. auto)"),
+             resume: bool = typer.Option(False, "--resume",
+                                         help="continue the run in --out from its last checkpoint"),
              verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run a federated simulation on Flower's simulation engine and write a run directory."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
@@ -112,15 +119,32 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
 
     cfg = with_absolute_paths(cfg)
     root = out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if resume and out is None:
+        console.print("[red]error:[/red] --resume needs --out RUN_DIR (the run to continue)")
+        raise typer.Exit(2)
+    if (root / "checkpoint.json").is_file() and not resume:
+        console.print(f"[red]error:[/red] {root} already holds a run (checkpoint.json); pass --resume to continue "
+                      "it, or choose another --out")
+        raise typer.Exit(2)
     run = RunDir.create(root)
+    if resume and run.config.is_file():
+        before = load_config(run.config).to_dict()
+        now = cfg.to_dict()
+        before["federation"].pop("rounds")
+        now["federation"].pop("rounds")  # a resumed run may go on for more rounds; nothing else may change
+        if before != now:
+            console.print(f"[red]error:[/red] the config differs from the one {root} was started with "
+                          f"({run.config}) in more than federation.rounds; resume with the same config")
+            raise typer.Exit(2)
     dump_config(cfg, run.config)
     t0 = time.monotonic()
-    console.print(f"run directory: {run.root}")
+    console.print(f"run directory: {run.root}" + (" (resuming)" if resume else ""))
     console.print(f"model: {cfg.model.source}:{cfg.model.name} ({cfg.model.quantization}) "
                   "- converting to the local cache if this is the first use")
     resolve_model_dir(cfg.model)
     clients = build_client_data(cfg.data, load_encoder(cfg.model), cfg.seed)
-    save_client_data(clients, run.data)
+    if not (resume and (run.data / "index.json").is_file()):
+        save_client_data(clients, run.data)
     n_train = sum(c.num_train for c in clients)
     console.print(f"data: {cfg.data.source}, {len(clients)} users, {n_train} training chunks of "
                   f"{cfg.data.seq_len} tokens ({time.monotonic() - t0:.0f}s)")

@@ -44,7 +44,8 @@ class ModelConfig(_Section):
 
 
 class AdapterConfig(_Section):
-    method: Literal["lora", "prompt_tuning"] = "lora"
+    # ffa_lora: LoRA with A frozen at its seeded init; only B trains and is sent (Sun et al., ICLR 2024)
+    method: Literal["lora", "ffa_lora", "prompt_tuning"] = "lora"
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -89,6 +90,8 @@ class UserLevelPrivacyConfig(_Section):
     # used unless target_epsilon is set, in which case it is calibrated before training starts
     noise_multiplier: float = Field(1.0, ge=0)
     target_epsilon: float | None = Field(None, gt=0)
+    # training stops before a round that would take epsilon past this (default: target_epsilon)
+    epsilon_budget: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)  # None: 1 / population
     accountant: Literal["rdp", "prv"] = "rdp"
 
@@ -207,7 +210,7 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if model.quant_backend == "torchao" and model.quantization == "nf4":
         p.append("model.quant_backend: torchao supports only int8 here (its int4 does not run on "
                  "CPU); use quant_backend=bitsandbytes for nf4")
-    if cfg.adapter.method == "lora" and not cfg.adapter.target_modules:
+    if cfg.adapter.method in ("lora", "ffa_lora") and not cfg.adapter.target_modules:
         p.append("adapter.target_modules: LoRA needs at least one module name, e.g. [q_proj, v_proj]")
     fl = cfg.fleet
     if fl.enabled and not fl.mixture:

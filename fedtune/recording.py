@@ -11,6 +11,22 @@ from pathlib import Path
 from fedtune.types import RoundResult
 
 
+def privacy_guarantee(result: RoundResult, cfg) -> dict:
+    """The adapter's guarantee: level, ε, δ, mechanism and rounds (and the device-level one beside it)."""
+    user = cfg.privacy.user_level
+    sample = {"level": "sample", "epsilon": result.extra.get("sample_epsilon", result.epsilon),
+              "delta": cfg.privacy.delta, "mechanism": "DP-SGD (opacus, Poisson sampling), per device",
+              "accountant": cfg.privacy.accountant} if cfg.privacy.enabled else None
+    if user.enabled:
+        return {"level": "user", "epsilon": result.epsilon, "delta": result.delta,
+                "mechanism": "DP-FedAvg: per-device clipping + Gaussian noise, Poisson-sampled devices",
+                "accountant": user.accountant, "rounds": result.round, "clip_norm": user.clip_norm,
+                "noise_multiplier": result.extra.get("user_noise_multiplier"), "sample_level": sample}
+    if sample is not None:
+        return dict(sample, epsilon=result.epsilon, delta=result.delta, rounds=result.round)
+    return {"level": "none", "epsilon": None, "delta": None, "mechanism": None, "rounds": result.round}
+
+
 def save_adapter(model, directory: Path, result: RoundResult, cfg) -> Path:
     """Write ``directory`` atomically: adapter_config.json + adapter_model.safetensors + fedtune.json.
 
@@ -26,13 +42,7 @@ def save_adapter(model, directory: Path, result: RoundResult, cfg) -> Path:
         "round": result.round,
         "eval_loss": result.eval_loss,
         "eval_perplexity": result.eval_perplexity,
-        "privacy": {
-            "level": "sample" if cfg.privacy.enabled else "none",
-            "mechanism": "DP-SGD (opacus, Poisson sampling)" if cfg.privacy.enabled else None,
-            "epsilon": result.epsilon,
-            "delta": result.delta,
-            "accountant": cfg.privacy.accountant if cfg.privacy.enabled else None,
-        },
+        "privacy": privacy_guarantee(result, cfg),
         "adapter": cfg.adapter.model_dump(mode="json"),
         "base_model": cfg.model.model_dump(mode="json"),
     }

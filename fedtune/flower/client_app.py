@@ -53,6 +53,10 @@ def task_from_config(config, partition: int, seed: int) -> ClientTask:
     )
 
 
+class DeviceBudgetSpent(RuntimeError):
+    """A device whose own privacy budget is spent declines the round (a failed reply the round survives)."""
+
+
 class DeviceDropout(RuntimeError):
     """A simulated device that drops out mid-round (its reply is a failure the round survives)."""
 
@@ -80,6 +84,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     key = data.user_id if device == partition else f"device-{device}"
     store = LedgerStore(ctx.run.ledgers)
     ledger = store.load(key, cfg.privacy.accountant) if cfg.privacy.enabled else None
+    budget = cfg.privacy.device_epsilon_budget
+    if ledger is not None and budget is not None and ledger.epsilon(cfg.privacy.delta) >= budget:
+        raise DeviceBudgetSpent(f"device {device} has spent its sample-level budget "
+                                f"(epsilon {ledger.epsilon(cfg.privacy.delta):.3f} >= {budget}); it no longer trains")
     incoming = arrays_to_state(msg.content[ARRAYS_KEY])
     update = train_local(
         model, incoming, data, task, cfg.privacy, ledger,

@@ -76,6 +76,7 @@ class FleetFedAvg(AdapterFedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         nodes = sorted(grid.get_node_ids())
         if len(nodes) < self.coord.population:
             raise RuntimeError(f"{len(nodes)} virtual nodes for a population of {self.coord.population}")
@@ -98,6 +99,7 @@ class FleetFedAvg(AdapterFedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         stats = self.stats.setdefault(server_round, RoundStats())
         sent = self.sent.get(server_round, {})
         finished: dict[int, float] = {}

@@ -28,12 +28,13 @@ from fedtune.adapters import adapter_bytes, get_adapter_state, set_adapter_state
 from fedtune.data.partition import read_index
 from fedtune.flower.context import RunContext, run_context
 from fedtune.flower.records import arrays_to_state, state_to_arrays
+from fedtune.fleet import SimClock
 from fedtune.flower.fleet import FleetCoordinator
 from fedtune.flower.fleet_strategy import FleetFedAvg
 from fedtune.flower.strategy import AdapterFedAvg, RoundStats
 from fedtune.recording import save_adapter
 from fedtune.training import evaluate_chunks
-from fedtune.types import RoundResult
+from fedtune.types import AdapterState, RoundResult
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,9 @@ class Recorder:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         cfg, run = self.ctx.cfg, self.ctx.run
+        server_round += self.strategy.round_offset
+        if server_round <= self.last_round:  # a resumed run re-evaluates its checkpoint: record it once
+            return MetricRecord({"eval-loss": 0.0})
         state = arrays_to_state(arrays)
         set_adapter_state(self.model, state)
         res = evaluate_chunks(self.model, self.heldout, cfg.train.eval_batch_size)
@@ -96,6 +100,13 @@ class Recorder:
             fleet_extra = dict(fstats.record() if fstats else {"sim_round_seconds": 0.0},
                                sim_clock_seconds=round(coord.clock.seconds, 3))
         eps = [c["epsilon"] for c in stats.clients if c.get("epsilon", -1) >= 0]
+        user_dp = self.strategy.user_dp
+        level = "user" if user_dp is not None else ("sample" if cfg.privacy.enabled else "none")
+        sample_eps = max(eps) if eps else (0.0 if cfg.privacy.enabled else None)
+        if user_dp is not None:
+            epsilon, delta = user_dp.ledger.epsilon(), user_dp.plan.delta
+        else:
+            epsilon, delta = sample_eps, (cfg.privacy.delta if cfg.privacy.enabled else None)
         result = RoundResult(
             round=server_round,
             clients_sampled=stats.sampled,
@@ -105,12 +116,15 @@ class Recorder:
             eval_perplexity=res.perplexity,
             upload_bytes=stats.upload_bytes,
             wall_seconds=round(time.perf_counter() - stats.started, 3),
-            epsilon=max(eps) if eps else (0.0 if cfg.privacy.enabled else None),
-            delta=cfg.privacy.delta if cfg.privacy.enabled else None,
+            epsilon=epsilon,
+            delta=delta,
             extra={
                 "eval_accuracy": res.accuracy,
-                "epsilon_mean": sum(eps) / len(eps) if eps else None,
-                "privacy_level": "sample" if cfg.privacy.enabled else "none",
+                "privacy_level": level,
+                "sample_epsilon": sample_eps,
+                "sample_delta": cfg.privacy.delta if cfg.privacy.enabled else None,
+                "sample_epsilon_mean": sum(eps) / len(eps) if eps else None,
+                **stats.dp,
                 "clients_failed": stats.failed,
                 "clients_rejected": dict(stats.rejected),
                 "round_skipped": stats.skipped,
@@ -124,10 +138,12 @@ class Recorder:
         )
         save_adapter(self.model, run.adapter(server_round), result, cfg)
         run.append_metrics(result.to_record())
+        write_checkpoint(run, server_round, self.strategy)
+        self.last_round = server_round
         self._maybe_publish(server_round)
         self.results.append(result)
         run.append_event({"event": "round_done", "round": server_round})
-        if server_round < cfg.federation.rounds:
+        if server_round < self.final_round:
             cohort = min(cfg.federation.clients_per_round, self.n_clients)
             if cfg.fleet.enabled:  # over-selection: more start than will count
                 cohort = min(self.n_clients, math.ceil(cohort * (1 + cfg.fleet.over_selection)))
@@ -137,8 +153,8 @@ class Recorder:
         return MetricRecord({"eval-loss": res.loss, "eval-perplexity": min(res.perplexity, 1e30)})
 
     def _maybe_publish(self, server_round: int) -> None:
-        pub, rounds = self.ctx.cfg.publish, self.ctx.cfg.federation.rounds
-        due = (pub.at_end and server_round == rounds) or (
+        pub = self.ctx.cfg.publish
+        due = (pub.at_end and server_round == self.final_round) or (
             pub.every_n_rounds is not None and server_round > 0 and server_round % pub.every_n_rounds == 0)
         if not pub.registry or not due:
             return
@@ -151,6 +167,74 @@ class Recorder:
 
     _t0: float = 0.0
     n_clients: int = 0
+    last_round: int = -1
+    final_round: int = 0
+
+
+def write_checkpoint(run, server_round: int, strategy) -> None:
+    """After each round, atomically: the round, the server's privacy ledger and the fleet clock.
+
+    The global adapter of that round is already saved in adapters/round-N; a restart of the same
+    command resumes at round N+1 with nothing lost and nothing counted twice.
+    """
+    import json
+    import os
+
+    user_dp = getattr(strategy, "user_dp", None)
+    coord = getattr(strategy, "coord", None)
+    data = {"round": server_round, "adapter": f"adapters/round-{server_round}",
+            "user_ledger": user_dp.ledger.to_dict() if user_dp is not None else None,
+            "clock": coord.clock.to_dict() if coord is not None else None}
+    tmp = run.root / "checkpoint.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, run.root / "checkpoint.json")
+
+
+def read_checkpoint(run) -> dict | None:
+    import json
+
+    path = run.root / "checkpoint.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_checkpoint_adapter(run, server_round: int) -> AdapterState:
+    from safetensors.torch import load_file
+
+    path = run.adapter(server_round) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint names round {server_round} but {path} is missing")
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, info: dict, checkpoint: dict | None):
+    cfg = ctx.cfg
+    max_examples = max(entry["train"] for entry in index)
+    offset = checkpoint["round"] if checkpoint else 0
+    if cfg.fleet.enabled:
+        coord = FleetCoordinator(cfg, len(index), cfg.fleet.simulated_params or info["base_bytes_dense"] // 4,
+                                 adapter_bytes(initial) // cfg.adapter.rank)
+        if checkpoint and checkpoint.get("clock"):
+            coord.clock = SimClock.from_dict(checkpoint["clock"])
+        strategy = FleetFedAvg(reference=initial, coordinator=coord, rank_aggregation=cfg.fleet.rank_aggregation,
+                               scale=cfg.adapter.alpha / cfg.adapter.rank, min_clients=cfg.federation.min_clients,
+                               seed=cfg.seed, max_examples=max_examples)
+        strategy.round_offset = offset
+        return strategy, None
+    user_dp, plan = None, None
+    if cfg.privacy.user_level.enabled:
+        from fedtune.privacy.dp_fedavg import DPFedAvg, plan_user_level
+        from fedtune.privacy.user_level import UserLevelLedger
+
+        plan = plan_user_level(cfg.privacy.user_level, len(index), cfg.federation.clients_per_round,
+                               cfg.federation.rounds)
+        ledger = None
+        if checkpoint and checkpoint.get("user_ledger"):
+            ledger = UserLevelLedger.from_dict(checkpoint["user_ledger"])
+        user_dp = DPFedAvg(cfg.privacy.user_level, plan, len(index), cfg.seed, ledger)
+    strategy = AdapterFedAvg(reference=initial, clients_per_round=min(cfg.federation.clients_per_round, len(index)),
+                             min_clients=cfg.federation.min_clients, seed=cfg.seed, max_examples=max_examples,
+                             user_dp=user_dp, round_offset=offset)
+    return strategy, plan
 
 
 def run_server(grid: Grid, context: Context) -> list[RoundResult]:
@@ -159,27 +243,36 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     index = ensure_data(ctx)
     model, info = ctx.model()
     initial = get_adapter_state(model)
-    max_examples = max(entry["train"] for entry in index)
     population = (cfg.fleet.population or len(index)) if cfg.fleet.enabled else len(index)
-    if cfg.fleet.enabled:
-        coord = FleetCoordinator(cfg, len(index), cfg.fleet.simulated_params or info["base_bytes_dense"] // 4,
-                                 adapter_bytes(initial) // cfg.adapter.rank)
-        strategy = FleetFedAvg(reference=initial, coordinator=coord, rank_aggregation=cfg.fleet.rank_aggregation,
-                               scale=cfg.adapter.alpha / cfg.adapter.rank, min_clients=cfg.federation.min_clients,
-                               seed=cfg.seed, max_examples=max_examples)
-    else:
-        strategy = AdapterFedAvg(reference=initial, clients_per_round=min(cfg.federation.clients_per_round, len(index)),
-                                 min_clients=cfg.federation.min_clients, seed=cfg.seed, max_examples=max_examples)
+    checkpoint = read_checkpoint(ctx.run)
+    strategy, plan = build_strategy(ctx, index, initial, info, checkpoint)
+    start_state, done = initial, 0
+    if checkpoint:
+        done = int(checkpoint["round"])
+        start_state = load_checkpoint_adapter(ctx.run, done)
+        ctx.run.append_event({"event": "resumed", "round": done})
+    final = cfg.federation.rounds if plan is None else plan.rounds
+    if plan is not None and plan.rounds < cfg.federation.rounds:
+        ctx.run.append_event({"event": "budget", "rounds": plan.rounds, "epsilon": plan.planned_epsilon,
+                              "budget": plan.budget})
+        log.warning("user-level budget epsilon=%s allows %d of %d rounds; stopping there",
+                    plan.budget, plan.rounds, cfg.federation.rounds)
     recorder = Recorder(ctx, strategy, model, info, heldout_pool(ctx, len(index)))
     recorder.n_clients = population
+    recorder.last_round = done if checkpoint else -1
+    recorder.final_round = final
     recorder._t0 = time.perf_counter()
     ctx.run.append_event({"event": "waiting_for_nodes", "expected": population})
     wait_for_nodes(grid, population)
     train_config = ConfigRecord({"local-steps": cfg.train.local_steps, "batch-size": cfg.train.batch_size,
                                  "lr": cfg.train.lr})
-    strategy.start(grid=grid, initial_arrays=state_to_arrays(initial), num_rounds=cfg.federation.rounds,
-                   train_config=train_config, evaluate_fn=recorder)
-    ctx.run.append_event({"event": "finished", "rounds": cfg.federation.rounds})
+    if final > done:
+        if checkpoint:  # the checkpoint's round is not evaluated again, so announce the next one here
+            ctx.run.append_event({"event": "round_start", "round": done + 1,
+                                  "clients": min(cfg.federation.clients_per_round, population)})
+        strategy.start(grid=grid, initial_arrays=state_to_arrays(start_state), num_rounds=final - done,
+                       train_config=train_config, evaluate_fn=recorder)
+    ctx.run.append_event({"event": "finished", "rounds": final})
     if any(math.isnan(r.eval_loss) for r in recorder.results):
         raise RuntimeError("evaluation produced NaN; see metrics.jsonl")
     return recorder.results

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.aggregation import UpdateRejected, validate_update
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes
+from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays
 from fedtune.types import AdapterState
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,15 @@ class RoundStats:
     clients: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     skipped: bool = False
+    dp: dict = field(default_factory=dict)  # user-level DP figures of the round
 
 
 class AdapterFedAvg(FedAvg):
+    """``user_dp`` (a ``DPFedAvg``) switches to Poisson-sampled cohorts and clipped, noised averaging.
+    ``round_offset`` numbers rounds after a resumed checkpoint (Flower counts from 1 on every start)."""
+
     def __init__(self, *, reference: AdapterState, clients_per_round: int, min_clients: int,
-                 seed: int, max_examples: int | None = None):
+                 seed: int, max_examples: int | None = None, user_dp=None, round_offset: int = 0):
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients_per_round,
             min_available_nodes=clients_per_round, weighted_by_key="num-examples",
@@ -52,6 +56,9 @@ class AdapterFedAvg(FedAvg):
         self.seed = seed
         self.max_examples = max_examples
         self.stats: dict[int, RoundStats] = {}
+        self.user_dp = user_dp
+        self.round_offset = round_offset
+        self.current: AdapterState | None = None  # the global adapter sent this round
 
     def sample(self, server_round: int, node_ids: list[int]) -> list[int]:
         """A seeded cohort: the same seed and population give the same cohorts."""
@@ -61,7 +68,13 @@ class AdapterFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        node_ids = self.sample(server_round, list(grid.get_node_ids()))
+        server_round += self.round_offset
+        if self.user_dp is not None:
+            nodes = sorted(grid.get_node_ids())  # device i <-> i-th node; Poisson over devices
+            node_ids = [nodes[i] for i in self.user_dp.sample(server_round) if i < len(nodes)]
+            self.current = arrays_to_state(arrays)
+        else:
+            node_ids = self.sample(server_round, list(grid.get_node_ids()))
         self.stats[server_round] = RoundStats(sampled=len(node_ids))
         config["server-round"] = server_round
         record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
@@ -86,6 +99,7 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         stats = self.stats.setdefault(server_round, RoundStats())
         good = []
         for msg in replies:
@@ -100,7 +114,20 @@ class AdapterFedAvg(FedAvg):
             log.warning("round %d: only %d valid updates (< min_clients=%d); global adapter unchanged",
                         server_round, len(good), self.min_clients)
             return None, None
+        if self.user_dp is not None:
+            return self._aggregate_private(server_round, good, stats)
         arrays, metrics = super().aggregate_train(server_round, good)
         if metrics is not None and "train-loss" in metrics:
             stats.train_loss = float(metrics["train-loss"])
         return arrays, metrics
+
+    def _aggregate_private(self, server_round: int, good: list[Message], stats: RoundStats
+                           ) -> tuple[ArrayRecord, MetricRecord]:
+        """User-level DP: clip each device's delta, noise the sum, fixed denominator (DPFedAvg)."""
+        updates = [arrays_to_state(m.content[ARRAYS_KEY]) for m in good]
+        new, info = self.user_dp.aggregate(self.current, updates, server_round)
+        stats.dp = info
+        weights = [float(m.content[METRICS_KEY]["num-examples"]) for m in good]
+        losses = [float(m.content[METRICS_KEY]["train-loss"]) for m in good]
+        stats.train_loss = sum(w * x for w, x in zip(weights, losses)) / sum(weights) if weights else None
+        return state_to_arrays(new), MetricRecord({"train-loss": stats.train_loss or 0.0})

@@ -106,6 +106,32 @@ def test_the_server_publishes_the_final_adapter_signed_with_its_guarantee(smoke_
     assert "published v1" in stdout
 
 
+def test_a_resumed_run_continues_every_ledger_where_it_stopped(smoke_run, tmp_path):
+    """Stop after round 1, restart the same command for 2 rounds: same result as never stopping."""
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "fedtune.cli", "simulate", str(ROOT / "configs/smoke.yaml"), "--out", str(out)]
+    first = subprocess.run(base + ["--set", "federation.rounds=1"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert json.loads((out / "checkpoint.json").read_text())["round"] == 1
+    again = subprocess.run(base + ["--set", "federation.rounds=1"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stdout  # never overwrites a run by accident
+    second = subprocess.run(base + ["--set", "federation.rounds=2", "--resume"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "resumed after round 1" in second.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]  # nothing counted twice
+    straight = [json.loads(line) for line in (smoke_run[0] / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(records, straight):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
+        assert a["epsilon"] == pytest.approx(b["epsilon"], rel=1e-9)
+    for user in ("user-000", "user-001", "user-002", "user-003"):
+        resumed = json.loads((out / "state" / "ledgers" / f"{user}.json").read_text())
+        straight_ledger = json.loads((smoke_run[0] / "state" / "ledgers" / f"{user}.json").read_text())
+        assert resumed == straight_ledger and resumed["rounds"] == [1, 2]
+
+
 def test_flower_app_section_in_pyproject():
     import tomllib
 
