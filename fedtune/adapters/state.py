@@ -1,4 +1,9 @@
-"""Adapter state: exactly the tensors peft saves for the adapter, nothing of the base model."""
+"""Adapter state: the *trainable* adapter tensors, in peft's checkpoint naming, nothing of the base model.
+
+For LoRA and prompt tuning that is every tensor peft saves for the adapter. For FFA-LoRA, whose ``lora_A``
+is frozen at its seeded init, it is only the ``lora_B`` tensors: the frozen part is never sent, because
+every party rebuilds it identically from the run seed (see ``fedtune.adapters.ffa_lora``).
+"""
 
 from __future__ import annotations
 
@@ -12,32 +17,60 @@ def _unwrap(model):
     return getattr(model, "_module", model)
 
 
-def get_adapter_state(model) -> AdapterState:
-    """Detached CPU fp32 copies of the adapter tensors (peft's get_peft_model_state_dict)."""
+def _trainable_adapter_tensors(inner) -> dict[str, torch.Tensor]:
+    """peft-named adapter tensors whose parameter has ``requires_grad`` (live tensors, not copies).
+
+    peft's ``get_peft_model_state_dict`` is given only the trainable parameters, so peft itself selects the
+    adapter entries and maps parameter names to checkpoint keys (it strips the adapter name:
+    ``...q_proj.lora_B.default.weight`` -> ``...q_proj.lora_B.weight``; prompt learning saves its encoder
+    as ``prompt_embeddings``). Refuses a model whose trainable parameters are not all in that state, since
+    local training would then change tensors that are never uploaded.
+    """
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(_unwrap(model))
+    trainable = {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
+    state = get_peft_model_state_dict(inner, state_dict=trainable)
+    n_state = sum(t.numel() for t in state.values())
+    n_trainable = sum(t.numel() for t in trainable.values())
+    if n_state != n_trainable:
+        raise ValueError(
+            f"the adapter state holds {n_state} values but the model trains {n_trainable}: trainable parameters "
+            f"outside the adapter ({sorted(trainable)[:5]}...) would never be uploaded; freeze base-model "
+            "parameters (only adapter tensors may have requires_grad)"
+        )
+    return state
+
+
+def get_adapter_state(model) -> AdapterState:
+    """Detached CPU fp32 copies of the trainable adapter tensors, keyed as peft saves them."""
+    state = _trainable_adapter_tensors(_unwrap(model))
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
 def set_adapter_state(model, state: AdapterState) -> None:
-    """Load adapter tensors; refuse missing or unexpected keys and shape mismatches."""
+    """Load the trainable adapter tensors; refuse missing or unexpected keys and shape mismatches.
+
+    Frozen adapter tensors (FFA-LoRA's ``lora_A``) are not part of the state and are left untouched.
+    """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     inner = _unwrap(model)
-    expected = get_peft_model_state_dict(inner)
+    expected = _trainable_adapter_tensors(inner)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
+        frozen = sorted(set(extra) & set(get_peft_model_state_dict(inner)))
+        hint = (f"; {frozen[:5]} are frozen in this model (e.g. FFA-LoRA's lora_A, rebuilt from the run seed) "
+                "and are not part of its state: send only the trainable tensors" if frozen else "")
         raise ValueError(
             f"adapter state does not match the model's adapter: missing {missing[:5]}, "
-            f"unexpected {extra[:5]} (was it made with the same adapter config?)"
+            f"unexpected {extra[:5]} (was it made with the same adapter config?){hint}"
         )
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"adapter tensor {k}: expected shape {tuple(expected[k].shape)}, got {tuple(v.shape)}")
     set_peft_model_state_dict(inner, state)
-    loaded = get_peft_model_state_dict(inner)
+    loaded = _trainable_adapter_tensors(inner)
     wrong = [k for k in state if not torch.equal(loaded[k].to("cpu", state[k].dtype), state[k].to("cpu"))]
     if wrong:
         raise ValueError(f"peft did not load adapter tensors {wrong[:5]}")
