@@ -18,7 +18,7 @@ from fedtune.report import COLUMNS, fmt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fedtune: federated DP fine-tuning of quantized language models through Flower.")
-console = Console(highlight=False, width=None if os.isatty(1) else 120)
+console = Console(highlight=False, width=None if os.isatty(1) else 120, soft_wrap=not os.isatty(1))
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
@@ -149,6 +149,19 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     console.print(f"data: {cfg.data.source}, {len(clients)} users, {n_train} training chunks of "
                   f"{cfg.data.seq_len} tokens ({time.monotonic() - t0:.0f}s)")
     n_devices = (cfg.fleet.population or len(clients)) if cfg.fleet.enabled else len(clients)
+    if cfg.privacy.user_level.enabled:  # calibrate and check the budget before any training starts
+        from fedtune.privacy.dp_fedavg import plan_user_level
+
+        try:
+            plan = plan_user_level(cfg.privacy.user_level, n_devices, cfg.federation.clients_per_round,
+                                   cfg.federation.rounds)
+        except ValueError as err:
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(2) from None
+        console.print(f"user-level DP: noise multiplier {plan.noise_multiplier:.4g}, devices sampled with "
+                      f"q={plan.sample_rate:.4g}, ε={plan.planned_epsilon:.3f} at δ={plan.delta:.3g} after "
+                      f"{plan.rounds} rounds" + ("" if plan.rounds == cfg.federation.rounds else
+                                                  f" (the budget stops the run before round {plan.rounds + 1})"))
     console.print(f"Flower simulation engine (Ray): {n_devices} virtual devices, "
                   f"{min(cfg.federation.clients_per_round, n_devices)} per round, "
                   f"{cfg.federation.rounds} rounds, DP-SGD {'on' if cfg.privacy.enabled else 'off'}")

@@ -87,7 +87,7 @@ class UserLevelPrivacyConfig(_Section):
 
     enabled: bool = False
     clip_norm: float = Field(0.1, gt=0)
-    # used unless target_epsilon is set, in which case it is calibrated before training starts
+    # used unless target_epsilon is set: a target takes precedence and is calibrated before training
     noise_multiplier: float = Field(1.0, ge=0)
     target_epsilon: float | None = Field(None, gt=0)
     # training stops before a round that would take epsilon past this (default: target_epsilon)
@@ -100,7 +100,7 @@ class PrivacyConfig(_Section):
     """Sample-level DP-SGD on each device (opacus), and optionally user-level DP on the server."""
 
     enabled: bool = True
-    # used unless target_epsilon is set, in which case the noise is calibrated to meet it
+    # used unless target_epsilon is set: a target takes precedence and calibrates the noise to meet it
     noise_multiplier: float = Field(1.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     target_epsilon: float | None = Field(None, gt=0)
@@ -189,9 +189,6 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     """Checks that span fields; pydantic already checked each field on its own."""
     p: list[str] = []
     pv, fed, data, model = cfg.privacy, cfg.federation, cfg.data, cfg.model
-    if pv.enabled and "noise_multiplier" in pv.model_fields_set and pv.target_epsilon is not None:
-        p.append("privacy: set either `noise_multiplier` or `target_epsilon`, not both "
-                 f"(got noise_multiplier={pv.noise_multiplier}, target_epsilon={pv.target_epsilon})")
     if fed.min_clients > fed.clients_per_round:
         p.append(f"federation.min_clients: must be <= clients_per_round ({fed.clients_per_round}), "
                  f"got {fed.min_clients}")
@@ -226,8 +223,6 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if ul.enabled and cfg.fleet.enabled and cfg.fleet.rank_aggregation == "flexlora":
         p.append("privacy.user_level: clipping and noising apply to the adapter tensors, so with a fleet use "
                  "fleet.rank_aggregation=zeropad (FlexLoRA aggregates B.A products)")
-    if ul.enabled and "noise_multiplier" in ul.model_fields_set and ul.target_epsilon is not None:
-        p.append("privacy.user_level: set either noise_multiplier or target_epsilon, not both")
     pub = cfg.publish
     if pub.registry and not pub.signing_key:
         p.append("publish.signing_key: publishing needs an ed25519 key; make one with `fedtune registry keygen`")

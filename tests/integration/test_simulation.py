@@ -138,3 +138,38 @@ def test_flower_app_section_in_pyproject():
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["components"] == {"serverapp": "server.app:app", "clientapp": "clients.app:app"}
     assert {"config-path", "run-dir"} <= set(flwr["config"])
+
+
+def test_user_level_dp_stops_cleanly_at_its_budget(tmp_path):
+    """A config asking for more rounds than the user-level budget allows stops at the budget."""
+    from fedtune.privacy.user_level import user_level_epsilon
+
+    eps2, eps3 = (user_level_epsilon(2.0, 1.0, r, 1e-5) for r in (2, 3))
+    budget = (eps2 + eps3) / 2
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedtune.cli", "simulate", str(ROOT / "configs/smoke.yaml"), "--out", str(out),
+           "--set", "federation.rounds=4", "--set", "privacy.user_level.enabled=true",
+           "--set", "privacy.user_level.noise_multiplier=2.0", "--set", "privacy.user_level.delta=1e-5",
+           "--set", f"privacy.user_level.epsilon_budget={budget}", "--set", "privacy.user_level.clip_norm=0.05"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "stops the run before round 3" in proc.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert records[-1]["privacy_level"] == "user"
+    assert records[-1]["epsilon"] == pytest.approx(eps2, rel=1e-6) and records[-1]["epsilon"] <= budget
+    assert 0 < records[1]["epsilon"] < records[2]["epsilon"]
+    assert records[-1]["sample_epsilon"] > 0  # the devices' own DP-SGD is reported beside it
+    meta = json.loads((out / "adapters" / "round-2" / "fedtune.json").read_text())
+    assert meta["privacy"]["level"] == "user" and meta["privacy"]["rounds"] == 2
+    assert meta["privacy"]["sample_level"]["level"] == "sample"
+
+
+def test_an_impossible_user_level_target_is_refused_before_any_work(tmp_path):
+    cmd = [sys.executable, "-m", "fedtune.cli", "simulate", str(ROOT / "configs/smoke.yaml"), "--out",
+           str(tmp_path / "run"), "--set", "privacy.user_level.enabled=true",
+           "--set", "privacy.user_level.target_epsilon=0.001", "--set", "privacy.user_level.delta=1e-5"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error" in proc.stdout and "target" in proc.stdout.lower()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

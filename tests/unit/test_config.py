@@ -14,7 +14,7 @@ def test_reports_every_error_at_once_naming_fields():
         "adapter": {"rank": 0},
         "train": {"lr": -1},
         "federation": {"clients_per_round": 2, "min_clients": 5},
-        "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 2.0},
+        "privacy": {"enabled": True, "delta": 2.0},
         "dataa": {},
     }
     with pytest.raises(ConfigError) as exc:
@@ -22,17 +22,21 @@ def test_reports_every_error_at_once_naming_fields():
     text = "\n".join(exc.value.problems)
     assert len(exc.value.problems) >= 6, text
     for field in ("model.quantization", "adapter.rank", "train.lr", "dataa", "federation.min_clients",
-                  "privacy"):
+                  "privacy.delta"):
         assert field in text, f"{field} not reported:\n{text}"
     assert "int3" in text  # says what came
 
 
-def test_privacy_takes_noise_or_target_not_both():
-    assert config_from_dict({"privacy": {"enabled": True}}).privacy.noise_multiplier == 1.0
-    with pytest.raises(ConfigError, match="not both"):
-        config_from_dict({"privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 3.0}})
-    assert config_from_dict({"privacy": {"enabled": True, "target_epsilon": 3.0}}).privacy.target_epsilon == 3.0
+def test_a_target_epsilon_survives_the_resolved_config_round_trip(tmp_path):
+    """The run's resolved config.yaml carries every field; a target must still load from it."""
+    from fedtune.config import dump_config, with_absolute_paths
 
+    cfg = config_from_dict({"privacy": {"enabled": True, "target_epsilon": 3.0,
+                                        "user_level": {"enabled": True, "target_epsilon": 8.0}}})
+    assert cfg.privacy.noise_multiplier == 1.0  # the default, unused while a target is set
+    dump_config(with_absolute_paths(cfg), tmp_path / "c.yaml")
+    back = load_config(tmp_path / "c.yaml")
+    assert back.privacy.target_epsilon == 3.0 and back.privacy.user_level.target_epsilon == 8.0
 
 def test_overrides_are_typed_and_nested(tmp_path):
     path = tmp_path / "c.yaml"
