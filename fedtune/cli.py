@@ -180,11 +180,13 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
                   f"{first['eval_perplexity']:.3f} -> {last['eval_perplexity']:.3f}; report: {report}")
 
 
+from fedtune.cli_audit import audit_app  # noqa: E402
 from fedtune.cli_registry import device_app, export_app, registry_app  # noqa: E402
 
 app.add_typer(registry_app, name="registry")
 app.add_typer(device_app, name="device")
 app.add_typer(export_app, name="export")
+app.add_typer(audit_app, name="audit")
 
 
 if __name__ == "__main__":
