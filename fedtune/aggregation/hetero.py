@@ -133,18 +133,23 @@ def _normalized_weights(weights: list[float], n_states: int) -> list[float]:
     return [float(w) / total for w in weights]
 
 
+def _module_mismatch(expected: dict[str, tuple[str, str]], state: AdapterState, what: str) -> None:
+    """Raise unless ``state`` has exactly the LoRA modules and key names of ``expected``."""
+    got = lora_modules(state)
+    if got != expected:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        raise ValueError(
+            f"{what}: missing {missing[:3]}, unexpected {extra[:3]} "
+            "(were all tiers built with the same target_modules?)"
+        )
+
+
 def _same_modules(states: list[AdapterState]) -> dict[str, tuple[str, str]]:
     """The module map of states[0], after checking every state has exactly the same keys."""
     modules = lora_modules(states[0])
     for i, s in enumerate(states[1:], start=1):
-        other = lora_modules(s)
-        if other != modules:
-            missing = sorted(set(modules) - set(other))
-            extra = sorted(set(other) - set(modules))
-            raise ValueError(
-                f"update {i} has different LoRA modules from update 0: missing {missing[:3]}, "
-                f"unexpected {extra[:3]} (were all tiers built with the same target_modules?)"
-            )
+        _module_mismatch(modules, s, f"update {i} has different LoRA modules from update 0")
     return modules
 
 
@@ -332,14 +337,7 @@ def _check_update_ranks(updates: list[AdapterState], ranks: list[int], r_max: in
 
 def _check_update_keys(global_keys: dict[str, tuple[str, str]], updates: list[AdapterState]) -> None:
     for k, u in enumerate(updates):
-        keys = lora_modules(u)
-        if keys != global_keys:
-            missing = sorted(set(global_keys) - set(keys))
-            extra = sorted(set(keys) - set(global_keys))
-            raise ValueError(
-                f"update {k} has different LoRA modules or key names from the global state: missing "
-                f"{missing[:3]}, unexpected {extra[:3]} (were all tiers built with the same target_modules?)"
-            )
+        _module_mismatch(global_keys, u, f"update {k} has different LoRA modules or key names from the global state")
 
 
 @register_hetero_aggregator("zeropad")

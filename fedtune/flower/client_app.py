@@ -17,6 +17,7 @@ import time
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtune.adapters import set_adapter_state
 from fedtune.data.partition import load_client_data
 from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context
@@ -111,8 +112,6 @@ def handle_train(msg: Message, context: Context) -> Message:
 def handle_evaluate(msg: Message, context: Context) -> Message:
     ctx = run_context(context.run_config)
     model, _ = ctx.model()
-    from fedtune.adapters import set_adapter_state
-
     data = load_client_data(ctx.run.data, _partition(context))
     set_adapter_state(model, arrays_to_state(msg.content[ARRAYS_KEY]))
     if data.heldout.shape[0] == 0:

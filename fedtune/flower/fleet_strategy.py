@@ -14,14 +14,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.aggregation import FlexLoRAState, create_hetero_aggregator, lora_rank, truncate_rank
-from fedtune.aggregation.validate import UpdateRejected, validate_update
+from fedtune.aggregation.validate import UpdateRejected
 from fedtune.flower.fleet import FleetCoordinator
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays
+from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, state_to_arrays
 from fedtune.flower.strategy import AdapterFedAvg, RoundStats
 from fedtune.types import AdapterState
 
@@ -112,17 +111,17 @@ class FleetFedAvg(AdapterFedAvg):
                 if device is not None:
                     failed.append(device)
                 continue
-            state, metrics = self._check(msg, stats)
-            if state is None:
+            checked = self._validated(msg, stats, self._reference_for_rank)
+            if checked is None:
                 continue
+            state, metrics = checked
             device = int(metrics["device"])
             finished[device] = float(metrics["sim-seconds"])
             valid[device] = (state, metrics)
         accepted = self.coord.settle(server_round, finished, failed)
         stats.succeeded = len(accepted)
         for d in accepted:
-            stats.upload_bytes += valid[d][1]["_bytes"]
-            stats.clients.append({k: v for k, v in valid[d][1].items() if not k.startswith("_")})
+            self._count(stats, valid[d][1])
         if len(accepted) < self.min_clients:
             stats.skipped = True
             log.warning("round %d: %d accepted updates (< min_clients=%d); global adapter unchanged",
@@ -136,21 +135,9 @@ class FleetFedAvg(AdapterFedAvg):
         stats.train_loss = sum(w * x for w, x in zip(weights, losses)) / sum(weights)
         return state_to_arrays(self.global_adapter()), MetricRecord({"train-loss": stats.train_loss})
 
-    def _check(self, msg: Message, stats: RoundStats) -> tuple[AdapterState | None, dict]:
-        try:
-            content = msg.content
-            if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
-                raise UpdateRejected("malformed", "reply lacks the adapter arrays or the metrics")
-            arrays, metrics = content[ARRAYS_KEY], dict(content[METRICS_KEY])
-            rank = int(metrics.get("rank", 0))
-            if not 0 < rank <= self.r_max:
-                raise UpdateRejected("bad_rank", f"rank {rank} outside 1..{self.r_max}")
-            state = arrays_to_state(arrays)
-            validate_update(state, truncate_rank(self.reference, rank), float(metrics.get("num-examples", 0)),
-                            self.max_examples)
-        except UpdateRejected as err:
-            stats.rejected[err.reason] += 1
-            log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, err)
-            return None, {}
-        metrics["_bytes"] = payload_bytes(arrays)
-        return {k: v.to(torch.float32) for k, v in state.items()}, metrics
+    def _reference_for_rank(self, metrics: dict) -> AdapterState:
+        """A reply must match the global adapter at the rank its device was given."""
+        rank = int(metrics.get("rank", 0))
+        if not 0 < rank <= self.r_max:
+            raise UpdateRejected("bad_rank", f"rank {rank} outside 1..{self.r_max}")
+        return truncate_rank(self.reference, rank)

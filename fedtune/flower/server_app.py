@@ -80,9 +80,14 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> None:
 class Recorder:
     """Evaluates the global adapter after each round and writes its record and checkpoint."""
 
-    def __init__(self, ctx: RunContext, strategy: AdapterFedAvg, model, info: dict, heldout: torch.Tensor):
+    def __init__(self, ctx: RunContext, strategy: AdapterFedAvg, model, info: dict, heldout: torch.Tensor, *,
+                 n_clients: int, final_round: int, last_round: int = -1):
         self.ctx, self.strategy, self.model, self.info, self.heldout = ctx, strategy, model, info, heldout
+        self.n_clients = n_clients  # the population (for announcing the next cohort)
+        self.final_round = final_round  # the last round this run will train (the budget may cut it)
+        self.last_round = last_round  # the last round already recorded (a resumed checkpoint's)
         self.results: list[RoundResult] = []
+        self._t0 = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         cfg, run = self.ctx.cfg, self.ctx.run
@@ -165,10 +170,6 @@ class Recorder:
         self.ctx.run.append_event({"event": "published", "round": server_round,
                                    "version": signed.manifest.version, "registry": pub.registry})
 
-    _t0: float = 0.0
-    n_clients: int = 0
-    last_round: int = -1
-    final_round: int = 0
 
 
 def write_checkpoint(run, server_round: int, strategy) -> None:
@@ -257,11 +258,8 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
                               "budget": plan.budget})
         log.warning("user-level budget epsilon=%s allows %d of %d rounds; stopping there",
                     plan.budget, plan.rounds, cfg.federation.rounds)
-    recorder = Recorder(ctx, strategy, model, info, heldout_pool(ctx, len(index)))
-    recorder.n_clients = population
-    recorder.last_round = done if checkpoint else -1
-    recorder.final_round = final
-    recorder._t0 = time.perf_counter()
+    recorder = Recorder(ctx, strategy, model, info, heldout_pool(ctx, len(index)), n_clients=population,
+                        final_round=final, last_round=done if checkpoint else -1)
     ctx.run.append_event({"event": "waiting_for_nodes", "expected": population})
     wait_for_nodes(grid, population)
     train_config = ConfigRecord({"local-steps": cfg.train.local_steps, "batch-size": cfg.train.batch_size,

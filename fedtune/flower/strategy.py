@@ -81,33 +81,46 @@ class AdapterFedAvg(FedAvg):
         log.info("round %d: sampled %d clients", server_round, len(node_ids))
         return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
-    def _accept(self, msg: Message, stats: RoundStats) -> bool:
+    def _validated(self, msg: Message, stats: RoundStats, reference_for=None
+                   ) -> tuple[AdapterState, dict] | None:
+        """The reply's adapter state and metrics if it may be aggregated; else count why not.
+
+        ``reference_for(metrics)`` gives the adapter the reply must match (default: the global one);
+        the returned metrics carry the reply's wire size under ``_bytes``.
+        """
         try:
             content = msg.content
             if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
                 raise UpdateRejected("malformed", "reply lacks the adapter arrays or the metrics")
-            arrays, metrics = content[ARRAYS_KEY], content[METRICS_KEY]
-            validate_update(arrays_to_state(arrays), self.reference,
-                            float(metrics.get("num-examples", 0)), self.max_examples)
+            arrays, metrics = content[ARRAYS_KEY], dict(content[METRICS_KEY])
+            reference = self.reference if reference_for is None else reference_for(metrics)
+            state = arrays_to_state(arrays)
+            validate_update(state, reference, float(metrics.get("num-examples", 0)), self.max_examples)
         except UpdateRejected as err:
             stats.rejected[err.reason] += 1
             log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, err)
-            return False
-        stats.upload_bytes += payload_bytes(arrays)
-        stats.clients.append({k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()})
-        return True
+            return None
+        metrics["_bytes"] = payload_bytes(arrays)
+        return state, metrics
+
+    @staticmethod
+    def _count(stats: RoundStats, metrics: dict) -> None:
+        stats.upload_bytes += metrics["_bytes"]
+        stats.clients.append({k: v for k, v in metrics.items() if not k.startswith("_")})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         stats = self.stats.setdefault(server_round, RoundStats())
-        good = []
+        good, states = [], []
         for msg in replies:
             if msg.has_error():
                 stats.failed += 1
                 log.warning("client failed in round %d: %s", server_round, msg.error.reason)
-            elif self._accept(msg, stats):
+            elif (checked := self._validated(msg, stats)) is not None:
                 good.append(msg)
+                states.append(checked[0])
+                self._count(stats, checked[1])
         stats.succeeded = len(good)
         if len(good) < self.min_clients:
             stats.skipped = True
@@ -115,16 +128,15 @@ class AdapterFedAvg(FedAvg):
                         server_round, len(good), self.min_clients)
             return None, None
         if self.user_dp is not None:
-            return self._aggregate_private(server_round, good, stats)
+            return self._aggregate_private(server_round, good, states, stats)
         arrays, metrics = super().aggregate_train(server_round, good)
         if metrics is not None and "train-loss" in metrics:
             stats.train_loss = float(metrics["train-loss"])
         return arrays, metrics
 
-    def _aggregate_private(self, server_round: int, good: list[Message], stats: RoundStats
-                           ) -> tuple[ArrayRecord, MetricRecord]:
+    def _aggregate_private(self, server_round: int, good: list[Message], updates: list[AdapterState],
+                           stats: RoundStats) -> tuple[ArrayRecord, MetricRecord]:
         """User-level DP: clip each device's delta, noise the sum, fixed denominator (DPFedAvg)."""
-        updates = [arrays_to_state(m.content[ARRAYS_KEY]) for m in good]
         new, info = self.user_dp.aggregate(self.current, updates, server_round)
         stats.dp = info
         weights = [float(m.content[METRICS_KEY]["num-examples"]) for m in good]

@@ -156,3 +156,20 @@ def test_a_device_stops_contributing_once_its_own_budget_is_spent(tmp_path):
     with pytest.raises(DeviceBudgetSpent, match="spent its sample-level budget"):
         build_client_app()(_train_message(state, 2), _context(run_config, 0))
     assert LedgerStore(run.ledgers).load("user-000").rounds == [1]  # nothing trained after the budget
+
+
+def test_evaluate_reports_the_clients_heldout_loss(run_setup):
+    from fedtune.data.partition import load_client_data
+    from fedtune.training import evaluate_chunks
+
+    cfg, run, run_config = run_setup
+    model = run_context(run_config).model()[0]
+    state = {k: v + 0.01 for k, v in get_adapter_state(model).items()}
+    msg = Message(content=RecordDict({"arrays": state_to_arrays(state), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=7, message_type=MessageType.EVALUATE)
+    reply = build_client_app()(msg, _context(run_config, 2))
+    metrics = reply.content["metrics"]
+    held = load_client_data(run.data, 2).heldout
+    assert metrics["num-examples"] == held.shape[0]
+    assert metrics["eval-loss"] == pytest.approx(evaluate_chunks(model, held).loss)  # model holds `state` now
+    assert not reply.content.array_records  # evaluation sends nothing back but numbers
