@@ -90,8 +90,7 @@ def train_packed(
     k_dev, steps, lr = len(adapters), tasks[0].local_steps, tasks[0].lr
     streams = [DeviceBatches(d, t, dp) for d, t in zip(datas, tasks)]
     with packed_lora(model, k_dev) as pm:
-        for k, state in enumerate(adapters):
-            pm.load(k, state)
+        pm.load(list(adapters))
         params = [p for _, p in pm.params_in_order()]
         device = params[0].device
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -132,7 +131,7 @@ def train_packed(
                     acc.step(noise_multiplier=n.noise_multiplier, sample_rate=s.sample_rate)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        states = [pm.state(k) for k in range(k_dev)]
+        states = pm.states()
     updates = []
     for k in range(k_dev):
         epsilon = delta = None

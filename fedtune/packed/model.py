@@ -37,23 +37,28 @@ class PackedModel:
             out += [(f"{name}.lora_A.weight", layer.lora_A), (f"{name}.lora_B.weight", layer.lora_B)]
         return out
 
-    def load(self, k: int, state: AdapterState) -> None:
-        """Device ``k``'s adapter state into slot ``k``; keys and shapes must match exactly."""
+    def load(self, states: list[AdapterState]) -> None:
+        """Device k's adapter state into slot k (one host-to-device copy per tensor); keys and shapes must match."""
         params = dict(self.params_in_order())
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or extra:
-            raise ValueError(f"adapter state of packed device {k} does not match the model's LoRA: missing "
-                             f"{missing[:3]}, unexpected {extra[:3]} (was it made with the same adapter config?)")
-        with torch.no_grad():
+        if len(states) != self.num_devices:
+            raise ValueError(f"expected {self.num_devices} adapter states (one per packed device), got {len(states)}")
+        for k, state in enumerate(states):
+            missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+            if missing or extra:
+                raise ValueError(f"adapter state of packed device {k} does not match the model's LoRA: missing "
+                                 f"{missing[:3]}, unexpected {extra[:3]} (was it made with the same adapter config?)")
             for key, p in params.items():
                 if tuple(state[key].shape) != tuple(p.shape[1:]):
                     raise ValueError(f"adapter tensor {key} of packed device {k}: expected shape "
                                      f"{tuple(p.shape[1:])}, got {tuple(state[key].shape)}")
-                p[k].copy_(state[key].to(p.device, p.dtype))
+        with torch.no_grad():
+            for key, p in params.items():
+                p.copy_(torch.stack([s[key] for s in states]).to(p.device, p.dtype))  # [K, ...]
 
-    def state(self, k: int) -> AdapterState:
-        """Device ``k``'s adapter: detached CPU fp32 copies, as ``get_adapter_state`` returns them."""
-        return {key: p[k].detach().to("cpu", torch.float32).clone() for key, p in self.params_in_order()}
+    def states(self) -> list[AdapterState]:
+        """Every device's adapter: detached CPU fp32 copies, as ``get_adapter_state`` returns them."""
+        host = [(key, p.detach().to("cpu", torch.float32)) for key, p in self.params_in_order()]  # [K, ...] each
+        return [{key: t[k].clone() for key, t in host} for k in range(self.num_devices)]
 
 
 def _lora_modules(peft_model) -> list[tuple[str, torch.nn.Module]]:
