@@ -157,6 +157,8 @@ class SimulationConfig(_Section):
     max_concurrent_clients: int = Field(2, gt=0)
     # an existing Ray cluster ("auto" or "ray://host:10001"); empty = Flower starts a local one
     ray_address: str = ""
+    # devices trained at once by one ClientApp call (fedtune.packed; LoRA, no fleet): 1 = one at a time
+    packed_group_size: int = Field(1, gt=0)
 
 
 class ExperimentConfig(_Section):

@@ -39,7 +39,7 @@ def clipped_sums(grad_samples: list[tuple[torch.Tensor, ...]], num_devices: int,
     dev = grad_samples[0][0]  # [N]
     norms2 = torch.zeros(dev.shape[0], device=dev.device, dtype=grad_samples[0][1].dtype)  # [N]
     for _, g in grad_samples:
-        norms2 += g.reshape(g.shape[0], -1).pow(2).sum(1)
+        norms2 += g.flatten(1).pow(2).sum(1)
     clip = (max_grad_norm / (norms2.sqrt() + 1e-6)).clamp(max=1.0)  # [N]
     out = []
     for _, g in grad_samples:

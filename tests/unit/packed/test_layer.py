@@ -91,3 +91,10 @@ def test_clipping_is_per_sample_over_all_tensors_and_summed_per_device():
     c = 1.0 / (5 + 1e-6)
     torch.testing.assert_close(sa, torch.tensor([[3 * c + 0.3, 0.0], [0.0, 0.0], [0.0, 0.0]]))
     torch.testing.assert_close(sb, torch.tensor([[4 * c + 0.4], [2.0 / (2 + 1e-6)], [0.0]]))
+
+
+def test_a_step_where_every_device_drew_an_empty_batch_sums_to_zero():
+    dev = torch.zeros(0, dtype=torch.long)
+    sa, sb = clipped_sums([(dev, torch.zeros(0, 2, 3)), (dev, torch.zeros(0, 4))], num_devices=2, max_grad_norm=1.0)
+    assert sa.shape == (2, 2, 3) and sb.shape == (2, 4)
+    assert not sa.any() and not sb.any()
