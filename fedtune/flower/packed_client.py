@@ -53,6 +53,7 @@ def handle_train_group(msg: Message, context: Context) -> Message:
             model, [p[5] for p in parts], [p[3] for p in parts], [p[4] for p in parts], cfg.privacy,
             [p[6] for p in parts] if store is not None else None,
             planned_steps=cfg.federation.rounds * cfg.train.local_steps, weight_decay=cfg.train.weight_decay,
+            micro_batch=cfg.simulation.packed_micro_batch,
         )
         seconds = time.perf_counter() - start
         for (i, device, partition, data, task, _, ledger), update in zip(parts, updates):
