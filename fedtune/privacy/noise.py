@@ -5,6 +5,8 @@ seeded generator and splits it over the parameters in their optimizer order. The
 same (independent N(0, (sigma*C)^2) per coordinate); what this buys is a noise stream that a packed
 fleet (``fedtune.packed``), which trains many devices in shared kernels, reproduces bit for bit for
 each device with one call per device and step instead of one per device and parameter.
+(On CPU, torch's normal sampler happens to give the same stream either way when every tensor's size is a
+multiple of 16; CUDA's Philox offsets do not, which is why the draw is defined flat.)
 """
 
 from __future__ import annotations
