@@ -179,6 +179,9 @@ class SimulationConfig(_Section):
     max_concurrent_clients: int = Field(2, gt=0)
     # an existing Ray cluster ("auto" or "ray://host:10001"); empty = Flower starts a local one
     ray_address: str = ""
+    # devices trained at once by one ClientApp call (fedtune.packed; LoRA, no fleet): 1 = one at a time
+    packed_group_size: int = Field(1, gt=0)
+    packed_micro_batch: int | None = Field(None, gt=0)  # sequences per packed forward/backward (GPU memory)
 
 
 class ExperimentConfig(_Section):
@@ -242,6 +245,9 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
         p.append(f"fleet.catalog: directory not found: {fl.catalog}")
     if fl.enabled and cfg.adapter.method != "lora":
         p.append("fleet.enabled: device tiers set LoRA ranks; use adapter.method=lora")
+    if cfg.simulation.packed_group_size > 1 and (cfg.adapter.method != "lora" or cfg.adapter.dropout > 0 or fl.enabled):
+        p.append("simulation.packed_group_size: packed training needs adapter.method=lora, adapter.dropout=0 and "
+                 "fleet.enabled=false; set packed_group_size=1 to train devices one at a time")
     ul = pv.user_level
     if ul.enabled and cfg.fleet.enabled and cfg.fleet.rank_aggregation == "flexlora":
         p.append("privacy.user_level: clipping and noising apply to the adapter tensors, so with a fleet use "

@@ -135,5 +135,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
 def build_client_app() -> ClientApp:
     app = ClientApp()
     app.train()(handle_train)
+    from fedtune.flower.packed_client import handle_train_group  # it imports this module
+
+    app.train("packed")(handle_train_group)
     app.evaluate()(handle_evaluate)
     return app

@@ -28,6 +28,7 @@ from fedtune.adapters import adapter_bytes, get_adapter_state, set_adapter_state
 from fedtune.adapters.split import initial_private, merge, shared_part
 from fedtune.data.partition import read_index
 from fedtune.flower.context import RunContext, run_context
+from fedtune.flower.packed_grid import PackedGrid
 from fedtune.flower.records import arrays_to_state, state_to_arrays
 from fedtune.fleet import SimClock
 from fedtune.flower.fleet import FleetCoordinator
@@ -273,6 +274,8 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
         if checkpoint:  # the checkpoint's round is not evaluated again, so announce the next one here
             ctx.run.append_event({"event": "round_start", "round": done + 1,
                                   "clients": min(cfg.federation.clients_per_round, population)})
+        if cfg.simulation.packed_group_size > 1:  # one ClientApp call trains a group; replies per device
+            grid = PackedGrid(grid, cfg.simulation.packed_group_size)
         strategy.start(grid=grid, initial_arrays=state_to_arrays(start_state), num_rounds=final - done,
                        train_config=train_config, evaluate_fn=recorder)
     ctx.run.append_event({"event": "finished", "rounds": final})

@@ -64,3 +64,11 @@ def test_files_source_needs_existing_path(tmp_path):
 def test_shipped_configs_validate():
     for name in ("configs/smoke.yaml", "configs/default.yaml"):
         load_config(name)
+
+
+def test_packed_training_needs_plain_lora_without_dropout():
+    config_from_dict({"simulation": {"packed_group_size": 8}})
+    with pytest.raises(ConfigError, match="simulation.packed_group_size"):
+        config_from_dict({"simulation": {"packed_group_size": 8}, "adapter": {"method": "prompt_tuning"}})
+    with pytest.raises(ConfigError, match="simulation.packed_group_size"):
+        config_from_dict({"simulation": {"packed_group_size": 8}, "adapter": {"dropout": 0.1}})
