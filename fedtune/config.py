@@ -245,9 +245,11 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
         p.append(f"fleet.catalog: directory not found: {fl.catalog}")
     if fl.enabled and cfg.adapter.method != "lora":
         p.append("fleet.enabled: device tiers set LoRA ranks; use adapter.method=lora")
-    if cfg.simulation.packed_group_size > 1 and (cfg.adapter.method != "lora" or cfg.adapter.dropout > 0 or fl.enabled):
-        p.append("simulation.packed_group_size: packed training needs adapter.method=lora, adapter.dropout=0 and "
-                 "fleet.enabled=false; set packed_group_size=1 to train devices one at a time")
+    if cfg.simulation.packed_group_size > 1 and (cfg.adapter.method != "lora" or cfg.adapter.dropout > 0 or fl.enabled
+                                                 or cfg.personalization.split != "none"):
+        p.append("simulation.packed_group_size: packed training needs adapter.method=lora, adapter.dropout=0, "
+                 "fleet.enabled=false and personalization.split=none; set packed_group_size=1 to train devices "
+                 "one at a time")
     ul = pv.user_level
     if ul.enabled and cfg.fleet.enabled and cfg.fleet.rank_aggregation == "flexlora":
         p.append("privacy.user_level: clipping and noising apply to the adapter tensors, so with a fleet use "

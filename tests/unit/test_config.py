@@ -70,5 +70,7 @@ def test_packed_training_needs_plain_lora_without_dropout():
     config_from_dict({"simulation": {"packed_group_size": 8}})
     with pytest.raises(ConfigError, match="simulation.packed_group_size"):
         config_from_dict({"simulation": {"packed_group_size": 8}, "adapter": {"method": "prompt_tuning"}})
+    with pytest.raises(ConfigError, match="personalization.split=none"):
+        config_from_dict({"simulation": {"packed_group_size": 8}, "personalization": {"split": "fedsa"}})
     with pytest.raises(ConfigError, match="simulation.packed_group_size"):
         config_from_dict({"simulation": {"packed_group_size": 8}, "adapter": {"dropout": 0.1}})
