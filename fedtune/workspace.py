@@ -77,6 +77,11 @@ class RunDir:
         return read_jsonl(self.metrics)
 
 
+def safe_filename(key: str) -> str:
+    """A device or user id as a file name: anything but letters, digits, '-', '_' and '.' becomes '_'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     line = (json.dumps(record) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from fedtune.types import AdapterState
+from fedtune.workspace import safe_filename
 
 
 class PrivateStateStore:
@@ -20,8 +21,7 @@ class PrivateStateStore:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, device_key: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in device_key)
-        return self.directory / f"{safe}.safetensors"
+        return self.directory / f"{safe_filename(device_key)}.safetensors"
 
     def has(self, device_key: str) -> bool:
         return self.path(device_key).is_file()

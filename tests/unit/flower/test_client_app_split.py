@@ -18,14 +18,6 @@ from fedtune.workspace import RunDir
 from tests.conftest import make_config
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
-    yield
-
-
 @pytest.fixture
 def split_run(tmp_path):
     cfg = make_config(privacy={"enabled": True, "noise_multiplier": 0.8}, personalization={"split": "fedsa"})

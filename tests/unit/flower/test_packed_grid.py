@@ -19,14 +19,6 @@ from tests.conftest import make_config
 NODES = [31, 12, 27]  # sorted: 12 -> device 0, 27 -> device 1, 31 -> device 2
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
-    yield
-
-
 def _run(tmp_path, name):
     cfg = make_config(privacy={"enabled": True, "noise_multiplier": 0.8})
     run = RunDir.create(tmp_path / name)
