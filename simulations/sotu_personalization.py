@@ -39,6 +39,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--prepared", type=Path, help="read users' token chunks from this --prepare-only directory")
     p.add_argument("--prepare-only", type=Path, help="tokenize and save users' chunks here, then stop")
     p.add_argument("--max-users", type=int, default=None, help="only the first N users (a quick look)")
+    p.add_argument("--pack", type=int, default=1,
+                   help="train up to N devices at once on the packed engine (same results; use on a GPU)")
     return p.parse_args(argv)
 
 
@@ -77,7 +79,7 @@ def main(argv=None) -> dict | None:
         return None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"{len(clients)} users, {sum(c.num_train for c in clients)} training chunks; device {device}", flush=True)
-    report = run_benchmark(cfg, clients, args.out, device=device, settings=settings,
+    report = run_benchmark(cfg, clients, args.out, device=device, settings=settings, pack=args.pack,
                            progress=lambda msg: print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True))
     print((args.out / "benchmark.md").read_text())
     print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "out": str(args.out)}))

@@ -71,19 +71,59 @@ def local_only_steps(cfg: ExperimentConfig, n_users: int) -> int:
     return math.ceil(cfg.federation.rounds * share) * cfg.train.local_steps + per.finetune_steps
 
 
-def _train(model, start: AdapterState, data: ClientData, cfg: ExperimentConfig, method: str,
-           ledger: PrivacyLedger | None, steps: int) -> tuple[int, float | None]:
+def _task(cfg: ExperimentConfig, data: ClientData, method: str, steps: int) -> ClientTask:
     lr = (cfg.personalization.finetune_lr or cfg.train.lr) if method == "finetune" else cfg.train.lr
-    task = ClientTask(server_round=0, local_steps=steps, batch_size=cfg.train.batch_size, lr=lr,
+    return ClientTask(server_round=0, local_steps=steps, batch_size=cfg.train.batch_size, lr=lr,
                       seed=_seed(cfg, data.user_id, method))
-    update = train_local(model, start, data, task, cfg.privacy, ledger, planned_steps=steps,
-                         weight_decay=cfg.train.weight_decay)
+
+
+def _start(method: str, data: ClientData, src: Sources, cfg: ExperimentConfig):
+    """(starting adapter, steps, the ledger to continue) of a method that trains on the device."""
+    dp = cfg.privacy.enabled
+    if method == "finetune":
+        ledger = src.ledger_for(data.user_id) if dp else None
+        own = copy.deepcopy(ledger) if ledger is not None else (PrivacyLedger(data.user_id, cfg.privacy.accountant)
+                                                                 if dp else None)
+        return src.global_state, cfg.personalization.finetune_steps, own
+    fresh = PrivacyLedger(data.user_id, cfg.privacy.accountant) if dp else None
+    return src.initial, local_only_steps(cfg, src.n_users), fresh
+
+
+def _train(model, data: ClientData, cfg: ExperimentConfig, method: str, src: Sources) -> tuple[int, float | None]:
+    start, steps, ledger = _start(method, data, src, cfg)
+    update = train_local(model, start, data, _task(cfg, data, method, steps), cfg.privacy, ledger,
+                         planned_steps=steps, weight_decay=cfg.train.weight_decay)
     set_adapter_state(model, update.adapter)
     return steps, update.epsilon
 
 
-def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: ExperimentConfig) -> UserResult | None:
-    """One user under one method; None when the method does not apply (e.g. split without a split run)."""
+def train_packed_methods(model, clients: list[ClientData], src: Sources, cfg: ExperimentConfig, methods,
+                         pack: int) -> dict[tuple[str, str], tuple[AdapterState, int, float | None]]:
+    """Fine-tuning and local-only training of every user, ``pack`` users at a time on the packed engine:
+    {(user, method): (adapter, steps, epsilon)}, the same as training each user alone."""
+    from fedtune.packed import train_packed
+
+    out = {}
+    for method in [m for m in ("finetune", "local_only") if m in methods]:
+        if method == "finetune" and src.global_state is None:
+            continue
+        users = [c for c in clients if c.heldout.shape[0] > 0]
+        for i in range(0, len(users), pack):
+            group = users[i:i + pack]
+            starts = [_start(method, d, src, cfg) for d in group]
+            steps = starts[0][1]
+            ledgers = [s[2] for s in starts] if cfg.privacy.enabled else None
+            updates = train_packed(model, [s[0] for s in starts], group, [_task(cfg, d, method, steps) for d in group],
+                                   cfg.privacy, ledgers, planned_steps=steps, weight_decay=cfg.train.weight_decay)
+            for d, u in zip(group, updates):
+                out[d.user_id, method] = (u.adapter, steps, u.epsilon)
+    return out
+
+
+def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: ExperimentConfig,
+                  trained: dict | None = None) -> UserResult | None:
+    """One user under one method; None when the method does not apply (e.g. split without a split run).
+    ``trained`` holds adapters already trained for (user, method) (``train_packed_methods``)."""
     heldout = data.heldout[: cfg.personalization.eval_max_chunks]
     if heldout.shape[0] == 0:
         return None
@@ -108,15 +148,14 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
         set_adapter_state(model, merge(src.split_shared, private if private is not None
                                        else initial_private(src.initial, src.split_name)))
         epsilon = prior_eps
-    elif method == "finetune":
-        if src.global_state is None:
+    elif method in ("finetune", "local_only"):
+        if method == "finetune" and src.global_state is None:
             return None
-        own = copy.deepcopy(ledger) if ledger is not None else (PrivacyLedger(data.user_id, cfg.privacy.accountant)
-                                                                 if dp else None)
-        steps, epsilon = _train(model, src.global_state, data, cfg, method, own, cfg.personalization.finetune_steps)
-    elif method == "local_only":
-        fresh = PrivacyLedger(data.user_id, cfg.privacy.accountant) if dp else None
-        steps, epsilon = _train(model, src.initial, data, cfg, method, fresh, local_only_steps(cfg, src.n_users))
+        if trained is not None and (data.user_id, method) in trained:
+            adapter, steps, epsilon = trained[data.user_id, method]
+            set_adapter_state(model, adapter)
+        else:
+            steps, epsilon = _train(model, data, cfg, method, src)
     else:
         raise ValueError(f"unknown personalization method {method!r}; expected one of {METHODS}")
     res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
@@ -129,17 +168,19 @@ def _result(data: ClientData, method: str, res, steps: int, epsilon: float | Non
 
 
 def evaluate_users(model, clients: list[ClientData], src: Sources, cfg: ExperimentConfig,
-                   methods: list[str] | tuple[str, ...] = METHODS, progress=None) -> list[UserResult]:
-    """Every user under every method that applies; ``progress(done, total, user)`` after each user."""
+                   methods: list[str] | tuple[str, ...] = METHODS, progress=None, pack: int = 1) -> list[UserResult]:
+    """Every user under every method that applies; ``progress(done, total, user)`` after each user.
+    ``pack`` > 1 trains the fine-tuned and local-only adapters that many users at a time (packed engine)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown personalization methods {unknown}; expected some of {list(METHODS)}")
     start = get_adapter_state(model)
     out: list[UserResult] = []
     try:
+        trained = train_packed_methods(model, clients, src, cfg, methods, pack) if pack > 1 else None
         for i, data in enumerate(clients):
             for method in methods:
-                r = evaluate_user(model, data, method, src, cfg)
+                r = evaluate_user(model, data, method, src, cfg, trained)
                 if r is not None:
                     out.append(r)
             if progress is not None:

@@ -7,6 +7,7 @@ import pytest
 from fedtune.data import build_client_data
 from fedtune.models.tokenizer import ByteEncoder
 from fedtune.personalization.evaluate import UserResult, local_only_steps
+from fedtune.personalization import PrivateStateStore
 from fedtune.personalization.federate import federate
 from fedtune.personalization.run_eval import RunNotEvaluable, evaluate_run, load_model
 from fedtune.personalization.summary import best_personalized, summarize
@@ -94,3 +95,37 @@ def test_summary_shares_and_worst_decile():
     assert s["split"].worst10_perplexity == 19.0  # the worst 10% of 10 users is one user
     assert s["global"].improved_over_global is None
     assert best_personalized(list(s.values())).method == "finetune"
+
+
+def test_packed_engine_gives_the_same_federation_and_evaluation(tmp_path):
+    """--pack N is a speed-up only: the same global adapter, private parts, epsilons and per-user numbers."""
+    import torch
+
+    from fedtune.adapters import create_adapter, get_adapter_state
+    from fedtune.models import load_base_model
+    from fedtune.personalization.evaluate import evaluate_users
+    from fedtune.personalization.run_eval import sources_for
+
+    cfg = _cfg(split="fedsa")
+    clients = build_client_data(cfg.data, ByteEncoder(), cfg.seed)
+    initial = get_adapter_state(create_adapter(load_base_model(cfg.model)[0], cfg.adapter, cfg.seed))
+    model = load_model(cfg, "cpu")
+    out = {}
+    for pack in (1, 3):
+        run = RunDir.create(tmp_path / f"pack{pack}")
+        records = federate(cfg, model, clients, run, initial=initial, pack=pack)
+        src = sources_for(run, cfg, initial)
+        rows = evaluate_users(model, clients, src, cfg, ["finetune", "split", "local_only"], pack=pack)
+        out[pack] = (records, {(r.user, r.method): r for r in rows},
+                     {p.stem: PrivateStateStore(run.private).load(p.stem) for p in run.private.glob("*.safetensors")})
+    (rec1, rows1, priv1), (rec3, rows3, priv3) = out[1], out[3]
+    assert [r.get("epsilon") for r in rec1[1:]] == pytest.approx([r.get("epsilon") for r in rec3[1:]])
+    assert [r["eval_loss"] for r in rec1] == pytest.approx([r["eval_loss"] for r in rec3], rel=1e-5)
+    assert rows1.keys() == rows3.keys()
+    for key in rows1:
+        assert rows3[key].loss == pytest.approx(rows1[key].loss, rel=1e-5), key
+        assert rows3[key].epsilon == pytest.approx(rows1[key].epsilon), key
+    assert priv1.keys() == priv3.keys()
+    for user in priv1:
+        for k in priv1[user]:
+            torch.testing.assert_close(priv3[user][k], priv1[user][k], atol=1e-5, rtol=1e-4)
