@@ -188,6 +188,12 @@ app.add_typer(device_app, name="device")
 app.add_typer(export_app, name="export")
 app.add_typer(audit_app, name="audit")
 
+from fedtune.cli_deploy import certs_app, device_join, server_app  # noqa: E402
+
+device_app.command("join")(device_join)
+app.add_typer(server_app, name="server")
+app.add_typer(certs_app, name="certs")
+
 
 if __name__ == "__main__":
     app()

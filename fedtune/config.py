@@ -119,6 +119,9 @@ class FederationConfig(_Section):
     # updates (coordinate-wise median / trimmed mean; unweighted); see fedtune/aggregation/robust.py
     aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
     trim_fraction: float = Field(0.1, ge=0, lt=0.5)  # trimmed_mean: share cut from each end per coordinate
+    # the server waits this long for a round's replies, then goes on with those in (a dead device is only
+    # declared unavailable by Flower after its missed heartbeats, about a minute)
+    round_timeout_s: float = Field(3600.0, gt=0)
 
 
 class ValidationConfig(_Section):

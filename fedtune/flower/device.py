@@ -70,18 +70,19 @@ def device_profile(name: str, catalog: str) -> DeviceProfile | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _device_data(path: str, data_json: str, model_json: str, seed: int) -> ClientData:
+def _device_data(path: str, data_json: str, model_json: str, seed: int, user_id: str) -> ClientData:
     from fedtune.config import DataConfig, ModelConfig
     from fedtune.data.local_file import load_device_data
     from fedtune.models import load_encoder
 
     encoder = load_encoder(ModelConfig.model_validate_json(model_json))
-    return load_device_data(path, DataConfig.model_validate_json(data_json), encoder, seed)
+    return load_device_data(path, DataConfig.model_validate_json(data_json), encoder, seed, user_id)
 
 
 def device_data(cfg, settings: DeviceSettings) -> ClientData:
     """The device's own file, tokenized once per process."""
-    return _device_data(settings.data_path, cfg.data.model_dump_json(), cfg.model.model_dump_json(), cfg.seed)
+    return _device_data(settings.data_path, cfg.data.model_dump_json(), cfg.model.model_dump_json(), cfg.seed,
+                        settings.device_id)
 
 
 def decline(msg: Message, reason: str) -> Message:

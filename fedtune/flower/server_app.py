@@ -338,7 +338,7 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
             ctx.run.append_event({"event": "round_start", "round": done + 1,
                                   "clients": min(cfg.federation.clients_per_round, population)})
         strategy.start(grid=grid, initial_arrays=state_to_arrays(start_state), num_rounds=final - done,
-                       train_config=train_config, evaluate_fn=recorder)
+                       train_config=train_config, evaluate_fn=recorder, timeout=cfg.federation.round_timeout_s)
     ctx.run.append_event({"event": "finished", "rounds": final})
     if any(math.isnan(r.eval_loss) for r in recorder.results):
         raise RuntimeError("evaluation produced NaN; see metrics.jsonl")
