@@ -69,7 +69,7 @@ class _Progress:
             t = f"[{time.monotonic() - self.started:6.0f}s]"
             kind = ev["event"]
             if kind == "waiting_for_nodes":
-                console.print(f"{t} waiting for {ev['expected']} virtual devices to join")
+                console.print(f"{t} waiting for {ev['expected']} devices to join")
             elif kind == "round_start":
                 self.round_clients[ev["round"]] = ev["clients"]
                 self.done[ev["round"]] = 0

@@ -172,7 +172,7 @@ def device_join(superlink: str = typer.Option(..., "--superlink", help="the Supe
             proc.terminate()
 
     signal.signal(signal.SIGTERM, stop)
-    backoff = 2.0
+    backoff, refusals = 2.0, 0
     while True:  # a device app keeps its SuperNode up: rejoin when the SuperLink restarts or drops it
         start = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as out:
@@ -187,7 +187,12 @@ def device_join(superlink: str = typer.Option(..., "--superlink", help="the Supe
         with open(log_path, "rb") as f:
             f.seek(start)
             text = f.read().decode(errors="replace")
-        if "Exit Code: 305" in text or "[code: 2004]" in text:
+        refused = "Exit Code: 305" in text or "[code: 2004]" in text
+        if refused and refusals < 2:  # the server may still be registering keys: ask again shortly
+            refusals += 1
+            time.sleep(5)
+            continue
+        if refused:
             _fail(f"the SuperLink at {superlink} refused this device: its key is not registered there (node "
                   f"authentication); give the operator {auth_key}.pub" if auth_key else
                   f"the SuperLink at {superlink} refused this device: it requires node authentication (--auth-key)")
