@@ -67,11 +67,13 @@ def heldout_pool(ctx: RunContext, n_clients: int) -> torch.Tensor:
     return torch.stack(chunks[:limit])  # [M, T]
 
 
-def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> None:
+def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0, deployed: bool = False) -> None:
     deadline = time.monotonic() + timeout
     while (n := len(list(grid.get_node_ids()))) < expected:
         if time.monotonic() > deadline:
             raise RuntimeError(
+                f"only {n} of {expected} devices joined after {timeout:.0f}s; start more with `fedtune device "
+                "join` or lower --min-nodes" if deployed else
                 f"only {n} of {expected} devices connected after {timeout:.0f}s; the data has {expected} "
                 f"users, so the federation needs num-supernodes={expected}"
             )
@@ -330,7 +332,7 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
                         final_round=final, last_round=done if checkpoint else -1)
     recorder.published = checkpoint.get("registry") if checkpoint else None
     ctx.run.append_event({"event": "waiting_for_nodes", "expected": population})
-    wait_for_nodes(grid, population)
+    wait_for_nodes(grid, population, timeout=3600.0 if deployed else 300.0, deployed=bool(deployed))
     train_config = ConfigRecord({"local-steps": cfg.train.local_steps, "batch-size": cfg.train.batch_size,
                                  "lr": cfg.train.lr})
     if final > done:
