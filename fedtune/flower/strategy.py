@@ -68,6 +68,7 @@ class AdapterFedAvg(FedAvg):
         self.max_update_norm = max_update_norm
         self.max_train_loss = max_train_loss
         self.aggregator = aggregator  # None: Flower's example-weighted FedAvg
+        self.prior_totals: dict | None = None  # failed/rejected/declined counts before a resume (checkpoint)
 
     def sample(self, server_round: int, node_ids: list[int]) -> list[int]:
         """A seeded cohort: the same seed and population give the same cohorts."""
