@@ -88,7 +88,9 @@ def start_server(cfg: ExperimentConfig, run: RunDir, spec: SuperLinkSpec, *, key
         registered = 0
         for key in keys if spec.auth else []:
             registered += register_supernode(key, env) is not None
-        app = stage_app(run, run.config, extra={"deployment-nodes": int(min_nodes)})
+        # the config travels inside the run too: a device that cannot read config-path uses it
+        app = stage_app(run, run.config, extra={"deployment-nodes": int(min_nodes),
+                                                "config-yaml": run.config.read_text()})
         run_id = submit_run(app, env, run.root)
         run.append_event({"event": "deployment_run", "run_id": run_id, "superlink": spec.address,
                           "registered_keys": registered})

@@ -107,3 +107,17 @@ def test_client_app_on_an_ineligible_device_declines(deployed):
     reply = _train(run_config, {"data-path": str(path), "eligibility": "never", "state-dir": str(state)})
     assert declined_reason(reply) == "paused" and "arrays" not in reply.content
     assert not (state / "ledgers").exists()  # nothing trained, nothing spent
+
+
+def test_a_device_that_cannot_read_the_servers_files_uses_the_shipped_config(tmp_path, monkeypatch):
+    from fedtune.config import dump_config
+    from fedtune.flower.context import run_context
+
+    cfg = make_config(train={"local_steps": 7})
+    dump_config(cfg, tmp_path / "server.yaml")
+    monkeypatch.setenv("FEDTUNE_DEVICE_HOME", str(tmp_path / "device"))
+    ctx = run_context({"config-path": "/srv/nowhere/config.yaml", "run-dir": "/srv/nowhere/run",
+                       "config-yaml": (tmp_path / "server.yaml").read_text()})
+    assert ctx.cfg == cfg and ctx.cfg.train.local_steps == 7
+    assert str(ctx.run.root).startswith(str(tmp_path / "device" / "runs"))
+    assert not __import__("pathlib").Path("/srv/nowhere").exists()
