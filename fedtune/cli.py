@@ -178,11 +178,17 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     first, last = records[0], records[-1]
     console.print(f"done in {time.monotonic() - t0:.0f}s (Flower run {handle.run_id}): held-out perplexity "
                   f"{first['eval_perplexity']:.3f} -> {last['eval_perplexity']:.3f}; report: {report}")
+    if cfg.personalization.evaluate_at_end:
+        from fedtune.cli_evaluate import run_evaluation
+
+        run_evaluation(console, run.root)
 
 
 from fedtune.cli_audit import audit_app  # noqa: E402
+from fedtune.cli_evaluate import evaluate  # noqa: E402
 from fedtune.cli_registry import device_app, export_app, registry_app  # noqa: E402
 
+app.command()(evaluate)
 app.add_typer(registry_app, name="registry")
 app.add_typer(device_app, name="device")
 app.add_typer(export_app, name="export")

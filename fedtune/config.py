@@ -157,6 +157,28 @@ class FleetConfig(_Section):
     rank_aggregation: Literal["flexlora", "zeropad"] = "flexlora"
 
 
+class PersonalizationConfig(_Section):
+    """How each user's model is personalized, and how that is measured per user (docs/personalization.md).
+
+    ``split`` chooses what the federation shares: ``none`` aggregates the whole adapter (FedAvg); ``fedsa`` is
+    FedSA-LoRA (Guo et al., 2024): ``lora_A`` is shared and aggregated, ``lora_B`` is private to each device,
+    kept in its state between rounds and never sent. The evaluation compares, for every user on their own
+    held-out data: the base model, the global adapter, the global adapter fine-tuned locally for
+    ``finetune_steps``, the split adapter (shared + the device's private part) and local-only training.
+    """
+
+    split: Literal["none", "fedsa"] = "none"
+    finetune_steps: int = Field(8, gt=0)
+    finetune_lr: float | None = Field(None, gt=0)  # default: train.lr
+    # local-only baseline steps; default: a device's expected local steps in the federation (rounds x its
+    # chance of being sampled x local_steps) + finetune_steps, i.e. the same on-device work as global+FT
+    local_only_steps: int | None = Field(None, gt=0)
+    eval_max_chunks: int = Field(16, gt=0)  # held-out chunks per user
+    evaluate_at_end: bool = False  # `fedtune simulate` runs `fedtune evaluate` on the run when it ends
+    methods: list[Literal["base", "global", "finetune", "split", "local_only"]] = [
+        "base", "global", "finetune", "split", "local_only"]
+
+
 class PublishConfig(_Section):
     """Publish the global adapter to a signed registry from the server (promotion stays a human step)."""
 
@@ -175,6 +197,9 @@ class SimulationConfig(_Section):
     max_concurrent_clients: int = Field(2, gt=0)
     # an existing Ray cluster ("auto" or "ray://host:10001"); empty = Flower starts a local one
     ray_address: str = ""
+    # devices trained at once by one ClientApp call (fedtune.packed; LoRA, no fleet): 1 = one at a time
+    packed_group_size: int = Field(1, gt=0)
+    packed_micro_batch: int | None = Field(None, gt=0)  # sequences per packed forward/backward (GPU memory)
 
 
 class ExperimentConfig(_Section):
@@ -189,6 +214,7 @@ class ExperimentConfig(_Section):
     validation: ValidationConfig = ValidationConfig()
     fleet: FleetConfig = FleetConfig()
     publish: PublishConfig = PublishConfig()
+    personalization: PersonalizationConfig = PersonalizationConfig()
     simulation: SimulationConfig = SimulationConfig()
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,6 +264,11 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
         p.append(f"fleet.catalog: directory not found: {fl.catalog}")
     if fl.enabled and cfg.adapter.method != "lora":
         p.append("fleet.enabled: device tiers set LoRA ranks; use adapter.method=lora")
+    if cfg.simulation.packed_group_size > 1 and (cfg.adapter.method != "lora" or cfg.adapter.dropout > 0 or fl.enabled
+                                                 or cfg.personalization.split != "none"):
+        p.append("simulation.packed_group_size: packed training needs adapter.method=lora, adapter.dropout=0, "
+                 "fleet.enabled=false and personalization.split=none; set packed_group_size=1 to train devices "
+                 "one at a time")
     ul = pv.user_level
     if ul.enabled and cfg.fleet.enabled and cfg.fleet.rank_aggregation == "flexlora":
         p.append("privacy.user_level: clipping and noising apply to the adapter tensors, so with a fleet use "
@@ -252,6 +283,13 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if fed.aggregation == "trimmed_mean" and int(fed.trim_fraction * fed.min_clients) < 1:
         p.append(f"federation.trim_fraction: {fed.trim_fraction} of min_clients={fed.min_clients} trims nothing; "
                  f"raise it to at least {1 / fed.min_clients:.3g} or raise min_clients")
+    per = cfg.personalization
+    if per.split == "fedsa" and cfg.adapter.method != "lora":
+        p.append(f"personalization.split: fedsa shares lora_A and keeps lora_B private, so it needs "
+                 f"adapter.method=lora (got {cfg.adapter.method}); use split=none otherwise")
+    if per.split != "none" and cfg.fleet.enabled:
+        p.append("personalization.split: split adapters are not supported with fleet.enabled (device tiers "
+                 "change LoRA ranks, so a private lora_B would not match the shared lora_A); use split=none")
     pub = cfg.publish
     if pub.registry and not pub.signing_key:
         p.append("publish.signing_key: publishing needs an ed25519 key; make one with `fedtune registry keygen`")

@@ -7,6 +7,8 @@
       adapters/round-N/    global adapter after round N, PEFT format (+ fedtune.json metadata)
       data/                prepared per-client token chunks (index.json, clients/<i>.safetensors)
       state/ledgers/       per-client privacy ledgers (accountant history)
+      state/private/       per-device private adapter parts (split adapters; never sent)
+      eval/                per-user evaluation (`fedtune evaluate`): per_user.csv, summary, plots
       flower/              Flower home, logs of the simulation engine
 """
 
@@ -26,7 +28,7 @@ class RunDir:
     @classmethod
     def create(cls, root: str | Path) -> "RunDir":
         root = Path(root).absolute()
-        for sub in ("adapters", "data", "state/ledgers", "flower"):
+        for sub in ("adapters", "data", "state/ledgers", "state/private", "flower"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         return cls(root)
 
@@ -51,6 +53,14 @@ class RunDir:
         return self.root / "state" / "ledgers"
 
     @property
+    def private(self) -> Path:
+        return self.root / "state" / "private"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
     def flower(self) -> Path:
         return self.root / "flower"
 
@@ -65,6 +75,11 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         return read_jsonl(self.metrics)
+
+
+def safe_filename(key: str) -> str:
+    """A device or user id as a file name: anything but letters, digits, '-', '_' and '.' becomes '_'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

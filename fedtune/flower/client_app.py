@@ -17,19 +17,21 @@ import time
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.adapters import set_adapter_state
+from fedtune.adapters import get_adapter_state, set_adapter_state
+from fedtune.adapters.split import initial_private, merge
 from fedtune.data.partition import load_client_data
 from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context
 from fedtune.flower.device import (
-    check_eligibility, decline, device_data, device_ledgers, device_settings, device_task,
+    check_eligibility, decline, device_data, device_ledgers, device_private, device_settings, device_task,
 )
 from fedtune.flower.fleet_device import fleet_device
 from fedtune.flower.records import (
     ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays, update_to_metrics,
 )
+from fedtune.personalization import PrivateStateStore, device_round
 from fedtune.privacy import LedgerStore
-from fedtune.training import evaluate_chunks, train_local
+from fedtune.training import evaluate_chunks
 from fedtune.types import ClientTask
 
 log = logging.getLogger(__name__)
@@ -99,8 +101,11 @@ def handle_train(msg: Message, context: Context) -> Message:
         raise DeviceBudgetSpent(f"device {device} has spent its sample-level budget "
                                 f"(epsilon {ledger.epsilon(cfg.privacy.delta):.3f} >= {budget}); it no longer trains")
     incoming = arrays_to_state(msg.content[ARRAYS_KEY])
-    update = train_local(
-        model, incoming, data, task, cfg.privacy, ledger,
+    # with a split adapter the private part is restored from, and saved back to, the device's own store;
+    # only the shared part is in `update`
+    update = device_round(
+        model, incoming, data, task, cfg.privacy, ledger, split=cfg.personalization.split,
+        store=PrivateStateStore(ctx.run.private if deployed is None else device_private(deployed)), device_key=key,
         planned_steps=cfg.federation.rounds * cfg.train.local_steps, weight_decay=cfg.train.weight_decay,
     )
     if ledger is not None:
@@ -122,7 +127,11 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     ctx = run_context(context.run_config)
     model, _ = ctx.model()
     data = load_client_data(ctx.run.data, _partition(context))
-    set_adapter_state(model, arrays_to_state(msg.content[ARRAYS_KEY]))
+    state, split = arrays_to_state(msg.content[ARRAYS_KEY]), ctx.cfg.personalization.split
+    if split != "none":  # the device evaluates its own model: the shared part plus its private part
+        private = PrivateStateStore(ctx.run.private).load(data.user_id)
+        state = merge(state, private if private is not None else initial_private(get_adapter_state(model), split))
+    set_adapter_state(model, state)
     if data.heldout.shape[0] == 0:
         metrics = {"num-examples": 0, "eval-loss": 0.0, "eval-accuracy": 0.0}
     else:
@@ -135,5 +144,8 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
 def build_client_app() -> ClientApp:
     app = ClientApp()
     app.train()(handle_train)
+    from fedtune.flower.packed_client import handle_train_group  # it imports this module
+
+    app.train("packed")(handle_train_group)
     app.evaluate()(handle_evaluate)
     return app

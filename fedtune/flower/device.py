@@ -100,6 +100,11 @@ def device_ledgers(settings: DeviceSettings) -> Path:
     return Path(settings.state_dir) / "ledgers"
 
 
+def device_private(settings: DeviceSettings) -> Path:
+    """Where a real device keeps its private adapter part (split adapters)."""
+    return Path(settings.state_dir) / "private"
+
+
 def device_task(task, cfg, settings: DeviceSettings):
     """The server's task, with the batch size capped by the device's profile (memory)."""
     import dataclasses

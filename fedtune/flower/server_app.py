@@ -25,9 +25,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.adapters import adapter_bytes, get_adapter_state, set_adapter_state
+from fedtune.adapters.split import initial_private, merge, shared_part
 from fedtune.aggregation import create_aggregator
 from fedtune.data.partition import read_index
 from fedtune.flower.context import RunContext, run_context
+from fedtune.flower.packed_grid import PackedGrid
 from fedtune.flower.records import arrays_to_state, state_to_arrays
 from fedtune.fleet import SimClock
 from fedtune.flower.fleet import FleetCoordinator
@@ -84,7 +86,8 @@ class Recorder:
     """Evaluates the global adapter after each round and writes its record and checkpoint."""
 
     def __init__(self, ctx: RunContext, strategy: AdapterFedAvg, model, info: dict, heldout: torch.Tensor, *,
-                 n_clients: int, final_round: int, last_round: int = -1):
+                 n_clients: int, final_round: int, last_round: int = -1, private_init: AdapterState | None = None):
+        self.private_init = private_init or {}  # split adapters: the global model's private part (zeros)
         self.ctx, self.strategy, self.model, self.info, self.heldout = ctx, strategy, model, info, heldout
         self.n_clients = n_clients  # the population (for announcing the next cohort)
         self.final_round = final_round  # the last round this run will train (the budget may cut it)
@@ -98,7 +101,7 @@ class Recorder:
         server_round += self.strategy.round_offset
         if server_round <= self.last_round:  # a resumed run re-evaluates its checkpoint: record it once
             return MetricRecord({"eval-loss": 0.0})
-        state = arrays_to_state(arrays)
+        state = merge(arrays_to_state(arrays), self.private_init)
         set_adapter_state(self.model, state)
         res = evaluate_chunks(self.model, self.heldout, cfg.train.eval_batch_size)
         stats = self.strategy.stats.get(server_round, RoundStats(started=self._t0))
@@ -310,7 +313,9 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     cfg = ctx.cfg
     index = ensure_data(ctx)
     model, info = ctx.model()
-    initial = get_adapter_state(model)
+    split = cfg.personalization.split
+    full = get_adapter_state(model)
+    initial = shared_part(full, split)  # only the shared part is ever sent or aggregated
     deployed = int(context.run_config.get("deployment-nodes", 0))  # `fedtune server start` sets it
     population = deployed or ((cfg.fleet.population or len(index)) if cfg.fleet.enabled else len(index))
     checkpoint = read_checkpoint(ctx.run)
@@ -318,7 +323,7 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     start_state, done = initial, 0
     if checkpoint:
         done = int(checkpoint["round"])
-        start_state = load_checkpoint_adapter(ctx.run, done, checkpoint.get("adapter_sha256"))
+        start_state = shared_part(load_checkpoint_adapter(ctx.run, done, checkpoint.get("adapter_sha256")), split)
         dropped = truncate_metrics(ctx.run, done)
         strategy.prior_totals = (checkpoint.get("strategy") or {}).get("totals")
         ctx.run.append_event({"event": "resumed", "round": done, "dropped_records": dropped})
@@ -329,7 +334,8 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
         log.warning("user-level budget epsilon=%s allows %d of %d rounds; stopping there",
                     plan.budget, plan.rounds, cfg.federation.rounds)
     recorder = Recorder(ctx, strategy, model, info, heldout_pool(ctx, len(index)), n_clients=population,
-                        final_round=final, last_round=done if checkpoint else -1)
+                        final_round=final, last_round=done if checkpoint else -1,
+                        private_init=initial_private(full, split))
     recorder.published = checkpoint.get("registry") if checkpoint else None
     ctx.run.append_event({"event": "waiting_for_nodes", "expected": population})
     wait_for_nodes(grid, population, timeout=3600.0 if deployed else 300.0, deployed=bool(deployed))
@@ -339,6 +345,8 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
         if checkpoint:  # the checkpoint's round is not evaluated again, so announce the next one here
             ctx.run.append_event({"event": "round_start", "round": done + 1,
                                   "clients": min(cfg.federation.clients_per_round, population)})
+        if cfg.simulation.packed_group_size > 1:  # one ClientApp call trains a group; replies per device
+            grid = PackedGrid(grid, cfg.simulation.packed_group_size)
         strategy.start(grid=grid, initial_arrays=state_to_arrays(start_state), num_rounds=final - done,
                        train_config=train_config, evaluate_fn=recorder, timeout=cfg.federation.round_timeout_s)
     ctx.run.append_event({"event": "finished", "rounds": final})

@@ -48,6 +48,8 @@ def make_private(
     """Wrap for DP-SGD with Poisson sampling; the accountant continues from ``ledger``."""
     from opacus import PrivacyEngine
 
+    from fedtune.privacy.noise import use_flat_noise
+
     sample_rate = 1.0 / len(loader)
     noise = resolve_noise(cfg, sample_rate, planned_steps)
     engine = PrivacyEngine(accountant=cfg.accountant)
@@ -64,4 +66,7 @@ def make_private(
         grad_sample_mode="hooks",
         noise_generator=noise_gen,
     )
+    # one flat noise draw per step (same distribution as opacus' per-parameter draws): a packed
+    # fleet reproduces each device's noise stream exactly (fedtune.privacy.noise)
+    use_flat_noise(opt)
     return PrivateTraining(module, opt, dl, engine, noise, sample_rate)

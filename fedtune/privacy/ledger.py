@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtune.privacy.accounting import History, compute_epsilon
+from fedtune.workspace import safe_filename
 
 
 @dataclass
@@ -39,8 +40,7 @@ class LedgerStore:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def _path(self, client_id: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in client_id)
-        return self.directory / f"{safe}.json"
+        return self.directory / f"{safe_filename(client_id)}.json"
 
     def load(self, client_id: str, accountant: str = "rdp") -> PrivacyLedger:
         path = self._path(client_id)

@@ -88,3 +88,11 @@ def test_nonsensical_aggregation_combos_are_refused(sections, field):
     with pytest.raises(ConfigError) as exc:
         make_config(**sections)
     assert field in str(exc.value)
+def test_packed_training_needs_plain_lora_without_dropout():
+    config_from_dict({"simulation": {"packed_group_size": 8}})
+    with pytest.raises(ConfigError, match="simulation.packed_group_size"):
+        config_from_dict({"simulation": {"packed_group_size": 8}, "adapter": {"method": "prompt_tuning"}})
+    with pytest.raises(ConfigError, match="personalization.split=none"):
+        config_from_dict({"simulation": {"packed_group_size": 8}, "personalization": {"split": "fedsa"}})
+    with pytest.raises(ConfigError, match="simulation.packed_group_size"):
+        config_from_dict({"simulation": {"packed_group_size": 8}, "adapter": {"dropout": 0.1}})

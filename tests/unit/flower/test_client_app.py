@@ -19,15 +19,6 @@ from fedtune.workspace import RunDir
 from tests.conftest import make_config
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """What a SuperNode sets before it calls a ClientApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
-    yield
-
-
 @pytest.fixture
 def run_setup(tmp_path):
     cfg = make_config(model={"quantization": "nf4"}, privacy={"enabled": True, "noise_multiplier": 0.8})

@@ -1,0 +1,104 @@
+"""Server side of packed training: a Grid wrapper that sends one message per *group* of devices and
+hands the strategy one reply per device, as if every device had trained on its own node.
+
+    strategy.configure_train -> one train message per device (unchanged strategy)
+      PackedGrid.send_and_receive:
+        1. give each message the device index of its node (sorted node ids, as fleet simulations do);
+        2. cut the messages into groups of ``group_size`` (sharing steps and lr, in order) and send each
+           group to its first device's node as one ``train.packed`` message: ``arrays.<i>`` / ``config.<i>``;
+        3. that node's ClientApp trains the group packed (``fedtune.packed``) and replies with
+           ``arrays.<i>`` / ``metrics.<i>`` (or ``error.<i>``) per device;
+        4. split each group reply into per-device replies ``Message(..., reply_to=<device's message>)``:
+           same source node, same content keys as an unpacked reply.
+    strategy.aggregate_train <- per-device replies (the same updates as without packing)
+
+Non-train messages (evaluate) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+
+from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+
+PACKED_TRAIN = f"{MessageType.TRAIN}.packed"
+GROUP_KEY = "group"
+PACKED_ERROR_CODE = 0  # flwr ErrorCode.UNKNOWN: the device's part of the group failed
+
+
+def part_key(kind: str, i: int) -> str:
+    return f"{kind}.{i}"
+
+
+def pack_group(messages: list[Message], devices: list[int]) -> Message:
+    """One ``train.packed`` message to the first device's node carrying every device's arrays and config.
+
+    A config without a ``device-index`` (plain simulations) gets ``devices[i]``; the strategy's own
+    records are not modified (strategies share one record between messages).
+    """
+    content = RecordDict({GROUP_KEY: ConfigRecord({"size": len(messages)})})
+    for i, (m, device) in enumerate(zip(messages, devices)):
+        cfg = dict(m.content[CONFIG_KEY])
+        cfg.setdefault("device-index", device)
+        content[part_key(ARRAYS_KEY, i)] = m.content[ARRAYS_KEY]
+        content[part_key(CONFIG_KEY, i)] = ConfigRecord(cfg)
+    return Message(content=content, dst_node_id=messages[0].metadata.dst_node_id, message_type=PACKED_TRAIN)
+
+
+def unpack_reply(reply: Message, messages: list[Message]) -> list[Message]:
+    """Per-device replies from one group reply; a failed group fails each of its devices."""
+    if reply.has_error():
+        return [Message(Error(reply.error.code, f"packed group failed: {reply.error.reason}"), reply_to=m)
+                for m in messages]
+    out = []
+    for i, m in enumerate(messages):
+        if part_key("error", i) in reply.content:
+            reason = str(reply.content[part_key("error", i)]["reason"])
+            out.append(Message(Error(PACKED_ERROR_CODE, reason), reply_to=m))
+        else:
+            out.append(Message(RecordDict({ARRAYS_KEY: reply.content[part_key(ARRAYS_KEY, i)],
+                                           METRICS_KEY: reply.content[part_key(METRICS_KEY, i)]}), reply_to=m))
+    return out
+
+
+def _group_key(m: Message) -> tuple:
+    cfg = m.content[CONFIG_KEY]
+    return (cfg.get("local-steps"), cfg.get("lr"), cfg.get("server-round"))
+
+
+def make_groups(messages: list[Message], group_size: int) -> list[list[Message]]:
+    """Consecutive groups of at most ``group_size`` devices that share steps, lr and round."""
+    by_key: dict[tuple, list[Message]] = {}
+    for m in messages:
+        by_key.setdefault(_group_key(m), []).append(m)
+    return [ms[s:s + group_size] for ms in by_key.values() for s in range(0, len(ms), group_size)]
+
+
+class PackedGrid:
+    """Wraps a Flower Grid (composition): train messages travel packed, everything else as is."""
+
+    def __init__(self, grid, group_size: int):
+        if group_size < 1:
+            raise ValueError(f"packed.group_size must be at least 1, got {group_size}")
+        self.grid = grid
+        self.group_size = group_size
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        other = [m for m in messages if m.metadata.message_type != MessageType.TRAIN]
+        replies = list(self.grid.send_and_receive(other, timeout=timeout)) if other else []
+        if not train:
+            return replies
+        index = {node: i for i, node in enumerate(sorted(self.grid.get_node_ids()))}
+        groups = make_groups(train, self.group_size)
+        packed = [pack_group(g, [index[m.metadata.dst_node_id] for m in g]) for g in groups]
+        by_node = {p.metadata.dst_node_id: g for p, g in zip(packed, groups)}
+        for reply in self.grid.send_and_receive(packed, timeout=timeout):
+            replies += unpack_reply(reply, by_node[reply.metadata.src_node_id])
+        return replies

@@ -1,0 +1,149 @@
+"""Per-user evaluation: every user's own held-out data, under each personalization method.
+
+    base        the base model, adapter disabled
+    global      the federation's final global adapter, as is
+    finetune    the global adapter fine-tuned on the user's own training data for ``finetune_steps``
+                (DP-SGD with the run's privacy settings, continuing the device's own privacy ledger)
+    split       the split run's shared part + the device's private part (``personalization.split``)
+    local_only  a fresh adapter trained only on the user's data (no federation), the baseline
+
+Each user is evaluated on the first ``eval_max_chunks`` of their held-out chunks; the numbers are
+deterministic for a seed (fine-tuning and local-only training are seeded per user and method).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from fedtune.adapters import get_adapter_state, set_adapter_state
+from fedtune.adapters.split import initial_private, merge
+from fedtune.config import ExperimentConfig
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.training import evaluate_chunks, train_local
+from fedtune.types import AdapterState, ClientData, ClientTask
+
+METHODS = ("base", "global", "finetune", "split", "local_only")
+
+
+@dataclass(frozen=True)
+class UserResult:
+    user: str
+    method: str
+    loss: float
+    perplexity: float
+    accuracy: float
+    tokens: int
+    train_steps: int  # local steps this method spent on the user's device at evaluation time
+    epsilon: float | None  # the device's sample-level epsilon under this method (None without DP)
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Sources:
+    """What the methods start from. ``initial`` is the seeded fresh adapter (all trainable tensors)."""
+
+    initial: AdapterState
+    n_users: int = 1  # the federation's population (sets the local-only baseline's default steps)
+    global_state: AdapterState | None = None  # whole adapter (shared + the global private init)
+    split_shared: AdapterState | None = None  # the split run's shared part
+    split_name: str = "none"
+    private_for: Callable[[str], AdapterState | None] = lambda user: None
+    ledger_for: Callable[[str], PrivacyLedger | None] = lambda user: None
+
+
+def _seed(cfg: ExperimentConfig, user: str, method: str) -> int:
+    return (cfg.seed * 1_000_003 + zlib.crc32(f"{method}:{user}".encode())) % (2**31)
+
+
+def local_only_steps(cfg: ExperimentConfig, n_users: int) -> int:
+    """The local-only baseline's steps: configured, else what a device of the federation trains on average
+    (expected rounds it is sampled in x local steps) plus the fine-tuning steps of the global+FT method."""
+    per = cfg.personalization
+    if per.local_only_steps:
+        return per.local_only_steps
+    share = min(1.0, cfg.federation.clients_per_round / max(1, n_users))
+    return math.ceil(cfg.federation.rounds * share) * cfg.train.local_steps + per.finetune_steps
+
+
+def _train(model, start: AdapterState, data: ClientData, cfg: ExperimentConfig, method: str,
+           ledger: PrivacyLedger | None, steps: int) -> tuple[int, float | None]:
+    lr = (cfg.personalization.finetune_lr or cfg.train.lr) if method == "finetune" else cfg.train.lr
+    task = ClientTask(server_round=0, local_steps=steps, batch_size=cfg.train.batch_size, lr=lr,
+                      seed=_seed(cfg, data.user_id, method))
+    update = train_local(model, start, data, task, cfg.privacy, ledger, planned_steps=steps,
+                         weight_decay=cfg.train.weight_decay)
+    set_adapter_state(model, update.adapter)
+    return steps, update.epsilon
+
+
+def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: ExperimentConfig) -> UserResult | None:
+    """One user under one method; None when the method does not apply (e.g. split without a split run)."""
+    heldout = data.heldout[: cfg.personalization.eval_max_chunks]
+    if heldout.shape[0] == 0:
+        return None
+    dp = cfg.privacy.enabled
+    steps, epsilon = 0, None
+    ledger = src.ledger_for(data.user_id) if dp else None
+    prior_eps = ledger.epsilon(cfg.privacy.delta) if ledger is not None and ledger.history else (0.0 if dp else None)
+    if method == "base":
+        set_adapter_state(model, src.initial)
+        with model.disable_adapter():
+            res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
+        return _result(data, method, res, 0, 0.0 if dp else None)
+    if method == "global":
+        if src.global_state is None:
+            return None
+        set_adapter_state(model, src.global_state)
+        epsilon = prior_eps
+    elif method == "split":
+        if src.split_shared is None:
+            return None
+        private = src.private_for(data.user_id)
+        set_adapter_state(model, merge(src.split_shared, private if private is not None
+                                       else initial_private(src.initial, src.split_name)))
+        epsilon = prior_eps
+    elif method == "finetune":
+        if src.global_state is None:
+            return None
+        own = copy.deepcopy(ledger) if ledger is not None else (PrivacyLedger(data.user_id, cfg.privacy.accountant)
+                                                                 if dp else None)
+        steps, epsilon = _train(model, src.global_state, data, cfg, method, own, cfg.personalization.finetune_steps)
+    elif method == "local_only":
+        fresh = PrivacyLedger(data.user_id, cfg.privacy.accountant) if dp else None
+        steps, epsilon = _train(model, src.initial, data, cfg, method, fresh, local_only_steps(cfg, src.n_users))
+    else:
+        raise ValueError(f"unknown personalization method {method!r}; expected one of {METHODS}")
+    res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
+    return _result(data, method, res, steps, epsilon)
+
+
+def _result(data: ClientData, method: str, res, steps: int, epsilon: float | None) -> UserResult:
+    return UserResult(user=data.user_id, method=method, loss=res.loss, perplexity=res.perplexity,
+                      accuracy=res.accuracy, tokens=res.tokens, train_steps=steps, epsilon=epsilon)
+
+
+def evaluate_users(model, clients: list[ClientData], src: Sources, cfg: ExperimentConfig,
+                   methods: list[str] | tuple[str, ...] = METHODS, progress=None) -> list[UserResult]:
+    """Every user under every method that applies; ``progress(done, total, user)`` after each user."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown personalization methods {unknown}; expected some of {list(METHODS)}")
+    start = get_adapter_state(model)
+    out: list[UserResult] = []
+    try:
+        for i, data in enumerate(clients):
+            for method in methods:
+                r = evaluate_user(model, data, method, src, cfg)
+                if r is not None:
+                    out.append(r)
+            if progress is not None:
+                progress(i + 1, len(clients), data.user_id)
+    finally:
+        set_adapter_state(model, start)
+    return out

@@ -1,0 +1,96 @@
+"""Per-user evaluation: methods, summaries, determinism."""
+
+import csv
+
+import pytest
+
+from fedtune.data import build_client_data
+from fedtune.models.tokenizer import ByteEncoder
+from fedtune.personalization.evaluate import UserResult, local_only_steps
+from fedtune.personalization.federate import federate
+from fedtune.personalization.run_eval import RunNotEvaluable, evaluate_run, load_model
+from fedtune.personalization.summary import best_personalized, summarize
+from fedtune.workspace import RunDir
+from tests.conftest import make_config
+
+
+def _cfg(**kw):
+    return make_config(data={"synthetic_users": 3, "synthetic_docs_per_user": 8},
+                       privacy={"enabled": True, "noise_multiplier": 0.8},
+                       federation={"rounds": 2, "clients_per_round": 2, "min_clients": 1},
+                       personalization={"finetune_steps": 2, "eval_max_chunks": 4, **kw})
+
+
+def _run(tmp_path, name, cfg):
+    model = load_model(cfg, "cpu")
+    from fedtune.adapters import create_adapter, get_adapter_state
+    from fedtune.models import load_base_model
+
+    initial = get_adapter_state(create_adapter(load_base_model(cfg.model)[0], cfg.adapter, cfg.seed))
+    run = RunDir.create(tmp_path / name)
+    federate(cfg, model, build_client_data(cfg.data, ByteEncoder(), cfg.seed), run, initial=initial)
+    return run
+
+
+def test_evaluation_is_deterministic_for_a_seed(tmp_path):
+    cfg = _cfg()
+    rows = []
+    for name in ("a", "b"):
+        run = _run(tmp_path, name, cfg)
+        evaluate_run(run.root, methods=["base", "global", "finetune", "local_only"])
+        rows.append(list(csv.DictReader(open(run.eval / "per_user.csv"))))
+    assert rows[0] == rows[1]
+    assert {r["method"] for r in rows[0]} == {"base", "global", "finetune", "local_only"}
+    assert len({r["user"] for r in rows[0]}) == 3
+    by = {(r["user"], r["method"]): r for r in rows[0]}
+    for user in {r["user"] for r in rows[0]}:
+        assert float(by[user, "base"]["epsilon"]) == 0.0
+        # fine-tuning continues the device's own ledger: more epsilon than the federation alone spent
+        assert float(by[user, "finetune"]["epsilon"]) > float(by[user, "global"]["epsilon"]) >= 0
+        assert int(by[user, "finetune"]["train_steps"]) == 2
+        assert int(by[user, "local_only"]["train_steps"]) == local_only_steps(cfg, 3)
+    for f in ("summary.json", "summary.md", "per_user_distribution.png", "per_user_before_after.png"):
+        assert (rows and (tmp_path / "a" / "eval" / f).is_file())
+
+
+def test_split_run_evaluates_shared_plus_each_devices_private_part(tmp_path):
+    cfg = _cfg(split="fedsa")
+    run = _run(tmp_path, "sa", cfg)
+    from fedtune.personalization.federate import cohort
+
+    sampled = {f"user-{i:03d}" for r in (1, 2) for i in cohort(cfg.seed, r, 3, 2)}
+    assert {p.stem for p in run.private.glob("*.safetensors")} == sampled  # only devices that trained have a B
+    results, _ = evaluate_run(run.root, methods=["global", "split"])
+    by = {(r.user, r.method): r for r in results}
+    # the global model of a split run is A with B=0; a device's own B changes it, a never-sampled device has none
+    for user in {u for u, _ in by}:
+        if user in sampled:
+            assert by[user, "split"].loss != by[user, "global"].loss
+        else:
+            assert by[user, "split"].loss == by[user, "global"].loss
+
+
+def test_a_directory_that_is_not_a_run_is_refused(tmp_path):
+    with pytest.raises(RunNotEvaluable, match="no config.yaml"):
+        evaluate_run(tmp_path)
+
+
+def _r(user, method, ppl):
+    return UserResult(user=user, method=method, loss=0.0, perplexity=ppl, accuracy=0.5, tokens=10,
+                      train_steps=0, epsilon=None)
+
+
+def test_summary_shares_and_worst_decile():
+    users = [f"u{i}" for i in range(10)]
+    results = [_r(u, "global", 10.0) for u in users]
+    results += [_r(u, "local_only", 12.0) for u in users]
+    results += [_r(u, "finetune", 9.0 if i < 8 else 11.0) for i, u in enumerate(users)]  # 8 of 10 improve
+    results += [_r(u, "split", 10.0 + i) for i, u in enumerate(users)]  # never strictly better
+    s = {m.method: m for m in summarize(results)}
+    assert s["finetune"].improved_over_global == pytest.approx(0.8)
+    assert s["finetune"].improved_over_local == pytest.approx(1.0)
+    assert s["split"].improved_over_global == 0.0
+    assert s["finetune"].mean_perplexity == pytest.approx(9.4) and s["finetune"].median_perplexity == 9.0
+    assert s["split"].worst10_perplexity == 19.0  # the worst 10% of 10 users is one user
+    assert s["global"].improved_over_global is None
+    assert best_personalized(list(s.values())).method == "finetune"
