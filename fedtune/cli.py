@@ -69,7 +69,7 @@ class _Progress:
             t = f"[{time.monotonic() - self.started:6.0f}s]"
             kind = ev["event"]
             if kind == "waiting_for_nodes":
-                console.print(f"{t} waiting for {ev['expected']} virtual devices to join")
+                console.print(f"{t} waiting for {ev['expected']} devices to join")
             elif kind == "round_start":
                 self.round_clients[ev["round"]] = ev["clients"]
                 self.done[ev["round"]] = 0
@@ -193,6 +193,12 @@ app.add_typer(registry_app, name="registry")
 app.add_typer(device_app, name="device")
 app.add_typer(export_app, name="export")
 app.add_typer(audit_app, name="audit")
+
+from fedtune.cli_deploy import certs_app, device_join, server_app  # noqa: E402
+
+device_app.command("join")(device_join)
+app.add_typer(server_app, name="server")
+app.add_typer(certs_app, name="certs")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,24 @@ class FederationConfig(_Section):
     rounds: int = Field(2, gt=0)
     clients_per_round: int = Field(4, gt=0)
     min_clients: int = Field(2, gt=0)
+    # how valid updates are combined: fedavg (example-weighted mean) or a robust rule against poisoned
+    # updates (coordinate-wise median / trimmed mean; unweighted); see fedtune/aggregation/robust.py
+    aggregation: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)  # trimmed_mean: share cut from each end per coordinate
+    # the server waits this long for a round's replies, then goes on with those in (a dead device is only
+    # declared unavailable by Flower after its missed heartbeats, about a minute)
+    round_timeout_s: float = Field(3600.0, gt=0)
+
+
+class ValidationConfig(_Section):
+    """Server-side checks of every update before aggregation (a failing one is rejected and counted)."""
+
+    # L2 norm bound of (update - global adapter) over all adapter tensors; None = no bound
+    max_update_norm: float | None = Field(None, gt=0)
+    # a reply's num-examples must lie in (0, max_examples] (simulations also cap it by the largest partition)
+    max_examples: int = Field(1_000_000, gt=0)
+    # a reply's train-loss must be finite and at most this
+    max_train_loss: float = Field(1e4, gt=0)
 
 
 class FleetConfig(_Section):
@@ -193,6 +211,7 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     federation: FederationConfig = FederationConfig()
+    validation: ValidationConfig = ValidationConfig()
     fleet: FleetConfig = FleetConfig()
     publish: PublishConfig = PublishConfig()
     personalization: PersonalizationConfig = PersonalizationConfig()
@@ -254,6 +273,16 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if ul.enabled and cfg.fleet.enabled and cfg.fleet.rank_aggregation == "flexlora":
         p.append("privacy.user_level: clipping and noising apply to the adapter tensors, so with a fleet use "
                  "fleet.rank_aggregation=zeropad (FlexLoRA aggregates B.A products)")
+    if fed.aggregation != "fedavg" and ul.enabled:
+        p.append(f"federation.aggregation: {fed.aggregation} cannot be combined with privacy.user_level (DP-FedAvg's "
+                 "guarantee needs its own clipped, noised sum over every sampled device); use aggregation=fedavg, "
+                 "or turn user-level DP off")
+    if fed.aggregation != "fedavg" and fl.enabled:
+        p.append(f"federation.aggregation: {fed.aggregation} works on same-shape tensors; a fleet mixes LoRA ranks "
+                 "(fleet.rank_aggregation decides); use aggregation=fedavg with fleet.enabled")
+    if fed.aggregation == "trimmed_mean" and int(fed.trim_fraction * fed.min_clients) < 1:
+        p.append(f"federation.trim_fraction: {fed.trim_fraction} of min_clients={fed.min_clients} trims nothing; "
+                 f"raise it to at least {1 / fed.min_clients:.3g} or raise min_clients")
     per = cfg.personalization
     if per.split == "fedsa" and cfg.adapter.method != "lora":
         p.append(f"personalization.split: fedsa shares lora_A and keeps lora_B private, so it needs "

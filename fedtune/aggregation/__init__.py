@@ -1,7 +1,12 @@
 """Adapter-aware aggregation and update validation (tensors in, tensors out; no Flower here)."""
 
-from fedtune.aggregation.validate import UpdateRejected, validate_update
+from fedtune.aggregation.validate import (
+    UpdateRejected, update_norm, validate_metrics, validate_norm, validate_update,
+)
 from fedtune.aggregation.fedavg import weighted_average
+from fedtune.aggregation.robust import (
+    Aggregator, available_aggregators, create_aggregator, register_aggregator,
+)
 from fedtune.aggregation.hetero import (
     FlexLoRAAggregator,
     FlexLoRAState,
@@ -22,6 +27,13 @@ from fedtune.aggregation.hetero import (
 )
 
 __all__ = [
+    "Aggregator",
+    "available_aggregators",
+    "create_aggregator",
+    "register_aggregator",
+    "update_norm",
+    "validate_metrics",
+    "validate_norm",
     "FlexLoRAAggregator",
     "FlexLoRAState",
     "HeteroAggregator",

@@ -22,6 +22,9 @@ from fedtune.adapters.split import initial_private, merge
 from fedtune.data.partition import load_client_data
 from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context
+from fedtune.flower.device import (
+    check_eligibility, decline, device_data, device_ledgers, device_private, device_settings, device_task,
+)
 from fedtune.flower.fleet_device import fleet_device
 from fedtune.flower.records import (
     ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays, update_to_metrics,
@@ -73,19 +76,25 @@ def _device(config, context: Context) -> int:
 def handle_train(msg: Message, context: Context) -> Message:
     ctx = run_context(context.run_config)
     cfg, config = ctx.cfg, msg.content[CONFIG_KEY]
-    device = _device(config, context)
-    partition = device % len(ctx.data_index)  # a population larger than the data reuses its users
+    deployed = device_settings(context)  # a real device (`fedtune device join`); None: a virtual node
+    if deployed is not None and not (verdict := check_eligibility(deployed)).eligible:
+        return decline(msg, verdict.reason)
+    device = _device(config, context) if deployed is None else deployed.index
+    # a population larger than the data reuses its users; a real device has only its own data
+    partition = device % len(ctx.data_index) if deployed is None else -1
     start = time.perf_counter()
     task = task_from_config(config, device, cfg.seed)
+    if deployed is not None:
+        task = device_task(task, cfg, deployed)
     rank = int(config["rank"]) if "rank" in config else None
     model, info = ctx.model(quantization=config.get("quantization"), rank=rank, alpha=config.get("alpha"))
     params = cfg.fleet.simulated_params or info["base_bytes_dense"] // 4
     fleet = fleet_device(cfg, device, params) if cfg.fleet.enabled else None
     if fleet is not None and fleet.drops_out(task.server_round):
         raise DeviceDropout(f"device {device} ({fleet.profile.name}) dropped out in round {task.server_round}")
-    data = load_client_data(ctx.run.data, partition)
-    key = data.user_id if device == partition else f"device-{device}"
-    store = LedgerStore(ctx.run.ledgers)
+    data = load_client_data(ctx.run.data, partition) if deployed is None else device_data(cfg, deployed)
+    key = deployed.device_id if deployed else data.user_id if device == partition else f"device-{device}"
+    store = LedgerStore(ctx.run.ledgers if deployed is None else device_ledgers(deployed))
     ledger = store.load(key, cfg.privacy.accountant) if cfg.privacy.enabled else None
     budget = cfg.privacy.device_epsilon_budget
     if ledger is not None and budget is not None and ledger.epsilon(cfg.privacy.delta) >= budget:
@@ -96,7 +105,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     # only the shared part is in `update`
     update = device_round(
         model, incoming, data, task, cfg.privacy, ledger, split=cfg.personalization.split,
-        store=PrivateStateStore(ctx.run.private), device_key=key,
+        store=PrivateStateStore(ctx.run.private if deployed is None else device_private(deployed)), device_key=key,
         planned_steps=cfg.federation.rounds * cfg.train.local_steps, weight_decay=cfg.train.weight_decay,
     )
     if ledger is not None:

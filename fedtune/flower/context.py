@@ -55,10 +55,31 @@ def _load(config_path: str, run_dir: str) -> RunContext:
     return RunContext(cfg=cfg, run=RunDir.create(root), device=default_device())
 
 
+@functools.lru_cache(maxsize=8)
+def _load_shipped(text: str) -> RunContext:
+    """A real device that cannot see the server's files: the config came inside the run (``config-yaml``,
+    already validated by the server); the device's run directory is local (its progress events only)."""
+    import hashlib
+    import os
+
+    import yaml
+
+    home = Path(os.environ.get("FEDTUNE_DEVICE_HOME", "") or Path.home() / ".fedtune" / "device")
+    root = home / "runs" / hashlib.sha256(text.encode()).hexdigest()[:16]
+    cfg = ExperimentConfig.model_validate(yaml.safe_load(text))
+    run = RunDir.create(root)
+    run.config.write_text(text)
+    return RunContext(cfg=cfg, run=run, device=default_device())
+
+
 def run_context(run_config) -> RunContext:
-    """From a Flower run config (``config-path``, ``run-dir``)."""
+    """From a Flower run config (``config-path``, ``run-dir``; ``config-yaml`` where the launcher ships the
+    config itself, as ``fedtune server start`` does, for devices that cannot read ``config-path``)."""
     try:
         path = str(run_config["config-path"])
     except KeyError:
         raise KeyError("run config has no 'config-path'; pass --run-config \"config-path='...'\"") from None
+    shipped = str(run_config.get("config-yaml", "") or "")
+    if shipped and not Path(path).is_file():
+        return _load_shipped(shipped)
     return _load(str(Path(path).absolute()), str(run_config.get("run-dir", "") or ""))

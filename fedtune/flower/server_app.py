@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.adapters import adapter_bytes, get_adapter_state, set_adapter_state
 from fedtune.adapters.split import initial_private, merge, shared_part
+from fedtune.aggregation import create_aggregator
 from fedtune.data.partition import read_index
 from fedtune.flower.context import RunContext, run_context
 from fedtune.flower.packed_grid import PackedGrid
@@ -68,11 +69,13 @@ def heldout_pool(ctx: RunContext, n_clients: int) -> torch.Tensor:
     return torch.stack(chunks[:limit])  # [M, T]
 
 
-def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0) -> None:
+def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0, deployed: bool = False) -> None:
     deadline = time.monotonic() + timeout
     while (n := len(list(grid.get_node_ids()))) < expected:
         if time.monotonic() > deadline:
             raise RuntimeError(
+                f"only {n} of {expected} devices joined after {timeout:.0f}s; start more with `fedtune device "
+                "join` or lower --min-nodes" if deployed else
                 f"only {n} of {expected} devices connected after {timeout:.0f}s; the data has {expected} "
                 f"users, so the federation needs num-supernodes={expected}"
             )
@@ -90,6 +93,7 @@ class Recorder:
         self.final_round = final_round  # the last round this run will train (the budget may cut it)
         self.last_round = last_round  # the last round already recorded (a resumed checkpoint's)
         self.results: list[RoundResult] = []
+        self.published: dict | None = None  # the registry state the checkpoint carries
         self._t0 = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -135,6 +139,8 @@ class Recorder:
                 **stats.dp,
                 "clients_failed": stats.failed,
                 "clients_rejected": dict(stats.rejected),
+                "clients_declined": dict(stats.declined),
+                "aggregation": cfg.federation.aggregation,
                 "round_skipped": stats.skipped,
                 "adapter_bytes": adapter_bytes(state),
                 "base_model_bytes_dense": self.info["base_bytes_dense"],
@@ -146,9 +152,9 @@ class Recorder:
         )
         save_adapter(self.model, run.adapter(server_round), result, cfg)
         run.append_metrics(result.to_record())
-        write_checkpoint(run, server_round, self.strategy)
+        self.published = self._maybe_publish(server_round) or self.published
+        write_checkpoint(run, server_round, self.strategy, self.published)
         self.last_round = server_round
-        self._maybe_publish(server_round)
         self.results.append(result)
         run.append_event({"event": "round_done", "round": server_round})
         if server_round < self.final_round:
@@ -165,33 +171,78 @@ class Recorder:
         due = (pub.at_end and server_round == self.final_round) or (
             pub.every_n_rounds is not None and server_round > 0 and server_round % pub.every_n_rounds == 0)
         if not pub.registry or not due:
-            return
+            return None
         from fedtune.registry import Registry, load_signing_key, publish_run
 
         signed = publish_run(self.ctx.run.root, Registry(Path(pub.registry)), load_signing_key(Path(pub.signing_key)),
                              round=server_round, name=pub.name)
         self.ctx.run.append_event({"event": "published", "round": server_round,
                                    "version": signed.manifest.version, "registry": pub.registry})
+        return {"registry": pub.registry, "version": signed.manifest.version, "round": server_round}
 
 
 
-def write_checkpoint(run, server_round: int, strategy) -> None:
-    """After each round, atomically: the round, the server's privacy ledger and the fleet clock.
+def write_checkpoint(run, server_round: int, strategy, published: dict | None = None) -> None:
+    """After each round, atomically (tmp + os.replace): the commit point of that round.
 
-    The global adapter of that round is already saved in adapters/round-N; a restart of the same
-    command resumes at round N+1 with nothing lost and nothing counted twice.
+    It names the round, the global adapter (adapters/round-N, already written, with its sha256), the
+    strategy's state (its settings and cumulative rejection/decline counts; cohorts are a pure function of
+    seed and round), the server's user-level privacy ledger, the fleet clock and the registry state (the
+    last version published). A restart of the same command resumes at round N+1: records past N are dropped
+    (``truncate_metrics``), so nothing is counted twice.
     """
+    import hashlib
     import json
     import os
 
     user_dp = getattr(strategy, "user_dp", None)
     coord = getattr(strategy, "coord", None)
+    adapter = run.adapter(server_round) / "adapter_model.safetensors"
     data = {"round": server_round, "adapter": f"adapters/round-{server_round}",
+            "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest() if adapter.is_file() else None,
+            "strategy": strategy_state(strategy),
             "user_ledger": user_dp.ledger.to_dict() if user_dp is not None else None,
-            "clock": coord.clock.to_dict() if coord is not None else None}
+            "clock": coord.clock.to_dict() if coord is not None else None,
+            "registry": published}
     tmp = run.root / "checkpoint.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, run.root / "checkpoint.json")
+
+
+def strategy_state(strategy) -> dict:
+    totals = {"failed": 0, "rejected": {}, "declined": {}}
+    for stats in strategy.stats.values():
+        totals["failed"] += stats.failed
+        for kind in ("rejected", "declined"):
+            for reason, n in getattr(stats, kind).items():
+                totals[kind][reason] = totals[kind].get(reason, 0) + n
+    prior = getattr(strategy, "prior_totals", None) or {}
+    totals["failed"] += prior.get("failed", 0)
+    for kind in ("rejected", "declined"):
+        for reason, n in prior.get(kind, {}).items():
+            totals[kind][reason] = totals[kind].get(reason, 0) + n
+    return {"class": type(strategy).__name__, "seed": strategy.seed, "min_clients": strategy.min_clients,
+            "aggregator": getattr(getattr(strategy, "aggregator", None), "name", "fedavg"), "totals": totals}
+
+
+def truncate_metrics(run, last_round: int) -> int:
+    """Drop metrics records past the checkpoint (a crash between a record and its checkpoint); return how many."""
+    import os
+
+    from fedtune.workspace import read_jsonl
+
+    records = read_jsonl(run.metrics)
+    keep = [r for r in records if r["round"] <= last_round]
+    if len(keep) != len(records):
+        import json
+
+        tmp = run.metrics.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, run.metrics)
+    return len(records) - len(keep)
 
 
 def read_checkpoint(run) -> dict | None:
@@ -201,18 +252,30 @@ def read_checkpoint(run) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_checkpoint_adapter(run, server_round: int) -> AdapterState:
+def load_checkpoint_adapter(run, server_round: int, sha256: str | None = None) -> AdapterState:
+    import hashlib
+
     from safetensors.torch import load_file
 
     path = run.adapter(server_round) / "adapter_model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint names round {server_round} but {path} is missing")
+    if sha256 and hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        raise ValueError(f"{path} does not match the checkpoint's sha256; the run directory was changed after "
+                         "the checkpoint was written")
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, info: dict, checkpoint: dict | None):
+def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, info: dict, checkpoint: dict | None,
+                   deployed: int = 0):
+    """``deployed``: the number of real devices (SuperNodes) of a deployment; 0 in a simulation, where
+    the population is one virtual device per data user."""
     cfg = ctx.cfg
-    max_examples = max(entry["train"] for entry in index)
+    population = deployed or len(index)
+    # a simulated device never has more examples than the largest partition; a real device is only bounded
+    max_examples = cfg.validation.max_examples
+    if not deployed:
+        max_examples = min(max_examples, max(entry["train"] for entry in index))
     offset = checkpoint["round"] if checkpoint else 0
     if cfg.fleet.enabled:
         coord = FleetCoordinator(cfg, len(index), cfg.fleet.simulated_params or info["base_bytes_dense"] // 4,
@@ -229,15 +292,19 @@ def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, in
         from fedtune.privacy.dp_fedavg import DPFedAvg, plan_user_level
         from fedtune.privacy.user_level import UserLevelLedger
 
-        plan = plan_user_level(cfg.privacy.user_level, len(index), cfg.federation.clients_per_round,
+        plan = plan_user_level(cfg.privacy.user_level, population, cfg.federation.clients_per_round,
                                cfg.federation.rounds)
         ledger = None
         if checkpoint and checkpoint.get("user_ledger"):
             ledger = UserLevelLedger.from_dict(checkpoint["user_ledger"])
-        user_dp = DPFedAvg(cfg.privacy.user_level, plan, len(index), cfg.seed, ledger)
-    strategy = AdapterFedAvg(reference=initial, clients_per_round=min(cfg.federation.clients_per_round, len(index)),
-                             min_clients=cfg.federation.min_clients, seed=cfg.seed, max_examples=max_examples,
-                             user_dp=user_dp, round_offset=offset)
+        user_dp = DPFedAvg(cfg.privacy.user_level, plan, population, cfg.seed, ledger)
+    fed, val = cfg.federation, cfg.validation
+    aggregator = None if fed.aggregation == "fedavg" else create_aggregator(fed.aggregation,
+                                                                            trim_fraction=fed.trim_fraction)
+    strategy = AdapterFedAvg(reference=initial, clients_per_round=min(fed.clients_per_round, population),
+                             min_clients=fed.min_clients, seed=cfg.seed, max_examples=max_examples,
+                             user_dp=user_dp, round_offset=offset, max_update_norm=val.max_update_norm,
+                             max_train_loss=val.max_train_loss, aggregator=aggregator)
     return strategy, plan
 
 
@@ -249,14 +316,17 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     split = cfg.personalization.split
     full = get_adapter_state(model)
     initial = shared_part(full, split)  # only the shared part is ever sent or aggregated
-    population = (cfg.fleet.population or len(index)) if cfg.fleet.enabled else len(index)
+    deployed = int(context.run_config.get("deployment-nodes", 0))  # `fedtune server start` sets it
+    population = deployed or ((cfg.fleet.population or len(index)) if cfg.fleet.enabled else len(index))
     checkpoint = read_checkpoint(ctx.run)
-    strategy, plan = build_strategy(ctx, index, initial, info, checkpoint)
+    strategy, plan = build_strategy(ctx, index, initial, info, checkpoint, deployed)
     start_state, done = initial, 0
     if checkpoint:
         done = int(checkpoint["round"])
-        start_state = shared_part(load_checkpoint_adapter(ctx.run, done), split)
-        ctx.run.append_event({"event": "resumed", "round": done})
+        start_state = shared_part(load_checkpoint_adapter(ctx.run, done, checkpoint.get("adapter_sha256")), split)
+        dropped = truncate_metrics(ctx.run, done)
+        strategy.prior_totals = (checkpoint.get("strategy") or {}).get("totals")
+        ctx.run.append_event({"event": "resumed", "round": done, "dropped_records": dropped})
     final = cfg.federation.rounds if plan is None else plan.rounds
     if plan is not None and plan.rounds < cfg.federation.rounds:
         ctx.run.append_event({"event": "budget", "rounds": plan.rounds, "epsilon": plan.planned_epsilon,
@@ -266,8 +336,9 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     recorder = Recorder(ctx, strategy, model, info, heldout_pool(ctx, len(index)), n_clients=population,
                         final_round=final, last_round=done if checkpoint else -1,
                         private_init=initial_private(full, split))
+    recorder.published = checkpoint.get("registry") if checkpoint else None
     ctx.run.append_event({"event": "waiting_for_nodes", "expected": population})
-    wait_for_nodes(grid, population)
+    wait_for_nodes(grid, population, timeout=3600.0 if deployed else 300.0, deployed=bool(deployed))
     train_config = ConfigRecord({"local-steps": cfg.train.local_steps, "batch-size": cfg.train.batch_size,
                                  "lr": cfg.train.lr})
     if final > done:
@@ -277,7 +348,7 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
         if cfg.simulation.packed_group_size > 1:  # one ClientApp call trains a group; replies per device
             grid = PackedGrid(grid, cfg.simulation.packed_group_size)
         strategy.start(grid=grid, initial_arrays=state_to_arrays(start_state), num_rounds=final - done,
-                       train_config=train_config, evaluate_fn=recorder)
+                       train_config=train_config, evaluate_fn=recorder, timeout=cfg.federation.round_timeout_s)
     ctx.run.append_event({"event": "finished", "rounds": final})
     if any(math.isnan(r.eval_loss) for r in recorder.results):
         raise RuntimeError("evaluation produced NaN; see metrics.jsonl")

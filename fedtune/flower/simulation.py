@@ -58,7 +58,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stage_app(run: RunDir, config_path: Path) -> Path:
+def stage_app(run: RunDir, config_path: Path, extra: dict[str, int | str] | None = None) -> Path:
+    """The Flower app directory of a run; ``extra`` adds run-config keys (e.g. ``deployment-nodes``)."""
     app = run.flower / "app"
     app.mkdir(parents=True, exist_ok=True)
     (app / "pyproject.toml").write_text(f"""[project]
@@ -77,7 +78,7 @@ clientapp = "fedtune.flower.apps:client_app"
 [tool.flwr.app.config]
 config-path = {json.dumps(str(config_path))}
 run-dir = {json.dumps(str(run.root))}
-""")
+""" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in (extra or {}).items()))
     return app
 
 

@@ -1,8 +1,11 @@
 """Flower's FedAvg over adapter tensors, with a seeded cohort sampler and update validation.
 
 Composition, not a subclass chain: this class only adds (1) a reproducible cohort per round,
-(2) validation of every reply before Flower aggregates it, and (3) per-round statistics that the
-ServerApp turns into a metrics.jsonl record. The weighted mean itself is Flower's FedAvg.
+(2) validation of every reply before Flower aggregates it (keys, shapes, dtypes, finite values, example
+count, reported metrics, the delta's norm bound), (3) per-round statistics that the ServerApp turns into
+a metrics.jsonl record, counting failed, declined (ineligible device) and rejected (per reason) replies.
+The weighted mean itself is Flower's FedAvg; a robust rule (``aggregator``: median, trimmed mean from
+fedtune.aggregation.robust) replaces it when configured.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedtune.aggregation import UpdateRejected, validate_update
+from fedtune.aggregation import UpdateRejected, validate_metrics, validate_norm, validate_update
+from fedtune.flower.device import declined_reason
 from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays
 from fedtune.types import AdapterState
 
@@ -31,6 +35,7 @@ class RoundStats:
     succeeded: int = 0
     failed: int = 0
     rejected: Counter = field(default_factory=Counter)
+    declined: Counter = field(default_factory=Counter)  # ineligible devices, by their reason
     upload_bytes: int = 0
     train_loss: float | None = None
     clients: list[dict] = field(default_factory=list)
@@ -44,7 +49,8 @@ class AdapterFedAvg(FedAvg):
     ``round_offset`` numbers rounds after a resumed checkpoint (Flower counts from 1 on every start)."""
 
     def __init__(self, *, reference: AdapterState, clients_per_round: int, min_clients: int,
-                 seed: int, max_examples: int | None = None, user_dp=None, round_offset: int = 0):
+                 seed: int, max_examples: int | None = None, user_dp=None, round_offset: int = 0,
+                 max_update_norm: float | None = None, max_train_loss: float | None = None, aggregator=None):
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients_per_round,
             min_available_nodes=clients_per_round, weighted_by_key="num-examples",
@@ -59,6 +65,10 @@ class AdapterFedAvg(FedAvg):
         self.user_dp = user_dp
         self.round_offset = round_offset
         self.current: AdapterState | None = None  # the global adapter sent this round
+        self.max_update_norm = max_update_norm
+        self.max_train_loss = max_train_loss
+        self.aggregator = aggregator  # None: Flower's example-weighted FedAvg
+        self.prior_totals: dict | None = None  # failed/rejected/declined counts before a resume (checkpoint)
 
     def sample(self, server_round: int, node_ids: list[int]) -> list[int]:
         """A seeded cohort: the same seed and population give the same cohorts."""
@@ -72,9 +82,9 @@ class AdapterFedAvg(FedAvg):
         if self.user_dp is not None:
             nodes = sorted(grid.get_node_ids())  # device i <-> i-th node; Poisson over devices
             node_ids = [nodes[i] for i in self.user_dp.sample(server_round) if i < len(nodes)]
-            self.current = arrays_to_state(arrays)
         else:
             node_ids = self.sample(server_round, list(grid.get_node_ids()))
+        self.current = arrays_to_state(arrays)
         self.stats[server_round] = RoundStats(sampled=len(node_ids))
         config["server-round"] = server_round
         record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
@@ -96,6 +106,10 @@ class AdapterFedAvg(FedAvg):
             reference = self.reference if reference_for is None else reference_for(metrics)
             state = arrays_to_state(arrays)
             validate_update(state, reference, float(metrics.get("num-examples", 0)), self.max_examples)
+            validate_metrics(metrics, self.max_train_loss)
+            if self.max_update_norm is not None:  # the delta against what this device was sent
+                sent = self.current if reference_for is None and self.current is not None else reference
+                validate_norm(state, sent, self.max_update_norm)
         except UpdateRejected as err:
             stats.rejected[err.reason] += 1
             log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, err)
@@ -117,6 +131,9 @@ class AdapterFedAvg(FedAvg):
             if msg.has_error():
                 stats.failed += 1
                 log.warning("client failed in round %d: %s", server_round, msg.error.reason)
+            elif (reason := declined_reason(msg)) is not None:
+                stats.declined[reason] += 1
+                log.info("node %s declined round %d: %s", msg.metadata.src_node_id, server_round, reason)
             elif (checked := self._validated(msg, stats)) is not None:
                 good.append(msg)
                 states.append(checked[0])
@@ -129,6 +146,8 @@ class AdapterFedAvg(FedAvg):
             return None, None
         if self.user_dp is not None:
             return self._aggregate_private(server_round, good, states, stats)
+        if self.aggregator is not None:
+            return self._aggregate_robust(good, states, stats)
         arrays, metrics = super().aggregate_train(server_round, good)
         if metrics is not None and "train-loss" in metrics:
             stats.train_loss = float(metrics["train-loss"])
@@ -143,3 +162,12 @@ class AdapterFedAvg(FedAvg):
         losses = [float(m.content[METRICS_KEY]["train-loss"]) for m in good]
         stats.train_loss = sum(w * x for w, x in zip(weights, losses)) / sum(weights) if weights else None
         return state_to_arrays(new), MetricRecord({"train-loss": stats.train_loss or 0.0})
+
+    def _aggregate_robust(self, good: list[Message], updates: list[AdapterState], stats: RoundStats
+                          ) -> tuple[ArrayRecord, MetricRecord]:
+        """A configured rule (median, trimmed mean) over the valid updates; the loss is still example-weighted."""
+        weights = [float(m.content[METRICS_KEY]["num-examples"]) for m in good]
+        losses = [float(m.content[METRICS_KEY]["train-loss"]) for m in good]
+        new = self.aggregator(updates, weights)
+        stats.train_loss = sum(w * x for w, x in zip(weights, losses)) / sum(weights)
+        return state_to_arrays(new), MetricRecord({"train-loss": stats.train_loss})

@@ -66,6 +66,28 @@ def test_shipped_configs_validate():
         load_config(name)
 
 
+def test_robust_aggregation_and_validation_settings():
+    from tests.conftest import make_config
+
+    cfg = make_config(federation={"aggregation": "trimmed_mean", "trim_fraction": 0.25, "min_clients": 4,
+                                  "clients_per_round": 4}, validation={"max_update_norm": 5.0})
+    assert cfg.federation.aggregation == "trimmed_mean" and cfg.validation.max_update_norm == 5.0
+
+
+@pytest.mark.parametrize("sections,field", [
+    ({"federation": {"aggregation": "median"}, "privacy": {"user_level": {"enabled": True}}},
+     "federation.aggregation: median cannot be combined with privacy.user_level"),
+    ({"federation": {"aggregation": "trimmed_mean", "trim_fraction": 0.1, "min_clients": 2}},
+     "federation.trim_fraction: 0.1 of min_clients=2 trims nothing"),
+    ({"federation": {"aggregation": "krum"}}, "federation.aggregation"),
+    ({"validation": {"max_update_norm": -1}}, "validation.max_update_norm"),
+])
+def test_nonsensical_aggregation_combos_are_refused(sections, field):
+    from tests.conftest import make_config
+
+    with pytest.raises(ConfigError) as exc:
+        make_config(**sections)
+    assert field in str(exc.value)
 def test_packed_training_needs_plain_lora_without_dropout():
     config_from_dict({"simulation": {"packed_group_size": 8}})
     with pytest.raises(ConfigError, match="simulation.packed_group_size"):
