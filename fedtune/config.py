@@ -78,6 +78,10 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(8, gt=0)
     eval_max_chunks: int = Field(64, gt=0)
     torch_threads: int | None = Field(None, gt=0)
+    # memory: reentrant activation checkpointing of the decoder layers (opacus-safe; ~1 extra forward)
+    gradient_checkpointing: bool = False
+    # memory: fused loss over this many tokens at a time, never the full [tokens, vocab] logits (None: off)
+    loss_chunk_tokens: int | None = Field(1024, gt=0)
 
 
 class UserLevelPrivacyConfig(_Section):

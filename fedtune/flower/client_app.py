@@ -93,6 +93,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     update = train_local(
         model, incoming, data, task, cfg.privacy, ledger,
         planned_steps=cfg.federation.rounds * cfg.train.local_steps, weight_decay=cfg.train.weight_decay,
+        loss_chunk_tokens=cfg.train.loss_chunk_tokens, gradient_checkpointing=cfg.train.gradient_checkpointing,
     )
     if ledger is not None:
         store.save(ledger)
