@@ -18,12 +18,13 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.adapters import set_adapter_state
+from fedtune.compression import ResidualStore
 from fedtune.data.partition import load_client_data
 from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context
 from fedtune.flower.fleet_device import fleet_device
 from fedtune.flower.records import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays, update_to_metrics,
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, encode_upload, payload_bytes, update_to_metrics,
 )
 from fedtune.privacy import LedgerStore
 from fedtune.training import evaluate_chunks, train_local
@@ -98,7 +99,11 @@ def handle_train(msg: Message, context: Context) -> Message:
     if ledger is not None:
         store.save(ledger)
     seconds = time.perf_counter() - start
-    arrays = state_to_arrays(update.adapter)
+    upload = cfg.federation.upload  # int8 deltas keep their error-feedback residual on the device
+    residuals = ResidualStore(ctx.run.root / "state" / "residuals") if upload == "int8" else None
+    arrays, residual = encode_upload(update.adapter, incoming, upload, residuals.load(key) if residuals else None)
+    if residuals is not None:
+        residuals.save(key, residual)
     sim_seconds = fleet.seconds(task.server_round, payload_bytes(msg.content[ARRAYS_KEY]), update.tokens,
                                 payload_bytes(arrays)) if fleet is not None else -1.0
     ctx.run.append_event({"event": "client_done", "round": task.server_round, "partition": partition,

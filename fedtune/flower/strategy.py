@@ -19,7 +19,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.aggregation import UpdateRejected, validate_update
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays
+from fedtune.flower.records import (
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, decode_upload, payload_bytes, state_to_arrays,
+)
 from fedtune.types import AdapterState
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,9 @@ class AdapterFedAvg(FedAvg):
         if self.user_dp is not None:
             nodes = sorted(grid.get_node_ids())  # device i <-> i-th node; Poisson over devices
             node_ids = [nodes[i] for i in self.user_dp.sample(server_round) if i < len(nodes)]
-            self.current = arrays_to_state(arrays)
         else:
             node_ids = self.sample(server_round, list(grid.get_node_ids()))
+        self.current = arrays_to_state(arrays)
         self.stats[server_round] = RoundStats(sampled=len(node_ids))
         config["server-round"] = server_round
         record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
@@ -94,7 +96,10 @@ class AdapterFedAvg(FedAvg):
                 raise UpdateRejected("malformed", "reply lacks the adapter arrays or the metrics")
             arrays, metrics = content[ARRAYS_KEY], dict(content[METRICS_KEY])
             reference = self.reference if reference_for is None else reference_for(metrics)
-            state = arrays_to_state(arrays)
+            try:  # an int8 reply is a delta from what this device was sent
+                state = decode_upload(arrays, self.sent_for(metrics))
+            except ValueError as err:
+                raise UpdateRejected("malformed", str(err)) from None
             validate_update(state, reference, float(metrics.get("num-examples", 0)), self.max_examples)
         except UpdateRejected as err:
             stats.rejected[err.reason] += 1
@@ -102,6 +107,10 @@ class AdapterFedAvg(FedAvg):
             return None
         metrics["_bytes"] = payload_bytes(arrays)
         return state, metrics
+
+    def sent_for(self, metrics: dict) -> AdapterState | None:
+        """The adapter the replying device was sent this round (the base of an int8 delta)."""
+        return self.current
 
     @staticmethod
     def _count(stats: RoundStats, metrics: dict) -> None:
@@ -118,6 +127,9 @@ class AdapterFedAvg(FedAvg):
                 stats.failed += 1
                 log.warning("client failed in round %d: %s", server_round, msg.error.reason)
             elif (checked := self._validated(msg, stats)) is not None:
+                # Flower's FedAvg averages the message's arrays: give it the decoded fp32 adapter
+                msg.content = RecordDict({ARRAYS_KEY: state_to_arrays(checked[0]),
+                                          METRICS_KEY: msg.content[METRICS_KEY]})
                 good.append(msg)
                 states.append(checked[0])
                 self._count(stats, checked[1])

@@ -20,7 +20,8 @@ def _causal(model):
 def set_gradient_checkpointing(model, enabled: bool) -> None:
     """Turn reentrant checkpointing of the decoder layers on or off (idempotent; the model is cached)."""
     causal = _causal(model)
-    if enabled == bool(getattr(causal, "is_gradient_checkpointing", False)):
+    on = getattr(causal, "is_activation_checkpointing", None)  # transformers >= 5.2x; earlier: is_gradient_...
+    if enabled == bool(on if on is not None else getattr(causal, "is_gradient_checkpointing", False)):
         return
     if not getattr(causal, "supports_gradient_checkpointing", False):
         raise ValueError(f"train.gradient_checkpointing: {type(causal).__name__} does not support it; "

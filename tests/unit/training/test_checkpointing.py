@@ -12,11 +12,11 @@ def test_checkpointing_toggles_and_keeps_adapter_grads():
     causal = model.get_base_model()
     set_gradient_checkpointing(model, True)
     set_gradient_checkpointing(model, True)  # idempotent: one input hook, not two
-    assert causal.is_gradient_checkpointing and len(causal._require_grads_hooks) == 1
+    assert causal.is_activation_checkpointing and len(causal._require_grads_hooks) == 1
     model.train()
     x = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
     model(input_ids=x, labels=x).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]  # B=0 at init: A gets none yet
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     set_gradient_checkpointing(model, False)
-    assert not causal.is_gradient_checkpointing and getattr(causal, "_require_grads_hook", None) is None
+    assert not causal.is_activation_checkpointing and getattr(causal, "_require_grads_hook", None) is None
