@@ -8,7 +8,8 @@ DP overhead (DP step / non-private step) and framework overhead (fedtune / bare)
 measured side by side in one process.
 
 - ``--mode plain``: the model's own loss, no checkpointing (what a plain peft + opacus script does);
-  ``efficient``: the fused chunked loss (``--loss-chunk`` tokens) and reentrant checkpointing.
+  ``fused``: the fused chunked loss (``--loss-chunk`` tokens; fedtune's default ``train`` config);
+  ``efficient``: the fused loss and reentrant checkpointing (``train.gradient_checkpointing=true``).
 - ``--impl fedtune``: ``fedtune.training.train_local``; ``bare``: ``bench/bare_loop.py``, a bare
   peft + opacus loop doing the same work (plain mode only).
 
@@ -66,7 +67,9 @@ def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl:
         "privacy": {"enabled": dp, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
     })
     device = args.device
-    efficient = mode == "efficient"
+    if mode not in ("plain", "fused", "efficient"):
+        raise SystemExit(f"--mode: expected plain, fused or efficient, got {mode!r}")
+    chunk = args.loss_chunk if mode in ("fused", "efficient") else None
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -92,8 +95,7 @@ def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl:
             tokens = bare_train(model, data.train, args.steps, args.batch, 1e-3, dp, seed=rep)
         else:
             update = train_local(model, state, data, task, cfg.privacy, ledger if dp else None,
-                                 loss_chunk_tokens=args.loss_chunk if efficient else None,
-                                 gradient_checkpointing=efficient)
+                                 loss_chunk_tokens=chunk, gradient_checkpointing=mode == "efficient")
             tokens = update.tokens
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -102,7 +104,8 @@ def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl:
     step = statistics.median(times)
     tokens_per_step = tokens / args.steps  # Poisson batches vary; this is the last run's mean
     out = {
-        "shape": shape, "quant": quant, "dp": dp, "mode": mode, "impl": impl, "device": device, "batch": args.batch, "seq": args.seq,
+        "shape": shape, "quant": quant, "dp": dp, "mode": mode, "impl": impl, "device": device,
+        "batch": args.batch, "seq": args.seq,
         "rank": args.rank, "step_s_median": round(step, 4), "step_s_all": [round(x, 4) for x in times],
         "tokens_per_s": round(args.batch * args.seq / step, 1), "tokens_per_step_last": tokens_per_step,
         "base_mib": round(info["base_bytes"] / 2**20, 1), "base_dense_mib": round(info["base_bytes_dense"] / 2**20, 1),
@@ -133,9 +136,9 @@ def ratios(results: list[dict]) -> list[dict]:
         if impl == "fedtune" and (q, dp, "plain", "bare") in by:
             out.append({"ratio": "framework_overhead", "quant": q, "dp": dp, "mode": mode,
                         "value": round(r["step_s_median"] / by[(q, dp, "plain", "bare")]["step_s_median"] - 1, 3)})
-        if mode == "efficient" and (q, dp, "plain", impl) in by:
+        if mode != "plain" and (q, dp, "plain", impl) in by:
             p = by[(q, dp, "plain", impl)]
-            out.append({"ratio": "efficient_vs_plain_tokens_per_s", "quant": q, "dp": dp, "impl": impl,
+            out.append({"ratio": f"{mode}_vs_plain_tokens_per_s", "quant": q, "dp": dp, "impl": impl,
                         "value": round(r["tokens_per_s"] / p["tokens_per_s"], 3)})
     return out
 
@@ -151,7 +154,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
-    p.add_argument("--mode", default="plain", help="plain,efficient")
+    p.add_argument("--mode", default="plain", help="plain,fused,efficient")
     p.add_argument("--impl", default="fedtune", help="fedtune,bare")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the fused loss (efficient)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -166,7 +169,8 @@ def main() -> None:
         try:
             r = bench_one(args.shape, quant, dp == "on", args, mode, impl)
         except torch.cuda.OutOfMemoryError as err:  # report it and go on with the next configuration
-            r = {"shape": args.shape, "quant": quant, "dp": dp == "on", "mode": mode, "impl": impl, "error": str(err)[:200]}
+            r = {"shape": args.shape, "quant": quant, "dp": dp == "on", "mode": mode, "impl": impl,
+                 "error": str(err)[:200]}
             gc.collect()
             torch.cuda.empty_cache()
         print(json.dumps(r), flush=True)

@@ -36,7 +36,8 @@ def test_float_schemes_keep_the_keys_and_decode_without_the_sent_adapter(scheme,
     assert payload_scheme(payload) == scheme
     out = decode_update(payload, None)
     for k in state:
-        torch.testing.assert_close(out[k], state[k], rtol=1e-3 if scheme == "fp16" else 0, atol=1e-3 if scheme == "fp16" else 0)
+        tol = 1e-3 if scheme == "fp16" else 0.0
+        torch.testing.assert_close(out[k], state[k], rtol=tol, atol=tol)
 
 
 def test_int8_is_a_delta_from_the_sent_adapter_and_keeps_the_error_on_the_device():

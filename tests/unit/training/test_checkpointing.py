@@ -16,7 +16,8 @@ def test_checkpointing_toggles_and_keeps_adapter_grads():
     model.train()
     x = torch.randint(0, 260, (2, 16), generator=torch.Generator().manual_seed(0))
     model(input_ids=x, labels=x).loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]  # B=0 at init: A gets none yet
+    # B = 0 at init, so only B gets a gradient yet
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     set_gradient_checkpointing(model, False)
     assert not causal.is_activation_checkpointing and getattr(causal, "_require_grads_hook", None) is None

@@ -41,7 +41,8 @@ def test_fused_loss_and_grad_equal_full_cross_entropy(chunk):
 
 def test_fused_loss_refuses_a_trainable_head():
     with pytest.raises(ValueError, match="frozen"):
-        fused_linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4, requires_grad=True), torch.zeros(2, dtype=torch.long), 1)
+        fused_linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4, requires_grad=True),
+                                   torch.zeros(2, dtype=torch.long), 1)
 
 
 def _lora_grads(model, loss):
