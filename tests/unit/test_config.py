@@ -64,3 +64,13 @@ def test_files_source_needs_existing_path(tmp_path):
 def test_shipped_configs_validate():
     for name in ("configs/smoke.yaml", "configs/default.yaml"):
         load_config(name)
+
+
+def test_memory_and_upload_options_are_checked_and_named():
+    cfg = config_from_dict({})
+    assert cfg.federation.upload == "fp16" and cfg.train.loss_chunk_tokens == 1024
+    assert cfg.train.gradient_checkpointing is False
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"federation": {"upload": "int4"}, "train": {"loss_chunk_tokens": 0}})
+    text = str(err.value)
+    assert "federation.upload" in text and "train.loss_chunk_tokens" in text
