@@ -1,18 +1,29 @@
 """Client-step benchmark: one device's local training through fedtune's own code path.
 
-For each (quantization, DP) pair it builds the base (random weights of the given shape; speed and
-memory do not depend on the values), attaches LoRA, and times ``fedtune.training.train_local``
-(opacus DP-SGD with Poisson sampling when DP is on). Prints one JSON object per configuration and a
-table. Medians over ``--repeats`` timed runs of ``--steps`` steps each, after one warm-up run; all
-configurations are measured side by side in one process.
+For each (quantization, DP, mode, implementation) it builds the base (random weights of the given
+shape; speed and memory do not depend on the values), attaches LoRA, and times one device's local
+training. Prints one JSON object per configuration, a table, and the ratios measured in this run:
+DP overhead (DP step / non-private step) and framework overhead (fedtune / bare). Medians over
+``--repeats`` timed runs of ``--steps`` steps each, after one warm-up run; all configurations are
+measured side by side in one process.
+
+- ``--mode plain``: the model's own loss, no checkpointing (what a plain peft + opacus script does);
+  ``fused``: the fused chunked loss (``--loss-chunk`` tokens; fedtune's default ``train`` config);
+  ``efficient``: the fused loss and reentrant checkpointing (``train.gradient_checkpointing=true``).
+- ``--impl fedtune``: ``fedtune.training.train_local``; ``bare``: ``bench/bare_loop.py``, a bare
+  peft + opacus loop doing the same work (plain mode only).
 
     python bench/client_step.py --shape smollm2 --quant none,int8,nf4 --dp off,on          # CPU
-    python bench/client_step.py --shape smollm2 --batch 8 --seq 512 --device cuda          # GPU
+    python bench/client_step.py --shape smollm2 --quant nf4 --dp off,on --impl fedtune,bare --mode plain
+    python bench/client_step.py --shape llama1b --quant nf4 --dp on --mode plain,efficient \
+        --batch 8 --seq 1024 --rank 16 --targets all --device cuda                           # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
 import os
 import statistics
@@ -22,6 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 from fedtune.adapters import create_adapter, get_adapter_state  # noqa: E402
 from fedtune.config import config_from_dict  # noqa: E402
@@ -30,6 +42,8 @@ from fedtune.models.loader import load_base_model  # noqa: E402
 from fedtune.privacy import PrivacyLedger  # noqa: E402
 from fedtune.training import train_local  # noqa: E402
 from fedtune.types import ClientData, ClientTask  # noqa: E402
+
+from bare_loop import bare_train  # noqa: E402
 
 SHAPES = {
     # SmolLM2-135M: 30 layers, d=576, GQA 9/3 heads, vocab 49152
@@ -43,13 +57,20 @@ SHAPES = {
 }
 
 
-def bench_one(shape: str, quant: str, dp: bool, args) -> dict:
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl: str = "fedtune") -> dict:
     cfg = config_from_dict({
         "model": {"source": "tiny", "quantization": quant, "tiny": SHAPES[shape]},
         "adapter": {"method": "lora", "rank": args.rank, "alpha": 2 * args.rank, "target_modules": args.targets},
         "privacy": {"enabled": dp, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
     })
     device = args.device
+    if mode not in ("plain", "fused", "efficient"):
+        raise SystemExit(f"--mode: expected plain, fused or efficient, got {mode!r}")
+    chunk = args.loss_chunk if mode in ("fused", "efficient") else None
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -70,15 +91,21 @@ def bench_one(shape: str, quant: str, dp: bool, args) -> dict:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        update = train_local(model, state, data, task, cfg.privacy, ledger if dp else None)
+        if impl == "bare":
+            tokens = bare_train(model, data.train, args.steps, args.batch, 1e-3, dp, seed=rep)
+        else:
+            update = train_local(model, state, data, task, cfg.privacy, ledger if dp else None,
+                                 loss_chunk_tokens=chunk, gradient_checkpointing=mode == "efficient")
+            tokens = update.tokens
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if rep > 0:  # the first run warms up kernels and allocators
             times.append((time.perf_counter() - t) / args.steps)
     step = statistics.median(times)
-    tokens_per_step = update.tokens / args.steps  # Poisson batches vary; this is the last run's mean
+    tokens_per_step = tokens / args.steps  # Poisson batches vary; this is the last run's mean
     out = {
-        "shape": shape, "quant": quant, "dp": dp, "device": device, "batch": args.batch, "seq": args.seq,
+        "shape": shape, "quant": quant, "dp": dp, "mode": mode, "impl": impl, "device": device,
+        "batch": args.batch, "seq": args.seq,
         "rank": args.rank, "step_s_median": round(step, 4), "step_s_all": [round(x, 4) for x in times],
         "tokens_per_s": round(args.batch * args.seq / step, 1), "tokens_per_step_last": tokens_per_step,
         "base_mib": round(info["base_bytes"] / 2**20, 1), "base_dense_mib": round(info["base_bytes_dense"] / 2**20, 1),
@@ -87,6 +114,7 @@ def bench_one(shape: str, quant: str, dp: bool, args) -> dict:
     }
     if device.startswith("cuda"):
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
         out["gpu"] = torch.cuda.get_device_name()
     else:
         import resource
@@ -94,6 +122,24 @@ def bench_one(shape: str, quant: str, dp: bool, args) -> dict:
         out["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     del model, base
     clear_cache()
+    return out
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """DP overhead and framework overhead from configurations measured in this run."""
+    by = {(r["quant"], r["dp"], r["mode"], r["impl"]): r for r in results}
+    out = []
+    for (q, dp, mode, impl), r in by.items():
+        if dp and (q, False, mode, impl) in by:
+            out.append({"ratio": "dp_overhead", "quant": q, "mode": mode, "impl": impl,
+                        "value": round(r["step_s_median"] / by[(q, False, mode, impl)]["step_s_median"], 3)})
+        if impl == "fedtune" and (q, dp, "plain", "bare") in by:
+            out.append({"ratio": "framework_overhead", "quant": q, "dp": dp, "mode": mode,
+                        "value": round(r["step_s_median"] / by[(q, dp, "plain", "bare")]["step_s_median"] - 1, 3)})
+        if mode != "plain" and (q, dp, "plain", impl) in by:
+            p = by[(q, dp, "plain", impl)]
+            out.append({"ratio": f"{mode}_vs_plain_tokens_per_s", "quant": q, "dp": dp, "impl": impl,
+                        "value": round(r["tokens_per_s"] / p["tokens_per_s"], 3)})
     return out
 
 
@@ -108,24 +154,40 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    p.add_argument("--mode", default="plain", help="plain,fused,efficient")
+    p.add_argument("--impl", default="fedtune", help="fedtune,bare")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the fused loss (efficient)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write all results to this file")
     args = p.parse_args()
-    args.targets = args.targets.split(",")
+    args.targets = ALL_LINEARS if args.targets == "all" else args.targets.split(",")
     results = []
-    for quant in args.quant.split(","):
-        for dp in args.dp.split(","):
-            r = bench_one(args.shape, quant, dp == "on", args)
-            print(json.dumps(r), flush=True)
-            results.append(r)
-    print(f"\n{'quant':>6} {'dp':>4} {'step s':>8} {'tok/s':>9} {'base MiB':>9} {'peak':>10}")
+    combos = itertools.product(args.quant.split(","), args.dp.split(","), args.mode.split(","), args.impl.split(","))
+    for quant, dp, mode, impl in combos:
+        if impl == "bare" and mode != "plain":
+            continue
+        try:
+            r = bench_one(args.shape, quant, dp == "on", args, mode, impl)
+        except torch.cuda.OutOfMemoryError as err:  # report it and go on with the next configuration
+            r = {"shape": args.shape, "quant": quant, "dp": dp == "on", "mode": mode, "impl": impl,
+                 "error": str(err)[:200]}
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        if args.json:  # after every configuration, so a run cut short still leaves its figures
+            with open(args.json, "w") as f:
+                json.dump({"results": results, "ratios": ratios([x for x in results if "error" not in x])}, f, indent=1)
+    print(f"\n{'quant':>6} {'dp':>5} {'mode':>9} {'impl':>7} {'step s':>8} {'tok/s':>9} {'base MiB':>9} {'peak':>14}")
     for r in results:
+        if "error" in r:
+            print(f"{r['quant']:>6} {str(r['dp']):>5} {r['mode']:>9} {r['impl']:>7}  error: {r['error'][:60]}")
+            continue
         peak = f"{r['peak_gpu_gib']} GiB" if "peak_gpu_gib" in r else f"{r['max_rss_mib']} MiB rss"
-        print(f"{r['quant']:>6} {str(r['dp']):>4} {r['step_s_median']:>8} {r['tokens_per_s']:>9} "
-              f"{r['base_mib']:>9} {peak:>10}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        print(f"{r['quant']:>6} {str(r['dp']):>5} {r['mode']:>9} {r['impl']:>7} {r['step_s_median']:>8} "
+              f"{r['tokens_per_s']:>9} {r['base_mib']:>9} {peak:>14}")
+    for x in ratios([x for x in results if "error" not in x]):
+        print(json.dumps(x))
 
 
 if __name__ == "__main__":

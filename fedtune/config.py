@@ -78,6 +78,10 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(8, gt=0)
     eval_max_chunks: int = Field(64, gt=0)
     torch_threads: int | None = Field(None, gt=0)
+    # memory: reentrant activation checkpointing of the decoder layers (opacus-safe; ~1 extra forward)
+    gradient_checkpointing: bool = False
+    # memory: fused loss over this many tokens at a time, never the full [tokens, vocab] logits (None: off)
+    loss_chunk_tokens: int | None = Field(1024, gt=0)
 
 
 class UserLevelPrivacyConfig(_Section):
@@ -122,6 +126,9 @@ class FederationConfig(_Section):
     # the server waits this long for a round's replies, then goes on with those in (a dead device is only
     # declared unavailable by Flower after its missed heartbeats, about a minute)
     round_timeout_s: float = Field(3600.0, gt=0)
+    # how devices upload their adapter: fp32, fp16 (half the bytes), or int8 deltas with error feedback
+    # (~3.9x fewer bytes than fp32; the quantization residual stays on the device, in state/residuals)
+    upload: Literal["fp32", "fp16", "int8"] = "fp16"
 
 
 class ValidationConfig(_Section):

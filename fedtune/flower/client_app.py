@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.adapters import get_adapter_state, set_adapter_state
 from fedtune.adapters.split import initial_private, merge
+from fedtune.compression import ResidualStore
 from fedtune.data.partition import load_client_data
 from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context
@@ -27,7 +29,7 @@ from fedtune.flower.device import (
 )
 from fedtune.flower.fleet_device import fleet_device
 from fedtune.flower.records import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays, update_to_metrics,
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, encode_upload, payload_bytes, update_to_metrics,
 )
 from fedtune.personalization import PrivateStateStore, device_round
 from fedtune.privacy import LedgerStore
@@ -107,11 +109,17 @@ def handle_train(msg: Message, context: Context) -> Message:
         model, incoming, data, task, cfg.privacy, ledger, split=cfg.personalization.split,
         store=PrivateStateStore(ctx.run.private if deployed is None else device_private(deployed)), device_key=key,
         planned_steps=cfg.federation.rounds * cfg.train.local_steps, weight_decay=cfg.train.weight_decay,
+        loss_chunk_tokens=cfg.train.loss_chunk_tokens, gradient_checkpointing=cfg.train.gradient_checkpointing,
     )
     if ledger is not None:
         store.save(ledger)
     seconds = time.perf_counter() - start
-    arrays = state_to_arrays(update.adapter)
+    upload = cfg.federation.upload  # int8 deltas keep their error-feedback residual on the device
+    residual_dir = ctx.run.root / "state" / "residuals" if deployed is None else Path(deployed.state_dir) / "residuals"
+    residuals = ResidualStore(residual_dir) if upload == "int8" else None
+    arrays, residual = encode_upload(update.adapter, incoming, upload, residuals.load(key) if residuals else None)
+    if residuals is not None:
+        residuals.save(key, residual)
     sim_seconds = fleet.seconds(task.server_round, payload_bytes(msg.content[ARRAYS_KEY]), update.tokens,
                                 payload_bytes(arrays)) if fleet is not None else -1.0
     ctx.run.append_event({"event": "client_done", "round": task.server_round, "partition": partition,

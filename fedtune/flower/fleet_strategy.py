@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from fedtune.aggregation import FlexLoRAState, create_hetero_aggregator, lora_rank, truncate_rank
 from fedtune.aggregation.validate import UpdateRejected
 from fedtune.flower.fleet import FleetCoordinator
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, state_to_arrays
+from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, arrays_to_state, state_to_arrays
 from fedtune.flower.strategy import AdapterFedAvg, RoundStats
 from fedtune.types import AdapterState
 
@@ -56,6 +56,7 @@ class FleetFedAvg(AdapterFedAvg):
                              else reference)
         self.sent: dict[int, dict[int, int]] = {}  # round -> node id -> device
         self._factored: tuple[object, AdapterState] | None = None  # (global state, its rank-r_max SVD)
+        self.sent_by_rank: dict[int, AdapterState] = {}  # this round's adapter per rank (int8 deltas decode on it)
 
     def send(self, rank: int) -> AdapterState:
         """The global adapter at ``rank``. For FlexLoRA, the rank-r truncated SVD equals the first r
@@ -82,12 +83,14 @@ class FleetFedAvg(AdapterFedAvg):
         devices = self.coord.cohort(server_round)
         self.stats[server_round] = RoundStats(sampled=len(devices))
         by_rank: dict[int, ArrayRecord] = {}
+        self.sent_by_rank = {}
         messages, sent = [], {}
         for d in devices:
             task = self.coord.task(d)
             rank = task["rank"]
             if rank not in by_rank:
                 by_rank[rank] = state_to_arrays(self.send(rank))
+                self.sent_by_rank[rank] = arrays_to_state(by_rank[rank])
             cfg = ConfigRecord({**dict(config), **task, "server-round": server_round})
             record = RecordDict({ARRAYS_KEY: by_rank[rank], CONFIG_KEY: cfg})
             messages += list(self._construct_messages(record, [nodes[d]], MessageType.TRAIN))
@@ -134,6 +137,10 @@ class FleetFedAvg(AdapterFedAvg):
         losses = [float(valid[d][1]["train-loss"]) for d in accepted]
         stats.train_loss = sum(w * x for w, x in zip(weights, losses)) / sum(weights)
         return state_to_arrays(self.global_adapter()), MetricRecord({"train-loss": stats.train_loss})
+
+    def sent_for(self, metrics: dict) -> AdapterState | None:
+        """The adapter sent this round at the replying device's rank (the base of an int8 delta)."""
+        return self.sent_by_rank.get(int(metrics.get("rank", 0)))
 
     def _reference_for_rank(self, metrics: dict) -> AdapterState:
         """A reply must match the global adapter at the rank its device was given."""

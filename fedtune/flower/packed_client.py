@@ -17,7 +17,8 @@ from fedtune.data.partition import load_client_data
 from fedtune.flower.client_app import task_from_config
 from fedtune.flower.context import run_context
 from fedtune.flower.packed_grid import GROUP_KEY, part_key
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, state_to_arrays, update_to_metrics
+from fedtune.compression import ResidualStore
+from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, encode_upload, update_to_metrics
 from fedtune.packed import train_packed
 from fedtune.privacy import LedgerStore
 
@@ -47,6 +48,7 @@ def handle_train_group(msg: Message, context: Context) -> Message:
             continue
         parts.append((i, device, partition, data, task_from_config(config, device, cfg.seed),
                       arrays_to_state(msg.content[part_key(ARRAYS_KEY, i)]), ledger))
+    parts_sent = {p[0]: p[5] for p in parts}
     if parts:
         model, _ = ctx.model()
         updates = train_packed(
@@ -59,7 +61,8 @@ def handle_train_group(msg: Message, context: Context) -> Message:
         for (i, device, partition, data, task, _, ledger), update in zip(parts, updates):
             if ledger is not None:
                 store.save(ledger)
-            reply[part_key(ARRAYS_KEY, i)] = state_to_arrays(update.adapter)
+            reply[part_key(ARRAYS_KEY, i)] = _encoded(ctx, cfg.federation.upload, data, device, partition,
+                                                      update.adapter, parts_sent[i])
             reply[part_key(METRICS_KEY, i)] = update_to_metrics(update, seconds, partition, device=device,
                                                                 rank=cfg.adapter.rank)
             ctx.run.append_event({"event": "client_done", "round": task.server_round, "partition": partition,
@@ -67,3 +70,13 @@ def handle_train_group(msg: Message, context: Context) -> Message:
                                   "train_loss": update.train_loss, "epsilon": update.epsilon, "pid": os.getpid(),
                                   "packed_group": size, "sim_seconds": -1.0})
     return Message(content=reply, reply_to=msg)
+
+
+def _encoded(ctx, scheme: str, data, device: int, partition: int, adapter, sent):
+    """The device's reply arrays under ``federation.upload`` (as the unpacked ClientApp encodes them)."""
+    key = data.user_id if device == partition else f"device-{device}"
+    residuals = ResidualStore(ctx.run.root / "state" / "residuals") if scheme == "int8" else None
+    arrays, residual = encode_upload(adapter, sent, scheme, residuals.load(key) if residuals else None)
+    if residuals is not None:
+        residuals.save(key, residual)
+    return arrays

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
+from fedtune.compression import decode_update, encode_update
 from fedtune.types import AdapterState, ClientUpdate
 
 ARRAYS_KEY = "arrays"
@@ -22,6 +23,18 @@ def state_to_arrays(state: AdapterState) -> ArrayRecord:
 
 def arrays_to_state(arrays: ArrayRecord) -> AdapterState:
     return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+
+
+def encode_upload(state: AdapterState, sent: AdapterState, scheme: str,
+                  residual: AdapterState | None = None) -> tuple[ArrayRecord, AdapterState | None]:
+    """A device's reply arrays under ``federation.upload`` (fedtune.compression), and its new residual."""
+    payload, new_residual = encode_update(state, sent, scheme, residual)
+    return ArrayRecord(payload), new_residual
+
+
+def decode_upload(arrays: ArrayRecord, sent: AdapterState | None) -> AdapterState:
+    """The fp32 adapter a reply carries, whatever its upload scheme; ``sent``: what the device was sent."""
+    return decode_update(arrays.to_torch_state_dict(), sent)
 
 
 def update_to_metrics(update: ClientUpdate, seconds: float, partition: int, *, device: int | None = None,

@@ -58,8 +58,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stage_app(run: RunDir, config_path: Path, extra: dict[str, int | str] | None = None) -> Path:
-    """The Flower app directory of a run; ``extra`` adds run-config keys (e.g. ``deployment-nodes``)."""
+CLIENT_APP = "fedtune.flower.apps:client_app"
+
+
+def stage_app(run: RunDir, config_path: Path, extra: dict[str, int | str] | None = None,
+              clientapp: str = CLIENT_APP) -> Path:
+    """The Flower app directory of a run; ``extra`` adds run-config keys (e.g. ``deployment-nodes``),
+    ``clientapp`` swaps the ClientApp (benchmarks compare others on the same workload)."""
     app = run.flower / "app"
     app.mkdir(parents=True, exist_ok=True)
     (app / "pyproject.toml").write_text(f"""[project]
@@ -73,7 +78,7 @@ publisher = "fedtune"
 
 [tool.flwr.app.components]
 serverapp = "fedtune.flower.apps:server_app"
-clientapp = "fedtune.flower.apps:client_app"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 config-path = {json.dumps(str(config_path))}
@@ -172,11 +177,13 @@ def stop_superlink(port: int, timeout: float = 15.0) -> None:
 
 def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
                    on_poll: Callable[[], None] | None = None, poll_seconds: float = 1.0,
-                   timeout: float = 6 * 3600) -> SimulationHandle:
-    """Submit the run, follow it to the end, stop the SuperLink; raise SimulationFailed on failure."""
+                   timeout: float = 6 * 3600, clientapp: str = CLIENT_APP) -> SimulationHandle:
+    """Submit the run, follow it to the end, stop the SuperLink; raise SimulationFailed on failure.
+
+    ``clientapp`` names another ClientApp object (``module:attr``) for benchmarks against a baseline."""
     port = _free_port()
     env = flower_env(run, port, cfg.simulation.ray_address)
-    app = stage_app(run, run.config)
+    app = stage_app(run, run.config, clientapp=clientapp)
     start = time.monotonic()
     log_file = open(run.flower / "flower.log", "w")
     follower = None

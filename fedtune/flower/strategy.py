@@ -23,7 +23,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtune.aggregation import UpdateRejected, validate_metrics, validate_norm, validate_update
 from fedtune.flower.device import declined_reason
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays
+from fedtune.flower.records import (
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, decode_upload, payload_bytes, state_to_arrays,
+)
 from fedtune.types import AdapterState
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,10 @@ class AdapterFedAvg(FedAvg):
                 raise UpdateRejected("malformed", "reply lacks the adapter arrays or the metrics")
             arrays, metrics = content[ARRAYS_KEY], dict(content[METRICS_KEY])
             reference = self.reference if reference_for is None else reference_for(metrics)
-            state = arrays_to_state(arrays)
+            try:  # an int8 reply is a delta from what this device was sent
+                state = decode_upload(arrays, self.sent_for(metrics))
+            except ValueError as err:
+                raise UpdateRejected("malformed", str(err)) from None
             validate_update(state, reference, float(metrics.get("num-examples", 0)), self.max_examples)
             validate_metrics(metrics, self.max_train_loss)
             if self.max_update_norm is not None:  # the delta against what this device was sent
@@ -116,6 +121,10 @@ class AdapterFedAvg(FedAvg):
             return None
         metrics["_bytes"] = payload_bytes(arrays)
         return state, metrics
+
+    def sent_for(self, metrics: dict) -> AdapterState | None:
+        """The adapter the replying device was sent this round (the base of an int8 delta)."""
+        return self.current
 
     @staticmethod
     def _count(stats: RoundStats, metrics: dict) -> None:
@@ -135,6 +144,9 @@ class AdapterFedAvg(FedAvg):
                 stats.declined[reason] += 1
                 log.info("node %s declined round %d: %s", msg.metadata.src_node_id, server_round, reason)
             elif (checked := self._validated(msg, stats)) is not None:
+                # Flower's FedAvg averages the message's arrays: give it the decoded fp32 adapter
+                msg.content = RecordDict({ARRAYS_KEY: state_to_arrays(checked[0]),
+                                          METRICS_KEY: msg.content[METRICS_KEY]})
                 good.append(msg)
                 states.append(checked[0])
                 self._count(stats, checked[1])

@@ -14,6 +14,8 @@ import torch
 from fedtune.adapters import get_adapter_state, set_adapter_state
 from fedtune.config import PrivacyConfig
 from fedtune.privacy.dpsgd import make_private
+from fedtune.training.checkpointing import set_gradient_checkpointing
+from fedtune.training.loss import causal_lm_loss
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.types import AdapterState, ClientData, ClientTask, ClientUpdate
 
@@ -48,8 +50,14 @@ def train_local(
     ledger: PrivacyLedger | None = None,
     planned_steps: int | None = None,
     weight_decay: float = 0.0,
+    loss_chunk_tokens: int | None = None,
+    gradient_checkpointing: bool = False,
 ) -> ClientUpdate:
-    """Train the adapter for ``task.local_steps`` steps; with ``privacy.enabled``, by DP-SGD."""
+    """Train the adapter for ``task.local_steps`` steps; with ``privacy.enabled``, by DP-SGD.
+
+    ``loss_chunk_tokens`` and ``gradient_checkpointing`` trade nothing / one extra forward for memory
+    (``fedtune.training.loss``, ``fedtune.training.checkpointing``); the result is the same.
+    """
     if data.num_train == 0:
         raise ValueError(f"client {data.user_id} has no training chunks")
     dp = privacy is not None and privacy.enabled
@@ -59,6 +67,7 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable adapter parameters")
+    set_gradient_checkpointing(model, gradient_checkpointing)
     model.train()
     optimizer = torch.optim.AdamW(params, lr=task.lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(task.seed)
@@ -67,11 +76,11 @@ def train_local(
     # fixed-size batches without DP; with DP opacus replaces this by Poisson sampling (rate B/N)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen,
                                          drop_last=not dp)
-    module, private = model, None
+    private = None
     if dp:
         private = make_private(model, optimizer, loader, privacy, ledger,
                                planned_steps or task.local_steps, task.seed)
-        module, optimizer, loader = private.module, private.optimizer, private.loader
+        optimizer, loader = private.optimizer, private.loader
     device = params[0].device
     losses, tokens = [], 0
     try:
@@ -80,7 +89,7 @@ def train_local(
                 _noise_only_step(optimizer, params)
                 continue
             x = x.to(device)  # [B, T]
-            loss = module(input_ids=x, labels=x).loss
+            loss = causal_lm_loss(model, x, loss_chunk_tokens)  # opacus' hooks sit on model's layers
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

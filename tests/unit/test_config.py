@@ -96,3 +96,11 @@ def test_packed_training_needs_plain_lora_without_dropout():
         config_from_dict({"simulation": {"packed_group_size": 8}, "personalization": {"split": "fedsa"}})
     with pytest.raises(ConfigError, match="simulation.packed_group_size"):
         config_from_dict({"simulation": {"packed_group_size": 8}, "adapter": {"dropout": 0.1}})
+def test_memory_and_upload_options_are_checked_and_named():
+    cfg = config_from_dict({})
+    assert cfg.federation.upload == "fp16" and cfg.train.loss_chunk_tokens == 1024
+    assert cfg.train.gradient_checkpointing is False
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"federation": {"upload": "int4"}, "train": {"loss_chunk_tokens": 0}})
+    text = str(err.value)
+    assert "federation.upload" in text and "train.loss_chunk_tokens" in text

@@ -70,17 +70,17 @@ def test_upload_byte_count(run_setup):
     state = get_adapter_state(run_context(run_config).model()[0])
     reply = app(_train_message(state), _context(run_config, 1))
     arrays: ArrayRecord = reply.content["arrays"]
-    # every tensor travels as an fp32 .npy blob: raw bytes + the .npy header, nothing more
+    # every tensor travels as an fp16 .npy blob (federation.upload's default): raw bytes + the .npy header
     expected = 0
     for k, t in state.items():
         buf = io.BytesIO()
-        np.save(buf, t.numpy(), allow_pickle=False)
+        np.save(buf, t.to(torch.float16).numpy(), allow_pickle=False)
         expected += len(buf.getvalue())
     assert payload_bytes(arrays) == expected
-    raw = sum(t.numel() * 4 for t in state.values())
+    raw = sum(t.numel() * 2 for t in state.values())
     assert raw < payload_bytes(arrays) <= raw + 128 * len(state)
-    # LoRA r=4 on q (64->64) and v (64->32: 2 kv heads x 16) of the 2-layer tiny model, fp32
-    assert raw == 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4)) * 4
+    # LoRA r=4 on q (64->64) and v (64->32: 2 kv heads x 16) of the 2-layer tiny model, fp16
+    assert raw == 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4)) * 2
 
 
 def test_epsilon_persists_across_rounds_and_workers(run_setup):
