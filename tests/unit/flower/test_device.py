@@ -13,17 +13,6 @@ from fedtune.types import ClientTask
 from tests.conftest import make_config
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """What a SuperNode sets before it calls a ClientApp."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = before
-
-
 def _ctx(node_config, node_id=42):
     return SimpleNamespace(node_config=node_config, node_id=node_id)
 
