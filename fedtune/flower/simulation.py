@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.config import ExperimentConfig
+from fedtune.deploy.superlink import flwr, run_status
 from fedtune.workspace import RunDir
 
 log = logging.getLogger(__name__)
@@ -112,21 +113,6 @@ def federation_config(cfg: ExperimentConfig, num_nodes: int) -> str:
     return out
 
 
-def _flwr(args: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("flwr")
-    return subprocess.run([str(exe) if exe.exists() else "flwr", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _run_status(run_id: str, env: dict, cwd: Path) -> tuple[str, str]:
-    out = _flwr(["ls", "--run-id", run_id, "--format", "json"], env, cwd)
-    try:
-        run = json.loads(out.stdout)["runs"][0]
-        return run["status"], run.get("status-details", "")
-    except (ValueError, KeyError, IndexError):
-        return "unknown", (out.stdout + out.stderr)[-500:]
-
-
 def _superlink_pid(port: int) -> int | None:
     import psutil
 
@@ -188,7 +174,7 @@ def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
     log_file = open(run.flower / "flower.log", "w")
     follower = None
     try:
-        out = _flwr(["run", str(app), "--format", "json", "--federation-config",
+        out = flwr(["run", str(app), "--format", "json", "--federation-config",
                      federation_config(cfg, num_nodes)], env, run.root)
         try:
             run_id = str(json.loads(out.stdout)["run-id"])
@@ -199,12 +185,12 @@ def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
         status, details = "pending", ""
         while not status.startswith("finished"):
             if time.monotonic() - start > timeout:
-                _flwr(["stop", run_id], env, run.root)
+                flwr(["stop", run_id], env, run.root)
                 raise SimulationFailed(f"run {run_id} exceeded {timeout:.0f}s and was stopped")
             time.sleep(poll_seconds)
             if on_poll:
                 on_poll()
-            status, details = _run_status(run_id, env, run.root)
+            status, details = run_status(run_id, env, run.root)
         if on_poll:
             on_poll()
         handle = SimulationHandle(run_id, status, details, time.monotonic() - start)

@@ -129,10 +129,7 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
         return None
     dp = cfg.privacy.enabled
     steps, epsilon = 0, None
-    ledger = src.ledger_for(data.user_id) if dp else None
-    prior_eps = ledger.epsilon(cfg.privacy.delta) if ledger is not None and ledger.history else (0.0 if dp else None)
     if method == "base":
-        set_adapter_state(model, src.initial)
         with model.disable_adapter():
             res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
         return _result(data, method, res, 0, 0.0 if dp else None)
@@ -140,14 +137,14 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
         if src.global_state is None:
             return None
         set_adapter_state(model, src.global_state)
-        epsilon = prior_eps
+        epsilon = _spent(data, src, cfg)
     elif method == "split":
         if src.split_shared is None:
             return None
         private = src.private_for(data.user_id)
         set_adapter_state(model, merge(src.split_shared, private if private is not None
                                        else initial_private(src.initial, src.split_name)))
-        epsilon = prior_eps
+        epsilon = _spent(data, src, cfg)
     elif method in ("finetune", "local_only"):
         if method == "finetune" and src.global_state is None:
             return None
@@ -160,6 +157,14 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
         raise ValueError(f"unknown personalization method {method!r}; expected one of {METHODS}")
     res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
     return _result(data, method, res, steps, epsilon)
+
+
+def _spent(data: ClientData, src: Sources, cfg: ExperimentConfig) -> float | None:
+    """The device's sample-level epsilon from the federation (its ledger); None without DP."""
+    if not cfg.privacy.enabled:
+        return None
+    ledger = src.ledger_for(data.user_id)
+    return ledger.epsilon(cfg.privacy.delta) if ledger is not None and ledger.history else 0.0
 
 
 def _result(data: ClientData, method: str, res, steps: int, epsilon: float | None) -> UserResult:
