@@ -52,3 +52,21 @@ def test_layout_round_trips_and_checks_names():
     assert all(torch.equal(back[k], GLOBAL[k]) for k in GLOBAL)
     with pytest.raises(ValueError, match="differ from the round's layout"):
         layout.flatten({"a.lora_A": GLOBAL["a.lora_A"]})
+
+
+def test_the_secure_summer_sums_within_rounding_and_zeroes_an_aborted_round():
+    from fedtune.privacy.secagg import Dropouts
+    from fedtune.privacy.secagg.summer import SecureSummer
+
+    gen = torch.Generator().manual_seed(9)
+    clipped = [clip_delta({k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in GLOBAL.items()}, C)[0]
+               for _ in range(6)]
+    summer = SecureSummer(clip_norm=C)
+    total = summer(clipped, GLOBAL)
+    bound = 6 * C / 127
+    for k in GLOBAL:
+        assert (total[k] - sum(c[k] for c in clipped)).abs().max().item() <= bound
+    assert summer.report()["secagg_survivors"] == 6 and summer.report()["secagg_uplink_bytes"] > 0
+    aborted = summer(clipped, GLOBAL, Dropouts(before_masked_input=frozenset({1, 2, 3})))  # each seed: 2 holders left, t = 3
+    assert all(torch.count_nonzero(v) == 0 for v in aborted.values()) and summer.report()["secagg_aborted"] == 1
+    assert all(torch.count_nonzero(v) == 0 for v in summer(clipped[:1], GLOBAL).values())
