@@ -24,7 +24,7 @@ GLOBAL = {"layer.lora_A": torch.zeros(64, 256), "layer.lora_B": torch.zeros(256,
 
 def _dp_fedavg(sigma: float = SIGMA) -> DPFedAvg:
     cfg = UserLevelPrivacyConfig(enabled=True, noise_multiplier=sigma, clip_norm=CLIP)
-    return DPFedAvg(cfg, plan_user_level(cfg, POPULATION, COHORT, rounds=10), POPULATION, seed=3)
+    return DPFedAvg(cfg, plan_user_level(cfg, POPULATION, COHORT, rounds=10), POPULATION, 3)
 
 
 def _flat(state) -> np.ndarray:
@@ -67,7 +67,7 @@ def test_cohort_sizes_follow_binomial_population_q():
 
 def test_small_population_cohorts_are_empty_at_the_right_rate():
     cfg = UserLevelPrivacyConfig(enabled=True, noise_multiplier=1.0, clip_norm=CLIP)
-    dp = DPFedAvg(cfg, plan_user_level(cfg, 20, 2, rounds=10), 20, seed=4)  # q = 0.1: P(empty) = 0.9^20 = 0.12
+    dp = DPFedAvg(cfg, plan_user_level(cfg, 20, 2, rounds=10), 20, 4)  # q = 0.1: P(empty) = 0.9^20 = 0.12
     sizes = [len(dp.sample(r)) for r in range(1, 2001)]
     assert binomial_count_pvalue(sizes.count(0), len(sizes), 0.9**20) > ALPHA
     assert binomial_gof_pvalue(sizes, 20, 0.1) > ALPHA
