@@ -67,6 +67,7 @@ def test_the_secure_summer_sums_within_rounding_and_zeroes_an_aborted_round():
     for k in GLOBAL:
         assert (total[k] - sum(c[k] for c in clipped)).abs().max().item() <= bound
     assert summer.report()["secagg_survivors"] == 6 and summer.report()["secagg_uplink_bytes"] > 0
-    aborted = summer(clipped, GLOBAL, Dropouts(before_masked_input=frozenset({1, 2, 3})))  # each seed: 2 holders left, t = 3
+    # 3 of 6 drop: each survivor's seed has 2 live holders, t = 3
+    aborted = summer(clipped, GLOBAL, Dropouts(before_masked_input=frozenset({1, 2, 3})))
     assert all(torch.count_nonzero(v) == 0 for v in aborted.values()) and summer.report()["secagg_aborted"] == 1
     assert all(torch.count_nonzero(v) == 0 for v in summer(clipped[:1], GLOBAL).values())
