@@ -144,3 +144,34 @@ def test_keys_and_masks_are_fresh_each_round(monkeypatch):
     run_secure_aggregation(setup, ups)
     run_secure_aggregation(setup, ups)  # same updates, same setup: new keys, new seeds, new masks
     assert len(seen) == 8 and not np.array_equal(seen[0], seen[4])
+
+
+def _connected(nodes: set[int], setup) -> bool:
+    seen, todo = set(), [min(nodes)]
+    while todo:
+        u = todo.pop()
+        if u not in seen:
+            seen.add(u)
+            todo += [v for v in setup.neighbours(u) if v in nodes and v not in seen]
+    return seen == nodes
+
+
+def test_a_completed_sparse_round_leaves_the_survivors_connected():
+    """Masks between survivors cancel only over a connected component: were the survivors' graph split, the
+    server would learn each part's sum. With t > k/2 a round completes only if every survivor keeps more than
+    k/2 live neighbours, which leaves no gap of k/2 on the ring: random dropout patterns either abort or sum
+    over one connected set."""
+    ids = list(range(1, 17))
+    setup = make_setup(ids, 8, CLIP, num_neighbours=4, context=b"test/8")
+    rng = np.random.default_rng(6)
+    completed = aborted = 0
+    for _ in range(40):
+        drops = [frozenset(int(c) for c in ids if rng.random() < p) for p in (0.05, 0.1, 0.1)]
+        try:
+            out = run_secure_aggregation(setup, {c: np.zeros(8) for c in ids}, Dropouts(*drops))
+        except SecAggAbort:
+            aborted += 1
+            continue
+        completed += 1
+        assert _connected(set(out.survivors), setup), out.survivors
+    assert completed >= 5 and aborted >= 5  # both outcomes were exercised
