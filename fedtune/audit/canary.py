@@ -13,6 +13,9 @@
    ``federation.clients_per_round``) runs ``train_local`` from the global adapter, ``weighted_average``
    (FedAvg by example count) makes the next global. With DP, each client runs sample-level DP-SGD
    (``privacy`` section) and keeps its own ``PrivacyLedger`` across rounds; the canary client's ε is reported.
+   With user-level DP (``privacy.user_level``), the server's ``DPFedAvg`` replaces both the cohort and
+   FedAvg: Poisson cohorts at q = clients_per_round / clients, each delta clipped to C, N(0, (σC)²) on the
+   sum, divided by qN; the rounds are cut to the budget and the server ledger's ε is reported.
 4. Exposure under the final global adapter: each canary's log-perplexity of the secret given the prefix
    is ranked among ``n_candidates`` secrets of the same format (all 10^k of them when that is no more
    than ``n_candidates``); exposure = log2(N) - log2(rank). Inserted vs held-out canaries are summarized
@@ -58,6 +61,7 @@ class CanaryAuditConfig:
     n_candidates: int = 2000
     rounds: int | None = None  # None: federation.rounds
     dp: bool | None = None  # None: privacy.enabled
+    user_level: bool | None = None  # None: privacy.user_level.enabled (DP-FedAvg on the server)
     seed: int | None = None  # None: the experiment seed
     score_batch_size: int = 256
 
@@ -195,6 +199,10 @@ class CanaryAuditResult:
     eval_loss: float  # held-out loss of the released adapter (token-weighted over clients)
     wall_seconds: float
     settings: dict = field(default_factory=dict)  # audit settings, the canary client, the experiment config
+    user_level: bool = False  # DP-FedAvg ran on the server (Poisson cohorts, clipping, noise on the sum)
+    user_epsilon: float | None = None  # from the server's ledger after all rounds
+    user_delta: float | None = None
+    user_noise_multiplier: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,6 +223,15 @@ def _cohort(n_clients: int, per_round: int, seed: int, server_round: int) -> lis
     return sorted(torch.randperm(n_clients, generator=gen)[:per_round].tolist())
 
 
+def _user_level_server(cfg: ExperimentConfig, population: int, rounds: int, seed: int):
+    """The server's DP-FedAvg for the audit's population; its plan may cut the rounds to the budget."""
+    from fedtune.privacy.dp_fedavg import DPFedAvg, plan_user_level
+
+    ucfg = cfg.privacy.user_level.model_copy(update={"enabled": True})
+    plan = plan_user_level(ucfg, population, min(cfg.federation.clients_per_round, population), rounds)
+    return DPFedAvg(ucfg, plan, population, seed)
+
+
 def _eval_loss(model, clients: list[ClientData], cfg: ExperimentConfig) -> float:
     nll, tokens = 0.0, 0
     for c in clients:
@@ -230,6 +247,7 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
     start = time.perf_counter()
     seed = cfg.seed if audit.seed is None else audit.seed
     dp = cfg.privacy.enabled if audit.dp is None else audit.dp
+    user = cfg.privacy.user_level.enabled if audit.user_level is None else audit.user_level
     privacy = _privacy(cfg, dp)
     rounds = audit.rounds or cfg.federation.rounds
     if cfg.train.torch_threads:
@@ -247,10 +265,12 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
     model = create_adapter(base, cfg.adapter, seed)
     global_state = get_adapter_state(model)
     ledgers = {i: PrivacyLedger(c.user_id, cfg.privacy.accountant) for i, c in enumerate(clients)} if dp else {}
+    server = _user_level_server(cfg, len(clients), rounds, seed) if user else None
+    rounds = server.plan.rounds if server else rounds
     planned = rounds * cfg.train.local_steps
     losses, noise = [], None
     for r in range(1, rounds + 1):
-        cohort = _cohort(len(clients), cfg.federation.clients_per_round, seed, r)
+        cohort = server.sample(r) if server else _cohort(len(clients), cfg.federation.clients_per_round, seed, r)
         updates = []
         for i in cohort:
             task = ClientTask(server_round=r, local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
@@ -260,8 +280,11 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
             updates.append(update)
             if i == audit.canary_client and dp:
                 noise = update.metrics.get("noise_multiplier")
-        global_state = weighted_average([u.adapter for u in updates], [u.num_examples for u in updates])
-        losses.append(sum(u.train_loss for u in updates) / len(updates))
+        if server:
+            global_state, _ = server.aggregate(global_state, [u.adapter for u in updates], r)
+        else:
+            global_state = weighted_average([u.adapter for u in updates], [u.num_examples for u in updates])
+        losses.append(sum(u.train_loss for u in updates) / len(updates) if updates else math.nan)
         log.info("canary audit round %d/%d: %d clients, train loss %.3f", r, rounds, len(cohort), losses[-1])
     set_adapter_state(model, global_state)
 
@@ -284,7 +307,7 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
     target = clients[audit.canary_client]
     epsilon = ledgers[audit.canary_client].epsilon(cfg.privacy.delta) if dp else None
     settings = {
-        "audit": {**asdict(audit), "rounds": rounds, "dp": dp, "seed": seed},
+        "audit": {**asdict(audit), "rounds": rounds, "dp": dp, "user_level": user, "seed": seed},
         "canary_client": {"index": audit.canary_client, "user_id": target.user_id,
                           "train_chunks": target.num_train, "canary_chunks": len(inserted) * audit.repeats},
         "clients": len(clients),
@@ -295,6 +318,9 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
         max_exposure=math.log2(results[0].n_candidates), whole_space=whole_space, dp=dp, epsilon=epsilon,
         delta=cfg.privacy.delta if dp else None, noise_multiplier=noise, train_loss=tuple(losses),
         eval_loss=_eval_loss(model, clients, cfg), wall_seconds=time.perf_counter() - start, settings=settings,
+        user_level=user, user_epsilon=server.ledger.epsilon() if server else None,
+        user_delta=server.plan.delta if server else None,
+        user_noise_multiplier=server.plan.noise_multiplier if server else None,
     )
 
 
@@ -305,8 +331,12 @@ def format_result(result: CanaryAuditResult, per_canary: bool = False) -> str:
     delta = "-" if result.delta is None else f"{result.delta:g}"
     noise = "" if result.noise_multiplier is None else f", noise multiplier {result.noise_multiplier:.3g}"
     space = "all" if result.whole_space else "random"
+    user = "user-level DP off"
+    if result.user_level:
+        user = (f"user-level DP on (ε={result.user_epsilon:.2f}, δ={result.user_delta:g}, "
+                f"noise multiplier {result.user_noise_multiplier:.3g})")
     lines = [
-        f"canary audit: DP {'on' if result.dp else 'off'} (ε={eps}, δ={delta}{noise}), "
+        f"canary audit: DP {'on' if result.dp else 'off'} (ε={eps}, δ={delta}{noise}), {user}, "
         f"{a.get('rounds', '?')} rounds, {a.get('repeats', '?')} copies per inserted canary",
         f"ranked among N={result.canaries[0].n_candidates} ({space}) secrets: exposure 0..{result.max_exposure:.2f} "
         "bits, ~1.44 when nothing is remembered",

@@ -175,3 +175,49 @@ def test_a_completed_sparse_round_leaves_the_survivors_connected():
         completed += 1
         assert _connected(set(out.survivors), setup), out.survivors
     assert completed >= 5 and aborted >= 5  # both outcomes were exercised
+
+
+def _through_masked_input(setup, ups):
+    server = SecAggServer(setup)
+    clients = {c: SecAggClient(c, setup) for c in setup.cohort}
+    peers = server.collect_adverts([c.advertise() for c in clients.values()])
+    inbox = server.route_shares([clients[c].share_keys(peers[c]) for c in setup.cohort])
+    inputs = {c: clients[c].masked_input(ups[c], inbox[c]) for c in setup.cohort}
+    server.collect_masked(list(inputs.values()))
+    return server, clients, {c: m.vector for c, m in inputs.items()}
+
+
+def _looks_masked(y, x, q) -> bool:
+    uniform = stats.chisquare(np.bincount(y >> 8, minlength=256)).pvalue > ALPHA
+    far = (np.abs(q.dequantize_sum(y - q.quantize(x, np.random.default_rng(0)))) < 0.01).mean() < 0.05
+    return uniform and far
+
+
+def test_what_a_curious_server_can_strip_from_one_input_leaves_it_masked():
+    """Each input carries two layers: the pairwise masks and the self mask. A server that gets a survivor's
+    seed (it survived) is left with the pairwise masks; one that falsely calls it dropped and gets its mask key
+    is left with the self mask. Either way the input stays uniform in the ring."""
+    from fedtune.privacy.secagg import crypto, shamir
+    from fedtune.privacy.secagg.client import pairwise_mask
+
+    ups = _updates(7)
+    target, others = IDS[0], tuple(IDS[1:])
+    for claim_dropped in (False, True):
+        setup = make_setup(IDS, P, CLIP, context=b"test/9/%d" % claim_dropped)
+        server, clients, y = _through_masked_input(setup, ups)
+        q = setup.quantizer
+        if claim_dropped:
+            request = UnmaskRequest(survivors=others, dropped=(target,))
+        else:
+            request = UnmaskRequest(survivors=tuple(IDS), dropped=())
+        replies = [clients[c].unmask(request) for c in others]
+        if claim_dropped:
+            key = crypto.private_from_bytes(shamir.combine(
+                [shamir.Share.from_bytes(r.key_shares[target]) for r in replies], setup.threshold))
+            stripped = y[target].copy()
+            for v in setup.neighbours(target):
+                stripped -= pairwise_mask(key, v, server.adverts[v].mask_public, target, setup)
+        else:
+            seed = shamir.combine([shamir.Share.from_bytes(r.seed_shares[target]) for r in replies], setup.threshold)
+            stripped = y[target] - crypto.prg(seed, P, q.dtype)
+        assert _looks_masked(stripped, ups[target], q), claim_dropped
