@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,11 @@ from fedtune.privacy.secagg.messages import SecAggSetup
 from fedtune.privacy.secagg.server import SecAggServer
 
 STAGES = ("advertise keys", "share keys", "masked input", "unmask")
+M = TypeVar("M")
+
+
+def _same(message: M) -> M:
+    return message
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,13 @@ def make_setup(cohort: Sequence[int], vector_length: int, clip_range: float, *, 
 
 
 def run_secure_aggregation(setup: SecAggSetup, updates: dict[int, np.ndarray], dropouts: Dropouts = Dropouts(),
-                           rng: np.random.Generator | None = None) -> SecAggOutcome:
-    """Run the four stages for ``updates`` (client id -> float vector); raises ``SecAggAbort`` when too many drop."""
+                           rng: np.random.Generator | None = None,
+                           transport: Callable[[M], M] = _same) -> SecAggOutcome:
+    """Run the four stages for ``updates`` (client id -> float vector); raises ``SecAggAbort`` when too many drop.
+
+    ``transport`` carries every message (a KeyAdvert, a client's list of SealedShares, a MaskedInput, the
+    UnmaskRequest, an UnmaskReply) from sender to receiver; the default hands it over as is, a Flower adapter
+    can encode it into a record and decode it back (``fedtune.flower.secagg_records``)."""
     costs = {s: StageCost() for s in STAGES}
     server = SecAggServer(setup)
     clients = {c: SecAggClient(c, setup) for c in setup.cohort}
@@ -74,26 +84,29 @@ def run_secure_aggregation(setup: SecAggSetup, updates: dict[int, np.ndarray], d
         setattr(costs[stage], who, getattr(costs[stage], who) + time.perf_counter() - t0)
         return out
 
-    adverts = [timed(STAGES[0], "client_seconds", c.advertise) for c in clients.values()]
+    adverts = [transport(timed(STAGES[0], "client_seconds", c.advertise)) for c in clients.values()]
     costs[STAGES[0]].uplink_bytes = sum(a.nbytes() for a in adverts)
     peers = timed(STAGES[0], "server_seconds", server.collect_adverts, adverts)
+    peers = {u: {v: transport(a) for v, a in p.items()} for u, p in peers.items()}
     costs[STAGES[0]].downlink_bytes = sum(a.nbytes() for p in peers.values() for a in p.values())
 
     live = [c for c in peers if c not in dropouts.before_share_keys]
-    batches = [timed(STAGES[1], "client_seconds", clients[c].share_keys, peers[c]) for c in live]
+    batches = [transport(timed(STAGES[1], "client_seconds", clients[c].share_keys, peers[c])) for c in live]
     costs[STAGES[1]].uplink_bytes = sum(m.nbytes() for b in batches for m in b)
     inbox = timed(STAGES[1], "server_seconds", server.route_shares, batches)
+    inbox = {u: transport(msgs) for u, msgs in inbox.items()}
     costs[STAGES[1]].downlink_bytes = sum(m.nbytes() for msgs in inbox.values() for m in msgs)
 
     live = [c for c in inbox if c not in dropouts.before_masked_input]
-    inputs = [timed(STAGES[2], "client_seconds", clients[c].masked_input, updates[c], inbox[c], rng) for c in live]
+    inputs = [transport(timed(STAGES[2], "client_seconds", clients[c].masked_input, updates[c], inbox[c], rng))
+              for c in live]
     costs[STAGES[2]].uplink_bytes = sum(m.nbytes() for m in inputs)
     request = timed(STAGES[2], "server_seconds", server.collect_masked, inputs)
     del inputs  # the server keeps only their sum
     live = [c for c in request.survivors if c not in dropouts.before_unmask]
     costs[STAGES[2]].downlink_bytes = request.nbytes() * len(live)
 
-    replies = [timed(STAGES[3], "client_seconds", clients[c].unmask, request) for c in live]
+    replies = [transport(timed(STAGES[3], "client_seconds", clients[c].unmask, transport(request))) for c in live]
     costs[STAGES[3]].uplink_bytes = sum(r.nbytes() for r in replies)
     total = timed(STAGES[3], "server_seconds", server.unmask, replies)
     return SecAggOutcome(total, server.survivors, server.dropped, server, costs)
