@@ -165,3 +165,15 @@ def test_user_level_dp_runs_dp_fedavg_and_reports_the_server_ledgers_epsilon():
     assert len(result.train_loss) == rounds
     off = run_canary_audit(cfg, replace(AUDIT, user_level=False, rounds=1))
     assert not off.user_level and off.user_epsilon is None
+
+
+def test_cli_user_level_flag_reaches_the_server_plan(tmp_path):
+    cfg = make_config(**{**SECTIONS, "federation": {"rounds": 1, "clients_per_round": 2, "min_clients": 1}},
+                      privacy={"enabled": False, "user_level": {"enabled": False, "noise_multiplier": 0.1,
+                                                                "epsilon_budget": 0.01}})
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    # user-level DP is off in the config; the flag turns it on, and its plan refuses a budget no round fits
+    result = CliRunner().invoke(audit_app, ["canary", str(path), "--no-dp", "--user-level", "--candidates", "50",
+                                            "--digits", "3", "--inserted", "2", "--held-out", "2"])
+    assert result.exit_code == 1 and "not even one round fits" in result.output, result.output
