@@ -32,8 +32,10 @@ from fedtune.flower.context import RunContext, run_context
 from fedtune.flower.packed_grid import PackedGrid
 from fedtune.flower.records import arrays_to_state, state_to_arrays
 from fedtune.fleet import SimClock
-from fedtune.flower.fleet import FleetCoordinator
+from fedtune.federation.fleet import FleetCoordinator
 from fedtune.flower.fleet_strategy import FleetFedAvg
+from fedtune.federation.labels import PrivacyTrail
+from fedtune.federation.seeds import Seeds
 from fedtune.flower.strategy import AdapterFedAvg, RoundStats
 from fedtune.recording import save_adapter
 from fedtune.training import evaluate_chunks
@@ -93,6 +95,12 @@ class Recorder:
         self.final_round = final_round  # the last round this run will train (the budget may cut it)
         self.last_round = last_round  # the last round already recorded (a resumed checkpoint's)
         self.results: list[RoundResult] = []
+        self.trail = PrivacyTrail(sample_accountant=ctx.cfg.privacy.accountant, randomness=strategy.seeds.mode)
+        self.trail.planned_level = ("user" if strategy.user_dp is not None else
+                                    "sample" if ctx.cfg.privacy.enabled else "none")
+        if strategy.pipeline.user_dp is not None:  # round 0: the mechanism that will run, nothing charged yet
+            self.trail.user = strategy.pipeline.user_dp.report()
+        self.trail.sample_delta = ctx.cfg.privacy.delta if ctx.cfg.privacy.enabled else None
         self.published: dict | None = None  # the registry state the checkpoint carries
         self._t0 = time.perf_counter()
 
@@ -111,14 +119,9 @@ class Recorder:
             fstats = coord.stats.get(server_round)
             fleet_extra = dict(fstats.record() if fstats else {"sim_round_seconds": 0.0},
                                sim_clock_seconds=round(coord.clock.seconds, 3))
-        eps = [c["epsilon"] for c in stats.clients if c.get("epsilon", -1) >= 0]
-        user_dp = self.strategy.user_dp
-        level = "user" if user_dp is not None else ("sample" if cfg.privacy.enabled else "none")
-        sample_eps = max(eps) if eps else (0.0 if cfg.privacy.enabled else None)
-        if user_dp is not None:
-            epsilon, delta = user_dp.ledger.epsilon(), user_dp.plan.delta
-        else:
-            epsilon, delta = sample_eps, (cfg.privacy.delta if cfg.privacy.enabled else None)
+        if server_round > 0 and stats.result is not None and not stats.result.skipped:
+            self.trail.observe(stats.result.applied, stats.replies)  # the label follows what ran
+        privacy = self.trail.record_fields()
         result = RoundResult(
             round=server_round,
             clients_sampled=stats.sampled,
@@ -128,19 +131,16 @@ class Recorder:
             eval_perplexity=res.perplexity,
             upload_bytes=stats.upload_bytes,
             wall_seconds=round(time.perf_counter() - stats.started, 3),
-            epsilon=epsilon,
-            delta=delta,
+            epsilon=privacy.pop("epsilon"),
+            delta=privacy.pop("delta"),
             extra={
                 "eval_accuracy": res.accuracy,
-                "privacy_level": level,
-                "sample_epsilon": sample_eps,
-                "sample_delta": cfg.privacy.delta if cfg.privacy.enabled else None,
-                "sample_epsilon_mean": sum(eps) / len(eps) if eps else None,
+                **privacy,
                 **stats.dp,
                 "clients_failed": stats.failed,
                 "clients_rejected": dict(stats.rejected),
                 "clients_declined": dict(stats.declined),
-                "aggregation": cfg.federation.aggregation,
+                "aggregation": "+".join(m.name for m in stats.result.applied) if stats.result else "none",
                 "round_skipped": stats.skipped,
                 "adapter_bytes": adapter_bytes(state),
                 "base_model_bytes_dense": self.info["base_bytes_dense"],
@@ -150,10 +150,10 @@ class Recorder:
                 **fleet_extra,
             },
         )
-        save_adapter(self.model, run.adapter(server_round), result, cfg)
+        save_adapter(self.model, run.adapter(server_round), result, cfg, self.trail.guarantee(server_round))
         run.append_metrics(result.to_record())
         self.published = self._maybe_publish(server_round) or self.published
-        write_checkpoint(run, server_round, self.strategy, self.published)
+        write_checkpoint(run, server_round, self.strategy, self.published, self.trail)
         self.last_round = server_round
         self.results.append(result)
         run.append_event({"event": "round_done", "round": server_round})
@@ -182,7 +182,7 @@ class Recorder:
 
 
 
-def write_checkpoint(run, server_round: int, strategy, published: dict | None = None) -> None:
+def write_checkpoint(run, server_round: int, strategy, published: dict | None = None, trail=None) -> None:
     """After each round, atomically (tmp + os.replace): the commit point of that round.
 
     It names the round, the global adapter (adapters/round-N, already written, with its sha256), the
@@ -203,7 +203,8 @@ def write_checkpoint(run, server_round: int, strategy, published: dict | None = 
             "strategy": strategy_state(strategy),
             "user_ledger": user_dp.ledger.to_dict() if user_dp is not None else None,
             "clock": coord.clock.to_dict() if coord is not None else None,
-            "registry": published}
+            "registry": published,
+            "privacy_trail": trail.to_dict() if trail is not None else None}
     tmp = run.root / "checkpoint.json.tmp"
     with open(tmp, "w") as f:
         f.write(json.dumps(data, indent=1))
@@ -277,14 +278,16 @@ def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, in
     if not deployed:
         max_examples = min(max_examples, max(entry["train"] for entry in index))
     offset = checkpoint["round"] if checkpoint else 0
+    seeds = Seeds.for_run(cfg.seed, deployed=bool(deployed))  # a deployed server's cohorts and noise are secret
     if cfg.fleet.enabled:
         coord = FleetCoordinator(cfg, len(index), cfg.fleet.simulated_params or info["base_bytes_dense"] // 4,
-                                 adapter_bytes(initial) // cfg.adapter.rank)
+                                 adapter_bytes(initial) // cfg.adapter.rank, seeds=seeds)
         if checkpoint and checkpoint.get("clock"):
             coord.clock = SimClock.from_dict(checkpoint["clock"])
         strategy = FleetFedAvg(reference=initial, coordinator=coord, rank_aggregation=cfg.fleet.rank_aggregation,
                                scale=cfg.adapter.alpha / cfg.adapter.rank, min_clients=cfg.federation.min_clients,
-                               seed=cfg.seed, max_examples=max_examples)
+                               seed=cfg.seed, max_examples=max_examples, aggregation=cfg.federation.aggregation,
+                               trim_fraction=cfg.federation.trim_fraction, seeds=seeds)
         strategy.round_offset = offset
         return strategy, None
     user_dp, plan = None, None
@@ -297,14 +300,14 @@ def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, in
         ledger = None
         if checkpoint and checkpoint.get("user_ledger"):
             ledger = UserLevelLedger.from_dict(checkpoint["user_ledger"])
-        user_dp = DPFedAvg(cfg.privacy.user_level, plan, population, cfg.seed, ledger)
+        user_dp = DPFedAvg(cfg.privacy.user_level, plan, population, seeds, ledger)
     fed, val = cfg.federation, cfg.validation
     aggregator = None if fed.aggregation == "fedavg" else create_aggregator(fed.aggregation,
                                                                             trim_fraction=fed.trim_fraction)
     strategy = AdapterFedAvg(reference=initial, clients_per_round=min(fed.clients_per_round, population),
                              min_clients=fed.min_clients, seed=cfg.seed, max_examples=max_examples,
                              user_dp=user_dp, round_offset=offset, max_update_norm=val.max_update_norm,
-                             max_train_loss=val.max_train_loss, aggregator=aggregator)
+                             max_train_loss=val.max_train_loss, aggregator=aggregator, seeds=seeds)
     return strategy, plan
 
 
@@ -337,6 +340,8 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
                         final_round=final, last_round=done if checkpoint else -1,
                         private_init=initial_private(full, split))
     recorder.published = checkpoint.get("registry") if checkpoint else None
+    if checkpoint:
+        recorder.trail.restore(checkpoint.get("privacy_trail"))
     ctx.run.append_event({"event": "waiting_for_nodes", "expected": population})
     wait_for_nodes(grid, population, timeout=3600.0 if deployed else 300.0, deployed=bool(deployed))
     train_config = ConfigRecord({"local-steps": cfg.train.local_steps, "batch-size": cfg.train.batch_size,
