@@ -209,6 +209,13 @@ class SimulationConfig(_Section):
     packed_micro_batch: int | None = Field(None, gt=0)  # sequences per packed forward/backward (GPU memory)
 
 
+class TrackingConfig(_Section):
+    """Experiment-tracking sinks beside metrics.jsonl (fedtune/federation/sinks.py); both off by default."""
+
+    tensorboard: bool = False  # <run>/tensorboard/ (needs the `tensorboard` package)
+    mlflow: bool = False  # <run>/mlruns/, a local MLflow file store (needs `mlflow-skinny`)
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = 0
@@ -223,6 +230,7 @@ class ExperimentConfig(_Section):
     publish: PublishConfig = PublishConfig()
     personalization: PersonalizationConfig = PersonalizationConfig()
     simulation: SimulationConfig = SimulationConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -35,6 +34,7 @@ import torch
 from fedtune.adapters import create_adapter
 from fedtune.audit.exposure import exposure_of, secret_log_perplexities
 from fedtune.config import ExperimentConfig
+from fedtune.federation.seeds import Seeds
 from fedtune.data import build_client_data
 from fedtune.models import load_base_model, load_encoder
 from fedtune.training import evaluate_chunks
@@ -86,7 +86,7 @@ def format_secret(digits: int, n_digits: int) -> str:
 
 def make_canaries(audit: CanaryAuditConfig, seed: int) -> tuple[list[str], list[str]]:
     """(inserted secrets, held-out secrets): distinct, same format, from a seeded RNG."""
-    rng = random.Random(seed * 7_919 + 17)
+    rng = Seeds.simulated(seed).rng("canary.secrets")
     picks = rng.sample(range(10**audit.n_digits), audit.n_inserted + audit.n_held_out)
     secrets = [format_secret(d, audit.n_digits) for d in picks]
     return secrets[: audit.n_inserted], secrets[audit.n_inserted :]
@@ -101,7 +101,7 @@ def candidate_secrets(audit: CanaryAuditConfig, canaries: list[str], seed: int) 
     space = 10**audit.n_digits
     if space <= audit.n_candidates + len(canaries):
         return [format_secret(d, audit.n_digits) for d in range(space)], True
-    rng = random.Random(seed * 7_919 + 29)
+    rng = Seeds.simulated(seed).rng("canary.candidates")
     taken = set(canaries)
     draw = (format_secret(d, audit.n_digits) for d in rng.sample(range(space), audit.n_candidates - 1 + len(taken)))
     return list(itertools.islice((s for s in draw if s not in taken), audit.n_candidates - 1)), False
@@ -134,7 +134,7 @@ def insert_canaries(clients: list[ClientData], canary_ids: list[list[int]], clie
     if longest > seq_len:
         raise ValueError(f"a canary takes {longest} tokens with its two EOS, more than data.seq_len={seq_len}; "
                          "raise data.seq_len or shorten the prefix / n_digits")
-    gen = torch.Generator().manual_seed(seed * 7_919 + 31)
+    gen = Seeds.simulated(seed).generator("canary.insert")
     rows = []
     for ids in canary_ids:
         block = torch.tensor([eos_token_id, *ids, eos_token_id], dtype=torch.long)

@@ -241,6 +241,9 @@ class _Recorder:
     def __init__(self, cfg, model, run: RunDir, heldout, trail: PrivacyTrail, private_init):
         self.cfg, self.model, self.run, self.heldout, self.trail = cfg, model, run, heldout, trail
         self.private_init = private_init
+        from fedtune.federation.sinks import Sinks
+
+        self.sinks = Sinks(cfg, run.root)
 
     def __call__(self, server_round: int, shared, stats: dict, seconds: float) -> dict:
         set_adapter_state(self.model, merge(shared, self.private_init))
@@ -262,6 +265,7 @@ class _Recorder:
                           extra={k: v for k, v in extra.items() if k not in ("epsilon", "delta")})
         save_adapter(self.model, self.run.adapter(server_round), rec, self.cfg, self.trail.guarantee(server_round))
         self.run.append_metrics(rec.to_record())
+        self.sinks.write(rec.to_record())
         tmp = self.run.root / "checkpoint.json.tmp"
         tmp.write_text(json.dumps({"round": server_round, "adapter": f"adapters/round-{server_round}",
                                    "privacy_trail": self.trail.to_dict()}))

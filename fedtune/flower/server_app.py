@@ -95,6 +95,9 @@ class Recorder:
         self.final_round = final_round  # the last round this run will train (the budget may cut it)
         self.last_round = last_round  # the last round already recorded (a resumed checkpoint's)
         self.results: list[RoundResult] = []
+        from fedtune.federation.sinks import Sinks
+
+        self.sinks = Sinks(ctx.cfg, ctx.run.root)  # TensorBoard / MLflow when `tracking` turns them on
         self.trail = PrivacyTrail(sample_accountant=ctx.cfg.privacy.accountant, randomness=strategy.seeds.mode)
         self.trail.planned_level = ("user" if strategy.user_dp is not None else
                                     "sample" if ctx.cfg.privacy.enabled else "none")
@@ -152,6 +155,7 @@ class Recorder:
         )
         save_adapter(self.model, run.adapter(server_round), result, cfg, self.trail.guarantee(server_round))
         run.append_metrics(result.to_record())
+        self.sinks.write(result.to_record())
         self.published = self._maybe_publish(server_round) or self.published
         write_checkpoint(run, server_round, self.strategy, self.published, self.trail)
         self.last_round = server_round

@@ -90,13 +90,17 @@ class AdapterFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        node_ids = self.sample(server_round, list(grid.get_node_ids()))
+        nodes = sorted(grid.get_node_ids())
+        devices = self.sampler.sample(server_round, len(nodes))
         self.current = arrays_to_state(arrays)
-        self.stats[server_round] = RoundStats(sampled=len(node_ids))
+        self.stats[server_round] = RoundStats(sampled=len(devices))
         config["server-round"] = server_round
-        record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
-        log.info("round %d: sampled %d clients", server_round, len(node_ids))
-        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+        log.info("round %d: sampled %d clients", server_round, len(devices))
+        messages = []
+        for d in devices:  # a simulated node trains device i = its index (a real device ignores it)
+            record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({**dict(config), "device-index": d})})
+            messages += list(self._construct_messages(record, [nodes[d]], MessageType.TRAIN))
+        return messages
 
     def _validated(self, msg: Message, stats: RoundStats, reference_for=None) -> Reply | None:
         """The reply, decoded and validated, if it may be aggregated; else count why not.
