@@ -19,26 +19,21 @@ One round (numbered as in ``fedtune.federation``'s package docstring):
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
 from dataclasses import dataclass
 
-from fedtune.adapters import get_adapter_state, set_adapter_state
-from fedtune.adapters.split import initial_private, merge, shared_part
+from fedtune.adapters import get_adapter_state
+from fedtune.adapters.split import initial_private, shared_part
 from fedtune.aggregation import UpdateRejected
 from fedtune.config import ExperimentConfig, dump_config
 from fedtune.federation.aggregate import Pipeline, UserLevelDP, build_rule
 from fedtune.federation.device_round import DeviceBudgetSpent, DeviceState, train_group, train_one
-from fedtune.federation.labels import PrivacyTrail
+from fedtune.federation.recorder import Recorder, RoundStats, new_trail
 from fedtune.federation.replies import ReplyLimits, accept_reply
 from fedtune.federation.sampler import create_sampler
 from fedtune.federation.seeds import Seeds
 from fedtune.federation.task import plan_task
-from fedtune.recording import save_adapter
-from fedtune.training import evaluate_chunks
-from fedtune.types import ClientData, RoundResult
+from fedtune.types import ClientData
 from fedtune.workspace import RunDir
 
 log = logging.getLogger(__name__)
@@ -80,10 +75,11 @@ class _Cohort:
     references: list  # what its reply must match
 
 
-def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, limits, pack, progress, stats,
-                  fleet=None) -> dict[int, tuple]:
+def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, limits, pack, progress,
+                  stats: RoundStats, dropped: list[int], fleet=None) -> dict[int, tuple]:
     """Train every device of the cohort (packed groups share rank and quantization); returns device ->
-    (reply, simulated seconds) for the valid replies, counting failures and rejections in ``stats``."""
+    (reply, simulated seconds) for the valid replies, counting failures and rejections in ``stats`` and
+    the fleet's dropouts in ``dropped``."""
     out: dict[int, tuple] = {}
     by_tier: dict[tuple, list[int]] = {}
     for j, plan in enumerate(cohort.plans):
@@ -94,8 +90,8 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
             devs = [cohort.devices[j] for j in group]
             fdevs = [fleet(d) for d in devs] if fleet else [None] * len(devs)
             keep = [k for k, f in enumerate(fdevs) if f is None or not f.drops_out(plans[k].server_round)]
-            stats["failed"] += len(group) - len(keep)
-            stats.setdefault("dropped", []).extend(devs[k] for k in range(len(devs)) if k not in keep)
+            stats.failed += len(group) - len(keep)
+            dropped.extend(devs[k] for k in range(len(devs)) if k not in keep)
             if not keep:
                 continue
             group, plans, devs, fdevs = ([x[k] for k in keep] for x in (group, plans, devs, fdevs))
@@ -112,16 +108,17 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
                     results = [err]
             for j, d, res, f, plan, data in zip(group, devs, results, fdevs, plans, datas):
                 if isinstance(res, DeviceBudgetSpent):
-                    stats["failed"] += 1
+                    stats.failed += 1
                     continue
-                stats["upload_bytes"] += _bytes(res.payload)
+                stats.upload_bytes += _bytes(res.payload)
                 metrics = _metrics(res.update, d, plan.rank or cfg.adapter.rank)
                 try:
                     reply = accept_reply(res.payload, metrics, sent=cohort.sent[j], reference=cohort.references[j],
                                          limits=limits, device=d)
                 except UpdateRejected as err:
-                    stats["rejected"][err.reason] = stats["rejected"].get(err.reason, 0) + 1
+                    stats.rejected[err.reason] += 1
                     continue
+                stats.clients.append(metrics)
                 seconds = f.seconds(plan.server_round, _bytes(cohort.sent[j]), res.update.tokens,
                                     _bytes(res.payload)) if f is not None else 0.0
                 out[d] = (reply, seconds)
@@ -192,18 +189,22 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
     pipeline = Pipeline(rule, cfg.federation.min_clients, user_dp)
     limits = ReplyLimits(min(cfg.validation.max_examples, max(c.num_train for c in clients)),
                          cfg.validation.max_update_norm, cfg.validation.max_train_loss)
-    trail = PrivacyTrail(sample_accountant=cfg.privacy.accountant, randomness=seeds.mode,
-                         planned_level="user" if user_dp else "sample" if cfg.privacy.enabled else "none",
-                         sample_delta=cfg.privacy.delta if cfg.privacy.enabled else None,
-                         user=user_dp.report() if user_dp else None)
-    heldout = pooled_heldout(clients, cfg.train.eval_max_chunks)
-    record = _Recorder(cfg, model, run, heldout, trail, private_init)
-    records = [record(0, shared, {}, 0.0)]
+    trail = new_trail(cfg, seeds.mode, user_dp)
+    recorder = Recorder(cfg, run, model, pooled_heldout(clients, cfg.train.eval_max_chunks), trail, private_init,
+                        engine="in-process", checkpoint_state=lambda: {
+                            "user_ledger": user_dp.dp.ledger.to_dict() if user_dp else None,
+                            "clock": coord.clock.to_dict() if coord is not None else None})
+
+    def record(r: int, state, stats: RoundStats) -> dict:
+        result = recorder.record(r, state, stats)
+        recorder.checkpoint(r)
+        return result.to_record()
+
+    records = [record(0, shared, RoundStats())]
     rounds = user_dp.dp.plan.rounds if user_dp else cfg.federation.rounds
     model_for = _tier_models(cfg, model)
     for r in range(1, rounds + 1):
-        t0 = time.perf_counter()
-        stats = {"failed": 0, "rejected": {}, "upload_bytes": 0}
+        stats = RoundStats()
         if fleet is not None:
             fleet.new_round()
             devices = coord.cohort(r)
@@ -214,13 +215,14 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
             devices = sampler.sample(r, population)
             cohort = _Cohort(devices, [plan_task(cfg, r, device=d) for d in devices], [shared] * len(devices),
                              [shared] * len(devices))
-        stats["sampled"] = len(devices)
-        done = _train_cohort(cfg, state, clients, cohort, model_for, limits, pack, progress, stats,
+        stats.sampled = len(devices)
+        dropped: list[int] = []
+        done = _train_cohort(cfg, state, clients, cohort, model_for, limits, pack, progress, stats, dropped,
                              fleet=(lambda d: fleet_device(cfg, d, params)) if fleet is not None else None)
         if coord is not None:
-            accepted = coord.settle(r, {d: s for d, (_, s) in done.items()}, stats.pop("dropped", []))
+            accepted = coord.settle(r, {d: s for d, (_, s) in done.items()}, dropped)
             good = [done[d][0] for d in accepted]
-            stats["fleet"] = dict(coord.stats[r].record(), sim_clock_seconds=round(coord.clock.seconds, 3))
+            stats.extra = dict(coord.stats[r].record(), sim_clock_seconds=round(coord.clock.seconds, 3))
         else:
             good = [done[d][0] for d in devices if d in done]
         current = fleet.global_adapter() if fleet is not None else shared
@@ -230,44 +232,6 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
             if fleet is not None:
                 fleet.after(result)
             shared = fleet.global_adapter() if fleet is not None else result.state
-        stats.update(succeeded=len(good), result=result)
-        records.append(record(r, shared, stats, time.perf_counter() - t0))
+        stats.absorb(result, good)
+        records.append(record(r, shared, stats))
     return records
-
-
-class _Recorder:
-    """Evaluates the global adapter and writes its record, adapter (with its label) and checkpoint."""
-
-    def __init__(self, cfg, model, run: RunDir, heldout, trail: PrivacyTrail, private_init):
-        self.cfg, self.model, self.run, self.heldout, self.trail = cfg, model, run, heldout, trail
-        self.private_init = private_init
-        from fedtune.federation.sinks import Sinks
-
-        self.sinks = Sinks(cfg, run.root)
-
-    def __call__(self, server_round: int, shared, stats: dict, seconds: float) -> dict:
-        set_adapter_state(self.model, merge(shared, self.private_init))
-        res = evaluate_chunks(self.model, self.heldout, self.cfg.train.eval_batch_size)
-        privacy = self.trail.record_fields()
-        result = stats.get("result")
-        extra = {"eval_accuracy": res.accuracy, **privacy, "engine": "in-process",
-                 "clients_failed": stats.get("failed", 0), "clients_rejected": stats.get("rejected", {}),
-                 "aggregation": "+".join(m.name for m in result.applied) if result else "none",
-                 "round_skipped": bool(result and result.skipped)}
-        if result is not None:
-            extra.update({k: v for k, v in result.figures.items() if k != "train_loss"})
-        extra.update(stats.get("fleet", {}))
-        rec = RoundResult(round=server_round, clients_sampled=stats.get("sampled", 0),
-                          clients_succeeded=stats.get("succeeded", 0),
-                          train_loss=result.figures.get("train_loss") if result else None, eval_loss=res.loss,
-                          eval_perplexity=res.perplexity, upload_bytes=stats.get("upload_bytes", 0),
-                          wall_seconds=round(seconds, 3), epsilon=privacy.pop("epsilon"), delta=privacy.pop("delta"),
-                          extra={k: v for k, v in extra.items() if k not in ("epsilon", "delta")})
-        save_adapter(self.model, self.run.adapter(server_round), rec, self.cfg, self.trail.guarantee(server_round))
-        self.run.append_metrics(rec.to_record())
-        self.sinks.write(rec.to_record())
-        tmp = self.run.root / "checkpoint.json.tmp"
-        tmp.write_text(json.dumps({"round": server_round, "adapter": f"adapters/round-{server_round}",
-                                   "privacy_trail": self.trail.to_dict()}))
-        os.replace(tmp, self.run.root / "checkpoint.json")
-        return rec.to_record()

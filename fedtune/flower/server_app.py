@@ -24,8 +24,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.adapters import adapter_bytes, get_adapter_state, set_adapter_state
-from fedtune.adapters.split import initial_private, merge, shared_part
+from fedtune.adapters import adapter_bytes, get_adapter_state
+from fedtune.adapters.split import initial_private, shared_part
 from fedtune.aggregation import create_aggregator
 from fedtune.data.partition import read_index
 from fedtune.flower.context import RunContext, run_context
@@ -34,11 +34,13 @@ from fedtune.flower.records import arrays_to_state, state_to_arrays
 from fedtune.fleet import SimClock
 from fedtune.federation.fleet import FleetCoordinator
 from fedtune.flower.fleet_strategy import FleetFedAvg
-from fedtune.federation.labels import PrivacyTrail
+from fedtune.federation.recorder import Recorder as EngineRecorder
+from fedtune.federation.recorder import (  # noqa: F401 (the checkpoint API, re-exported for the launcher)
+    RoundStats, load_checkpoint_adapter, new_trail, read_checkpoint, truncate_metrics,
+)
+from fedtune.federation.recorder import write_checkpoint as write_engine_checkpoint
 from fedtune.federation.seeds import Seeds
-from fedtune.flower.strategy import AdapterFedAvg, RoundStats
-from fedtune.recording import save_adapter
-from fedtune.training import evaluate_chunks
+from fedtune.flower.strategy import AdapterFedAvg
 from fedtune.types import AdapterState, RoundResult
 
 log = logging.getLogger(__name__)
@@ -85,79 +87,39 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0, deployed: 
 
 
 class Recorder:
-    """Evaluates the global adapter after each round and writes its record and checkpoint."""
+    """Flower's ``evaluate_fn``: the engine's recorder (``fedtune.federation.recorder``) plus publishing and
+    progress events, after each round."""
 
     def __init__(self, ctx: RunContext, strategy: AdapterFedAvg, model, info: dict, heldout: torch.Tensor, *,
                  n_clients: int, final_round: int, last_round: int = -1, private_init: AdapterState | None = None):
-        self.private_init = private_init or {}  # split adapters: the global model's private part (zeros)
-        self.ctx, self.strategy, self.model, self.info, self.heldout = ctx, strategy, model, info, heldout
+        self.ctx, self.strategy = ctx, strategy
         self.n_clients = n_clients  # the population (for announcing the next cohort)
         self.final_round = final_round  # the last round this run will train (the budget may cut it)
         self.last_round = last_round  # the last round already recorded (a resumed checkpoint's)
         self.results: list[RoundResult] = []
-        from fedtune.federation.sinks import Sinks
-
-        self.sinks = Sinks(ctx.cfg, ctx.run.root)  # TensorBoard / MLflow when `tracking` turns them on
-        self.trail = PrivacyTrail(sample_accountant=ctx.cfg.privacy.accountant, randomness=strategy.seeds.mode)
-        self.trail.planned_level = ("user" if strategy.user_dp is not None else
-                                    "sample" if ctx.cfg.privacy.enabled else "none")
-        if strategy.pipeline.user_dp is not None:  # round 0: the mechanism that will run, nothing charged yet
-            self.trail.user = strategy.pipeline.user_dp.report()
-        self.trail.sample_delta = ctx.cfg.privacy.delta if ctx.cfg.privacy.enabled else None
+        self.trail = new_trail(ctx.cfg, strategy.seeds.mode, strategy.pipeline.user_dp)
+        self.engine = EngineRecorder(ctx.cfg, ctx.run, model, heldout, self.trail, private_init, info=info,
+                                     engine="flower", checkpoint_state=self._state)
         self.published: dict | None = None  # the registry state the checkpoint carries
         self._t0 = time.perf_counter()
+
+    def _state(self) -> dict:
+        return checkpoint_state(self.strategy, self.published)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         cfg, run = self.ctx.cfg, self.ctx.run
         server_round += self.strategy.round_offset
         if server_round <= self.last_round:  # a resumed run re-evaluates its checkpoint: record it once
             return MetricRecord({"eval-loss": 0.0})
-        state = merge(arrays_to_state(arrays), self.private_init)
-        set_adapter_state(self.model, state)
-        res = evaluate_chunks(self.model, self.heldout, cfg.train.eval_batch_size)
         stats = self.strategy.stats.get(server_round, RoundStats(started=self._t0))
-        fleet_extra = {}
         coord = getattr(self.strategy, "coord", None)
         if coord is not None:
             fstats = coord.stats.get(server_round)
-            fleet_extra = dict(fstats.record() if fstats else {"sim_round_seconds": 0.0},
+            stats.extra = dict(fstats.record() if fstats else {"sim_round_seconds": 0.0},
                                sim_clock_seconds=round(coord.clock.seconds, 3))
-        if server_round > 0 and stats.result is not None and not stats.result.skipped:
-            self.trail.observe(stats.result.applied, stats.replies)  # the label follows what ran
-        privacy = self.trail.record_fields()
-        result = RoundResult(
-            round=server_round,
-            clients_sampled=stats.sampled,
-            clients_succeeded=stats.succeeded,
-            train_loss=stats.train_loss,
-            eval_loss=res.loss,
-            eval_perplexity=res.perplexity,
-            upload_bytes=stats.upload_bytes,
-            wall_seconds=round(time.perf_counter() - stats.started, 3),
-            epsilon=privacy.pop("epsilon"),
-            delta=privacy.pop("delta"),
-            extra={
-                "eval_accuracy": res.accuracy,
-                **privacy,
-                **stats.dp,
-                "clients_failed": stats.failed,
-                "clients_rejected": dict(stats.rejected),
-                "clients_declined": dict(stats.declined),
-                "aggregation": "+".join(m.name for m in stats.result.applied) if stats.result else "none",
-                "round_skipped": stats.skipped,
-                "adapter_bytes": adapter_bytes(state),
-                "base_model_bytes_dense": self.info["base_bytes_dense"],
-                "base_model_bytes": self.info["base_bytes"],
-                "quantization": self.info["quantization"],
-                "clients": stats.clients,
-                **fleet_extra,
-            },
-        )
-        save_adapter(self.model, run.adapter(server_round), result, cfg, self.trail.guarantee(server_round))
-        run.append_metrics(result.to_record())
-        self.sinks.write(result.to_record())
+        result = self.engine.record(server_round, arrays_to_state(arrays), stats)
         self.published = self._maybe_publish(server_round) or self.published
-        write_checkpoint(run, server_round, self.strategy, self.published, self.trail)
+        self.engine.checkpoint(server_round)
         self.last_round = server_round
         self.results.append(result)
         run.append_event({"event": "round_done", "round": server_round})
@@ -166,9 +128,9 @@ class Recorder:
             if cfg.fleet.enabled:  # over-selection: more start than will count
                 cohort = min(self.n_clients, math.ceil(cohort * (1 + cfg.fleet.over_selection)))
             run.append_event({"event": "round_start", "round": server_round + 1, "clients": cohort})
-        log.info("round %d: eval_loss %.4f perplexity %.2f", server_round, res.loss, res.perplexity)
+        log.info("round %d: eval_loss %.4f perplexity %.2f", server_round, result.eval_loss, result.eval_perplexity)
         self._t0 = time.perf_counter()
-        return MetricRecord({"eval-loss": res.loss, "eval-perplexity": min(res.perplexity, 1e30)})
+        return MetricRecord({"eval-loss": result.eval_loss, "eval-perplexity": min(result.eval_perplexity, 1e30)})
 
     def _maybe_publish(self, server_round: int) -> None:
         pub = self.ctx.cfg.publish
@@ -186,35 +148,22 @@ class Recorder:
 
 
 
-def write_checkpoint(run, server_round: int, strategy, published: dict | None = None, trail=None) -> None:
-    """After each round, atomically (tmp + os.replace): the commit point of that round.
-
-    It names the round, the global adapter (adapters/round-N, already written, with its sha256), the
-    strategy's state (its settings and cumulative rejection/decline counts; cohorts are a pure function of
-    seed and round), the server's user-level privacy ledger, the fleet clock and the registry state (the
-    last version published). A restart of the same command resumes at round N+1: records past N are dropped
-    (``truncate_metrics``), so nothing is counted twice.
-    """
-    import hashlib
-    import json
-    import os
-
+def checkpoint_state(strategy, published: dict | None = None) -> dict:
+    """What the Flower backend adds to a round's checkpoint: the strategy's settings and cumulative
+    rejection/decline counts (cohorts are a pure function of the seeds and round), the server's user-level
+    ledger, the fleet clock and the registry state (the last version published)."""
     user_dp = getattr(strategy, "user_dp", None)
     coord = getattr(strategy, "coord", None)
-    adapter = run.adapter(server_round) / "adapter_model.safetensors"
-    data = {"round": server_round, "adapter": f"adapters/round-{server_round}",
-            "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest() if adapter.is_file() else None,
-            "strategy": strategy_state(strategy),
+    return {"strategy": strategy_state(strategy),
             "user_ledger": user_dp.ledger.to_dict() if user_dp is not None else None,
             "clock": coord.clock.to_dict() if coord is not None else None,
-            "registry": published,
-            "privacy_trail": trail.to_dict() if trail is not None else None}
-    tmp = run.root / "checkpoint.json.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run.root / "checkpoint.json")
+            "registry": published}
+
+
+def write_checkpoint(run, server_round: int, strategy, published: dict | None = None, trail=None) -> None:
+    """The engine's checkpoint (``fedtune.federation.recorder.write_checkpoint``) with the strategy's state."""
+    write_engine_checkpoint(run, server_round, {**checkpoint_state(strategy, published),
+                                                "privacy_trail": trail.to_dict() if trail is not None else None})
 
 
 def strategy_state(strategy) -> dict:
@@ -231,44 +180,6 @@ def strategy_state(strategy) -> dict:
             totals[kind][reason] = totals[kind].get(reason, 0) + n
     return {"class": type(strategy).__name__, "seed": strategy.seed, "min_clients": strategy.min_clients,
             "aggregator": getattr(getattr(strategy, "aggregator", None), "name", "fedavg"), "totals": totals}
-
-
-def truncate_metrics(run, last_round: int) -> int:
-    """Drop metrics records past the checkpoint (a crash between a record and its checkpoint); return how many."""
-    import os
-
-    from fedtune.workspace import read_jsonl
-
-    records = read_jsonl(run.metrics)
-    keep = [r for r in records if r["round"] <= last_round]
-    if len(keep) != len(records):
-        import json
-
-        tmp = run.metrics.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, run.metrics)
-    return len(records) - len(keep)
-
-
-def read_checkpoint(run) -> dict | None:
-    import json
-
-    path = run.root / "checkpoint.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def load_checkpoint_adapter(run, server_round: int, sha256: str | None = None) -> AdapterState:
-    import hashlib
-
-    from safetensors.torch import load_file
-
-    path = run.adapter(server_round) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint names round {server_round} but {path} is missing")
-    if sha256 and hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
-        raise ValueError(f"{path} does not match the checkpoint's sha256; the run directory was changed after "
-                         "the checkpoint was written")
-    return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
 def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, info: dict, checkpoint: dict | None,

@@ -11,17 +11,15 @@ user-level DP-FedAvg | FedAvg | median | trimmed mean), whose ``applied`` mechan
 from __future__ import annotations
 
 import logging
-import time
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.aggregation import UpdateRejected
-from fedtune.federation.aggregate import Aggregated, FedAvgRule, Pipeline, Reply, RobustRule, UserLevelDP
+from fedtune.federation.aggregate import FedAvgRule, Pipeline, Reply, RobustRule, UserLevelDP
+from fedtune.federation.recorder import RoundStats  # noqa: F401 (re-exported)
 from fedtune.federation.replies import ReplyLimits, accept_reply
 from fedtune.federation.sampler import PoissonSampler, UniformSampler
 from fedtune.federation.seeds import Seeds
@@ -30,23 +28,6 @@ from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_t
 from fedtune.types import AdapterState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RoundStats:
-    sampled: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    declined: Counter = field(default_factory=Counter)  # ineligible devices, by their reason
-    upload_bytes: int = 0
-    train_loss: float | None = None
-    clients: list[dict] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-    skipped: bool = False
-    dp: dict = field(default_factory=dict)  # user-level DP figures of the round
-    replies: list[Reply] = field(default_factory=list)  # what was aggregated
-    result: Aggregated | None = None  # what the pipeline did (its ``applied`` mechanisms label the round)
 
 
 class AdapterFedAvg(FedAvg):
@@ -148,12 +129,9 @@ class AdapterFedAvg(FedAvg):
 
     def _aggregate(self, server_round: int, stats: RoundStats, good: list[Reply]
                    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        stats.succeeded = len(good)
         current = self.current if self.current is not None else self.reference
         result = self.pipeline.aggregate(current, good, server_round)
-        stats.replies, stats.result, stats.skipped = good, result, result.skipped
-        stats.train_loss = result.figures.get("train_loss")
-        stats.dp = {k: v for k, v in result.figures.items() if k != "train_loss"}
+        stats.absorb(result, good)
         if result.skipped:
             log.warning("round %d: only %d valid updates (< min_clients=%d); global adapter unchanged",
                         server_round, len(good), self.min_clients)
