@@ -68,7 +68,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         try:
             state.admit_round(str(msg.metadata.run_id), plan.server_round)
         except StaleRound as err:
-            return decline(msg, f"stale_round: {err}")
+            log.warning("declined: %s", err)
+            return decline(msg, "stale_round")
         plan = device_task(plan, cfg, deployed)
     # a population larger than the data reuses its users; a real device has only its own data
     partition = device % len(ctx.data_index) if deployed is None else -1

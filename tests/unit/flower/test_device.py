@@ -91,6 +91,19 @@ def test_client_app_on_a_device_trains_on_its_own_file(deployed):
     assert (state / "ledgers" / "phone-7.json").is_file()  # the device keeps its own privacy ledger
 
 
+def test_a_device_declines_a_replayed_round_and_never_trains_it_twice(deployed):
+    """A server that resends a round (to average two noise draws on the same data) gets a decline."""
+    from fedtune.privacy import LedgerStore
+
+    run_config, path, state = deployed
+    node = {"data-path": str(path), "device-id": "phone-8", "state-dir": str(state)}
+    first = _train(run_config, node)
+    assert "arrays" in first.content
+    again = _train(run_config, node)  # the same run, server-round 1 again
+    assert declined_reason(again) == "stale_round" and "arrays" not in again.content
+    assert LedgerStore(state / "ledgers").load("phone-8").rounds == [1]  # charged once
+
+
 def test_client_app_on_an_ineligible_device_declines(deployed):
     run_config, path, state = deployed
     reply = _train(run_config, {"data-path": str(path), "eligibility": "never", "state-dir": str(state)})
