@@ -129,6 +129,10 @@ class FederationConfig(_Section):
     # how devices upload their adapter: fp32, fp16 (half the bytes), or int8 deltas with error feedback
     # (~3.9x fewer bytes than fp32; the quantization residual stays on the device, in state/residuals)
     upload: Literal["fp32", "fp16", "int8"] = "fp16"
+    # what a reply reports beside its upload (fedtune/federation/reply_figures.py): exact figures, or only
+    # what aggregation needs (bucketed example count, no loss/tokens); auto = exact in simulations, minimal
+    # on deployed devices
+    reply_figures: Literal["auto", "exact", "minimal"] = "auto"
 
 
 class ValidationConfig(_Section):

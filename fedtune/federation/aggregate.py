@@ -37,7 +37,7 @@ class Reply:
     device: int
     state: AdapterState
     num_examples: float
-    train_loss: float
+    train_loss: float | None  # None: withheld by the device (``reply_figures: minimal``)
     rank: int = 0
     epsilon: float | None = None  # the device's sample-level ε, as its own ledger reports it
     delta: float | None = None
@@ -173,8 +173,10 @@ class Pipeline:
 
 
 def _weighted_loss(replies: Sequence[Reply]) -> float | None:
-    total = sum(r.num_examples for r in replies)
-    return sum(r.num_examples * r.train_loss for r in replies) / total if total > 0 else None
+    """The example-weighted train loss of the replies that report one (None if none does)."""
+    reported = [r for r in replies if r.train_loss is not None]
+    total = sum(r.num_examples for r in reported)
+    return sum(r.num_examples * r.train_loss for r in reported) / total if total > 0 else None
 
 
 def build_rule(cfg, reference: AdapterState) -> Rule:

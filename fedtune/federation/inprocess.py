@@ -55,10 +55,11 @@ def _groups(members: list[int], size: int) -> list[list[int]]:
     return [members[i:i + size] for i in range(0, len(members), size)]
 
 
-def _metrics(update, device: int, rank: int) -> dict:
-    return {"device": device, "rank": rank, "num-examples": update.num_examples, "train-loss": update.train_loss,
-            "epsilon": update.epsilon if update.epsilon is not None else -1.0,
-            "delta": update.delta if update.delta is not None else -1.0}
+def _metrics(cfg, update, device: int, rank: int, partition: int) -> dict:
+    from fedtune.federation.reply_figures import reply_figures, resolve
+
+    return reply_figures(update, resolve(cfg.federation.reply_figures, deployed=False), device=device, rank=rank,
+                         partition=partition)
 
 
 def _bytes(state: dict) -> int:
@@ -111,7 +112,7 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
                     stats.failed += 1
                     continue
                 stats.upload_bytes += _bytes(res.payload)
-                metrics = _metrics(res.update, d, plan.rank or cfg.adapter.rank)
+                metrics = _metrics(cfg, res.update, d, plan.rank or cfg.adapter.rank, d % len(clients))
                 try:
                     reply = accept_reply(res.payload, metrics, sent=cohort.sent[j], reference=cohort.references[j],
                                          limits=limits, device=d)

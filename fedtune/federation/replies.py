@@ -43,7 +43,8 @@ def accept_reply(payload: dict[str, torch.Tensor], metrics: dict, *, sent: Adapt
     if limits.max_update_norm is not None:
         validate_norm(state, sent if sent is not None else reference, limits.max_update_norm)
     eps = float(metrics.get("epsilon", -1.0))
+    loss = float(metrics.get("train-loss", -1.0))
     return Reply(device=int(metrics.get("device", device)), state=state, num_examples=num_examples,
-                 train_loss=float(metrics.get("train-loss", float("nan"))), rank=int(metrics.get("rank", 0)),
+                 train_loss=loss if loss >= 0 else None, rank=int(metrics.get("rank", 0)),
                  epsilon=eps if eps >= 0 else None,
                  delta=float(metrics["delta"]) if eps >= 0 and "delta" in metrics else None)

@@ -21,6 +21,7 @@ from fedtune.adapters import get_adapter_state, set_adapter_state
 from fedtune.adapters.split import initial_private, merge
 from fedtune.data.partition import load_client_data
 from fedtune.federation.device_round import DeviceBudgetSpent, DeviceState, StaleRound, train_one  # noqa: F401
+from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
 from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context
@@ -92,8 +93,9 @@ def handle_train(msg: Message, context: Context) -> Message:
                           "device": device, "user": data.user_id, "seconds": round(seconds, 2),
                           "train_loss": update.train_loss, "epsilon": update.epsilon, "pid": os.getpid(),
                           "model_loads": load_count(), "sim_seconds": sim_seconds})
+    policy = resolve_figures(cfg.federation.reply_figures, deployed is not None)
     metrics = update_to_metrics(update, seconds, partition, device=device, rank=plan.rank or cfg.adapter.rank,
-                                sim_seconds=sim_seconds)
+                                sim_seconds=sim_seconds, policy=policy)
     return Message(content=RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
 
 

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedtune.data.partition import load_client_data
 from fedtune.federation.device_round import DeviceBudgetSpent, DeviceState, train_group
+from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
 from fedtune.flower.context import run_context
 from fedtune.flower.packed_grid import GROUP_KEY, part_key
@@ -64,7 +65,9 @@ def handle_train_group(msg: Message, context: Context) -> Message:
         reply[part_key(ARRAYS_KEY, i)] = arrays
         reply[part_key(METRICS_KEY, i)] = update_to_metrics(update, seconds, partitions[i], device=devices[i],
                                                             rank=plans[i].rank or cfg.adapter.rank,
-                                                            sim_seconds=sim_seconds)
+                                                            sim_seconds=sim_seconds,
+                                                            policy=resolve_figures(cfg.federation.reply_figures,
+                                                                                   False))
         ctx.run.append_event({"event": "client_done", "round": plans[i].server_round, "partition": partitions[i],
                               "device": devices[i], "user": datas[i].user_id, "seconds": round(seconds, 2),
                               "train_loss": update.train_loss, "epsilon": update.epsilon, "pid": os.getpid(),

@@ -88,6 +88,9 @@ def test_client_app_on_a_device_trains_on_its_own_file(deployed):
                                 "state-dir": str(state)})
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] > 0 and metrics["epsilon"] > 0 and metrics["partition"] == -1
+    # a deployed device's reply carries only what aggregation needs (reply_figures: auto -> minimal)
+    n = metrics["num-examples"]
+    assert n & (n - 1) == 0 and metrics["train-loss"] == -1 and metrics["tokens"] == -1
     assert (state / "ledgers" / "phone-7.json").is_file()  # the device keeps its own privacy ledger
 
 
