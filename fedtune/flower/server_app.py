@@ -57,20 +57,18 @@ def ensure_data(ctx: RunContext) -> list[dict]:
 
 
 def heldout_pool(ctx: RunContext, n_clients: int) -> torch.Tensor:
-    """Round-robin over clients' held-out chunks, capped: a fixed, user-balanced eval set."""
+    """The engine's pooled held-out set (``federation.inprocess.pooled_heldout``) over only as many users'
+    files as the cap needs (10,000 users: a few files)."""
     from fedtune.data.partition import load_client_data
+    from fedtune.federation.inprocess import pooled_heldout
 
     limit = ctx.cfg.train.eval_max_chunks
-    per_client: list[torch.Tensor] = []
-    for i in range(n_clients):  # only as many clients as the cap needs (10,000 users: a few files)
-        per_client.append(load_client_data(ctx.run.data, i).heldout)
-        if sum(h.shape[0] for h in per_client) >= limit and len(per_client) >= min(limit, n_clients):
+    clients = []
+    for i in range(n_clients):
+        clients.append(load_client_data(ctx.run.data, i))
+        if sum(c.heldout.shape[0] for c in clients) >= limit and len(clients) >= min(limit, n_clients):
             break
-    chunks, depth = [], 0
-    while len(chunks) < limit and any(depth < h.shape[0] for h in per_client):
-        chunks += [h[depth] for h in per_client if depth < h.shape[0]]
-        depth += 1
-    return torch.stack(chunks[:limit])  # [M, T]
+    return pooled_heldout(clients, limit)  # [M, T]
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0, deployed: bool = False) -> None:
