@@ -159,7 +159,9 @@ def render_markdown() -> str:
     lines = ["# Feature composition", "",
              "Generated from `fedtune/federation/capabilities.py` (`python -m fedtune.federation.capabilities "
              "> docs/composition.md`); a test keeps the two equal.", "",
-             "✓ runs (a smoke test trains the pair), ✓* runs when a condition holds and is refused otherwise, "
+             "✓ runs (`tests/unit/federation/test_matrix.py` trains every ✓ pair one round through the in-process "
+             "backend and checks its privacy label; pairs with deployment need real devices and are not in that "
+             "smoke), ✓* runs when a condition holds and is refused otherwise, "
              "✗ refused by `fedtune validate` (reason and fix below), – one setting cannot hold both.", "",
              "| feature | how to turn it on |", "|---|---|"]
     lines += [f"| {f.name} | {f.setting} |" for f in FEATURES]
