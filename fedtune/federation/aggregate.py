@@ -110,7 +110,11 @@ class RobustRule:
             raise ValueError(f"federation.aggregation={self.name} in a fleet needs every tier at one LoRA rank; "
                              f"this round's replies have ranks {ranks}; give the tiers one rank or use fedavg")
         out = rule([r.state for r in replies], [r.num_examples for r in replies])
-        return zero_pad_rank(out, self.global_rank) if ranks[0] < self.global_rank else out
+        if ranks[0] == self.global_rank:
+            return out
+        if not any("lora_B" in k for k in out):  # FedSA's shared A: pad its rows
+            return zeropad_rows([out], [1.0], current)
+        return zero_pad_rank(out, self.global_rank)
 
 
 @dataclass
@@ -124,12 +128,27 @@ class HeteroRule:
     def __call__(self, current: AdapterState, replies: Sequence[Reply]) -> AdapterState:
         from fedtune.aggregation import FlexLoRAState, create_hetero_aggregator, lora_rank
 
+        if self.name == "zeropad" and not any("lora_B" in k for k in current):  # FedSA: only A is shared
+            self.global_state = zeropad_rows([r.state for r in replies], [r.num_examples for r in replies],
+                                             current)
+            return self.global_state
         hetero = create_hetero_aggregator(self.name)
         self.global_state = hetero.aggregate(self.global_state, [r.state for r in replies],
                                              [r.num_examples for r in replies], [r.rank for r in replies])
         if isinstance(self.global_state, FlexLoRAState):
             return self.global_state.to_adapter(lora_rank(current))  # the rank-r_max truncated SVD
         return self.global_state
+
+
+def zeropad_rows(states: list[AdapterState], weights: list[float], template: AdapterState) -> AdapterState:
+    """Zero-padding for FedSA's shared part in a fleet: each A [r_k, d_in] padded with zero rows to the
+    global rank, then the example-weighted mean (the zero-pad baseline, on A alone)."""
+    total = float(sum(weights))
+    out = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in template.items()}
+    for state, w in zip(states, weights):
+        for k, a in state.items():
+            out[k][: a.shape[0]] += a.float() * (w / total)
+    return out
 
 
 @dataclass
@@ -183,10 +202,12 @@ def build_rule(cfg, reference: AdapterState) -> Rule:
     """The averaging rule a config asks for (fleet: heterogeneous ranks, robust rules on same-rank tiers)."""
     fed = cfg.federation
     if cfg.fleet.enabled:
-        from fedtune.aggregation import FlexLoRAState, lora_rank
+        from fedtune.aggregation import FlexLoRAState
 
         if fed.aggregation != "fedavg":
-            return RobustRule(fed.aggregation, fed.trim_fraction, global_rank=lora_rank(reference))
+            from fedtune.federation.fleet_server import rank_of
+
+            return RobustRule(fed.aggregation, fed.trim_fraction, global_rank=rank_of(reference))
         ra = cfg.fleet.rank_aggregation
         scale = cfg.adapter.alpha / cfg.adapter.rank
         return HeteroRule(ra, FlexLoRAState.from_adapter(reference, scale) if ra == "flexlora" else reference)

@@ -71,8 +71,9 @@ _ROBUST_FLEET = Refusal("federation.aggregation", "median and trimmed mean work 
                         "tier of the mixture must train the same LoRA rank (min(profile lora_rank, adapter.rank))",
                         "give the tiers one rank (lower adapter.rank to the smallest tier's lora_rank), or use "
                         "aggregation=fedavg")
-_SPLIT_FLEET = Refusal("personalization.split", "device tiers change LoRA ranks, so a device's private lora_B would "
-                       "not match the shared lora_A of another rank", "use split=none with fleet.enabled")
+_SPLIT_FLEXLORA = Refusal("personalization.split", "FlexLoRA aggregates the products B·A, and with fedsa each device "
+                          "keeps its B private", "use fleet.rank_aggregation=zeropad (zero-pads the shared A), or "
+                          "split=none")
 _DEPLOY_FLEET = Refusal("fleet.enabled", "the fleet simulator's devices are virtual",
                         "for real devices set fleet.enabled=false")
 _DEPLOY_PACKED = Refusal("simulation.packed_group_size", "packing trains many virtual devices in one process; a "
@@ -86,8 +87,7 @@ REFUSED: dict[frozenset, Refusal] = {
     frozenset(("packed", "ffa-lora")): _PACKED_LORA, frozenset(("packed", "prompt-tuning")): _PACKED_LORA,
     frozenset(("user-dp", "fleet-zeropad")): _USER_FLEET, frozenset(("user-dp", "fleet-flexlora")): _USER_FLEET,
     frozenset(("user-dp", "robust")): _USER_ROBUST,
-    frozenset(("fedsa-split", "fleet-zeropad")): _SPLIT_FLEET,
-    frozenset(("fedsa-split", "fleet-flexlora")): _SPLIT_FLEET,
+    frozenset(("fedsa-split", "fleet-flexlora")): _SPLIT_FLEXLORA,
     frozenset(("deployment", "fleet-zeropad")): _DEPLOY_FLEET, frozenset(("deployment", "fleet-flexlora")): _DEPLOY_FLEET,
     frozenset(("deployment", "packed")): _DEPLOY_PACKED,
 }

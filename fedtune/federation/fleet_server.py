@@ -18,6 +18,28 @@ from fedtune.federation.aggregate import Aggregated, HeteroRule
 from fedtune.types import AdapterState
 
 
+def shares_only_a(state: AdapterState) -> bool:
+    """A split adapter's shared part (FedSA: every lora_A, no lora_B)."""
+    return any("lora_A" in k for k in state) and not any("lora_B" in k for k in state)
+
+
+def rank_of(state: AdapterState) -> int:
+    """The LoRA rank of a full adapter, or of a FedSA shared part (the rows of its A factors)."""
+    if shares_only_a(state):
+        ranks = {v.shape[0] for k, v in state.items() if "lora_A" in k}
+        if len(ranks) != 1:
+            raise ValueError(f"lora_A factors have different ranks {sorted(ranks)}")
+        return ranks.pop()
+    return lora_rank(state)
+
+
+def truncate(state: AdapterState, rank: int) -> AdapterState:
+    """``truncate_rank`` for full adapters; the first ``rank`` rows of every A for a FedSA shared part."""
+    if shares_only_a(state):
+        return {k: v[:rank].clone() for k, v in state.items()}
+    return truncate_rank(state, rank)
+
+
 def fill_dead_components(state: AdapterState, init: AdapterState) -> AdapterState:
     """Rows of A that are all zero (no signal yet) get the seeded initial A, so LoRA can train them.
 
@@ -39,7 +61,7 @@ class FleetServer:
     def __init__(self, reference: AdapterState, rule, rank_aggregation: str):
         self.reference = reference
         self.rule = rule
-        self.r_max = lora_rank(reference)
+        self.r_max = rank_of(reference)
         self.hetero = create_hetero_aggregator(rank_aggregation)
         self._global = reference  # the r_max adapter (robust rules keep it here)
         self._factored: tuple[object, AdapterState] | None = None  # (global state, its rank-r_max SVD)
@@ -68,9 +90,11 @@ class FleetServer:
         """The global adapter at ``rank``. For FlexLoRA, the rank-r truncated SVD equals the first r
         components of the rank-r_max one, so one SVD per round serves every tier."""
         if isinstance(self.global_state, FlexLoRAState):
-            state = truncate_rank(self.global_adapter(), rank)
+            state = truncate(self.global_adapter(), rank)
         elif not isinstance(self.rule, HeteroRule):
-            state = truncate_rank(self._global, rank)
+            state = truncate(self._global, rank)
+        elif shares_only_a(self.global_state):
+            state = truncate(self.global_state, rank)
         else:
             state = self.hetero.send(self.global_state, rank)
         return fill_dead_components(state, self.reference)
@@ -88,7 +112,7 @@ class FleetServer:
         """A reply must match the initial adapter at the rank its device was given."""
         if not 0 < rank <= self.r_max:
             raise UpdateRejected("bad_rank", f"rank {rank} outside 1..{self.r_max}")
-        return truncate_rank(self.reference, rank)
+        return truncate(self.reference, rank)
 
     def after(self, result: Aggregated) -> None:
         """Keep the pipeline's result as the new global adapter."""

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedtune.aggregation import FlexLoRAState, lora_rank
+from fedtune.aggregation import FlexLoRAState
 from fedtune.federation.aggregate import HeteroRule, Reply, RobustRule
 from fedtune.federation.fleet import FleetCoordinator
-from fedtune.federation.fleet_server import FleetServer, fill_dead_components  # noqa: F401 (re-export)
+from fedtune.federation.fleet_server import FleetServer, fill_dead_components, rank_of  # noqa: F401
 from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, payload_bytes, state_to_arrays
 from fedtune.flower.strategy import AdapterFedAvg, RoundStats
 from fedtune.types import AdapterState
@@ -32,7 +32,7 @@ class FleetFedAvg(AdapterFedAvg):
     def __init__(self, *, reference: AdapterState, coordinator: FleetCoordinator, rank_aggregation: str,
                  scale: float, min_clients: int, seed: int, max_examples: int | None = None,
                  aggregation: str = "fedavg", trim_fraction: float = 0.1, seeds=None):
-        self.r_max = lora_rank(reference)
+        self.r_max = rank_of(reference)
         if aggregation == "fedavg":
             rule = HeteroRule(rank_aggregation, FlexLoRAState.from_adapter(reference, scale)
                               if rank_aggregation == "flexlora" else reference)
