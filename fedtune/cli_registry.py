@@ -43,10 +43,10 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except _USER_ERRORS as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
     except RegistryError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(1) from None
 
 

@@ -103,3 +103,47 @@ def test_serve_command_in_a_subprocess(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_keygen_force_writes_0600_and_never_prints_the_key(tmp_path):
+    key, pub = tmp_path / "k" / "signing.key", tmp_path / "k" / "signing.pub"
+    key.parent.mkdir()
+    key.write_text("old key")
+    key.chmod(0o644)  # an old file with loose permissions must not lend them to the new key
+    r = cli("registry", "keygen", "--out", key, "--force")
+    assert r.exit_code == 0 and "mode 600" in r.output, r.output
+    assert key.stat().st_mode & 0o777 == 0o600 and pub.is_file()
+    body = "".join(key.read_text().splitlines()[1:-1])
+    assert "PRIVATE" not in r.output and not any(body[i:i + 8] in r.output for i in range(len(body) - 8))
+    assert not [p for p in key.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_keygen_refuses_a_directory_in_the_way(tmp_path):
+    (tmp_path / "k").mkdir()
+    r = cli("registry", "keygen", "--out", tmp_path / "k", "--force")
+    assert r.exit_code == 2 and "is a directory" in r.output and len(r.output.strip().splitlines()) == 1
+    assert list((tmp_path / "k").iterdir()) == [] and not (tmp_path / "k.pub").exists()  # nothing written
+    (tmp_path / "x.pub").mkdir()
+    r = cli("registry", "keygen", "--out", tmp_path / "x.key", "--force")
+    assert r.exit_code == 2 and "x.pub is a directory" in r.output and not (tmp_path / "x.key").exists()
+
+
+def test_registry_verify_finds_corruption(tmp_path, registry, keys, runs):
+    import sqlite3
+
+    from fedtune.registry import publish_run
+
+    key, _ = keys
+    v1 = publish_run(runs[0], registry, key, round=1).manifest
+    registry.promote(1, keys=key)
+    r = cli("registry", "verify", "--registry", registry.root)
+    assert r.exit_code == 0 and "ok: 1 roots, 1 manifests, 1 channels" in r.output, r.output
+    blob = registry.store.local_path(v1.file("adapter_model.safetensors").sha256)
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\x01")
+    env = registry.row(1).envelope.replace(b'"round":1', b'"round":2')
+    with sqlite3.connect(registry.db.path) as con:
+        con.execute("UPDATE artifacts SET envelope = ? WHERE version = 1", (env,))
+    r = cli("registry", "verify", "--registry", registry.root)
+    assert r.exit_code == 1 and "storage corrupted" in r.output and "signature does not match" in r.output, r.output
+    assert "names manifest v1 with a hash" in r.output

@@ -127,3 +127,14 @@ def test_registry_imports_neither_flwr_nor_torch():
             "print(sorted(m for m in ('flwr', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_manifests_publish_only_allowed_metrics(registry, keys, runs):
+    from fedtune.registry import ManifestError
+
+    key, verify = keys
+    m = publish_run(runs[0], registry, key, round=1, metrics=["eval_loss"]).manifest
+    assert m.metrics == {"eval_loss": 2.5}  # not train_loss, clients, upload bytes...
+    assert (m.privacy.epsilon, m.privacy.delta) == (2.5, 1e-5)  # the guarantee itself is always there
+    with pytest.raises(ManifestError, match="--metric update_norm: .*expected some of .*eval_loss"):
+        publish_run(runs[0], registry, key, round=1, metrics=["update_norm"])
