@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 from fedtune.registry.errors import DeadlineError, IntegrityError, ManifestError, NotFoundError
 from fedtune.registry.manifest import Manifest, SignedManifest, safe_relpath, sha256_file
-from fedtune.registry.metadata import RELEASE_ROLE, RootMeta, _public, anchor_root, verify_manifest_by_root
+from fedtune.registry.metadata import RELEASE_ROLE, RootMeta, anchor_root, public_from_b64, verify_manifest_by_root
 from fedtune.registry.signing import VerifyKey
 
 Anchor = VerifyKey | RootMeta  # what a device is provisioned with: the publisher's key, or a root metadata
@@ -168,7 +168,7 @@ class DeviceState:
         """Every release key this device ever trusted: checks an installed version's signature on use."""
         keys = dict(as_root(anchor).role_keys(RELEASE_ROLE))
         keys.update(self.trusted_root(anchor).role_keys(RELEASE_ROLE))
-        keys.update({k: _public(v) for k, v in self.trust_for(anchor).release_keys.items()})
+        keys.update({k: public_from_b64(v) for k, v in self.trust_for(anchor).release_keys.items()})
         return keys
 
     # --- versions --------------------------------------------------------------------------------

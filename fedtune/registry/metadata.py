@@ -60,7 +60,7 @@ class RootMeta(_Frozen):
     @model_validator(mode="after")
     def _consistent(self) -> "RootMeta":
         for kid, raw in self.keys.items():
-            if key_id(_public(raw)) != kid:
+            if key_id(public_from_b64(raw)) != kid:
                 raise ValueError(f"root v{self.version}: key id {kid} does not match its key")
         for name in (ROOT_ROLE, RELEASE_ROLE):
             role = self.roles.get(name)
@@ -73,7 +73,7 @@ class RootMeta(_Frozen):
         return self
 
     def role_keys(self, role: str) -> dict[str, Ed25519PublicKey]:
-        return {k: _public(self.keys[k]) for k in self.roles[role].keyids}
+        return {k: public_from_b64(self.keys[k]) for k in self.roles[role].keyids}
 
 
 class ChannelTarget(_Frozen):
@@ -117,7 +117,7 @@ def check_fresh(expires: str, what: str, now: datetime | None = None) -> None:
 
 
 # --- sign / verify ----------------------------------------------------------------------------------
-def _public(raw_b64: str) -> Ed25519PublicKey:
+def public_from_b64(raw_b64: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(base64.b64decode(raw_b64, validate=True))
 
 
