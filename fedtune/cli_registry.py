@@ -59,6 +59,13 @@ def _registry(root: Path, create: bool = False):
     return Registry(root)
 
 
+def _state_dir(state: Path) -> Path:
+    if not (state / "device.json").is_file():
+        raise InputError(f"{state}: not a device state directory (no device.json); pass --state DIR or set "
+                         "FEDTUNE_DEVICE_STATE (`fedtune device pull` makes one)")
+    return state
+
+
 def _signing_keys(paths: list[Path]):
     from fedtune.registry import load_signing_key
 
@@ -303,7 +310,7 @@ def device_rollback(state: Path = STATE, public_key: Path = PUBLIC_KEY) -> None:
     from fedtune.registry.metadata import load_anchor
 
     with _errors():
-        ptr = do_rollback(DeviceState(state), load_anchor(public_key))
+        ptr = do_rollback(DeviceState(_state_dir(state)), load_anchor(public_key))
     console.print(f"active v{ptr.active} (v{ptr.previous} kept, and skipped by pull until --force)")
 
 
@@ -315,7 +322,7 @@ def status(state: Path = STATE, public_key: Path = PUBLIC_KEY) -> None:
 
     with _errors():
         anchor = load_anchor(public_key)
-        ds = DeviceState(state)
+        ds = DeviceState(_state_dir(state))
         ptr = ds.pointer()
         console.print(f"device {ds.device_id()}: active {f'v{ptr.active}' if ptr.active else 'none'}, previous "
                       f"{f'v{ptr.previous}' if ptr.previous else 'none'}, blocked {list(ptr.blocked) or '-'}")

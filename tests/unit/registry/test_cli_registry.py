@@ -147,3 +147,15 @@ def test_registry_verify_finds_corruption(tmp_path, registry, keys, runs):
     r = cli("registry", "verify", "--registry", registry.root)
     assert r.exit_code == 1 and "storage corrupted" in r.output and "signature does not match" in r.output, r.output
     assert "names manifest v1 with a hash" in r.output
+
+
+def test_device_commands_refuse_a_state_dir_that_does_not_exist(tmp_path):
+    from fedtune.registry.signing import generate_keypair
+
+    generate_keypair(tmp_path / "k.key")
+    for cmd in ("status", "rollback"):
+        r = cli("device", cmd, "--state", tmp_path / "nowhere", "--public-key", tmp_path / "k.pub")
+        assert r.exit_code == 2 and "not a device state directory" in r.output
+    assert not (tmp_path / "nowhere").exists()
+    r = cli("device", "status", "--state", tmp_path, "--public-key", tmp_path / "missing.pub")
+    assert r.exit_code == 2 and "no such file" in r.output
