@@ -268,3 +268,20 @@ def test_a_trickling_server_hits_the_overall_deadline(tmp_path, registry, setup)
             dev.pull()
         assert time.monotonic() - t0 < 4
         assert_untouched(dev, before)
+
+
+def test_two_documents_claiming_one_version_are_refused(tmp_path, registry, setup):
+    from fedtune.registry.metadata import ChannelMeta, expires_in, sign_document
+
+    key, verify, _ = setup
+    with Hostile() as srv:
+        srv.serve_registry(registry)
+        dev = device(tmp_path, srv.url, verify)
+        dev.pull()
+        before = snapshot(dev)
+        accepted = ChannelMeta.model_validate(json.loads(srv.routes["/v1/channel"])["signed"])
+        other = accepted.model_copy(update={"expires": expires_in(86400 * 30)})  # same version, other bytes
+        srv.routes["/v1/channel"] = sign_document(other, [key])
+        with pytest.raises(ReplayError, match="two different documents claim v2"):
+            dev.pull(force=True)
+        assert_untouched(dev, before)
