@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedtune.privacy.user_level import clip_delta, noisy_mean
+from fedtune.privacy.user_level import clip_delta, noised_mean_of_sum
 from fedtune.types import AdapterState
 
 
@@ -80,8 +80,6 @@ def clipped_delta_payload(global_state: AdapterState, update: AdapterState, clip
 
 def dp_mean_from_sum(total: np.ndarray, layout: VectorLayout, clip_norm: float, noise_multiplier: float,
                      expected_cohort: float, generator: torch.Generator) -> AdapterState:
-    """(sum of clipped deltas + N(0, (sigma C)^2 I)) / qN, the server's side, from the unmasked sum alone."""
-    template = {k: torch.zeros(s) for k, s in zip(layout.names, layout.shapes)}
-    noise = noisy_mean([], clip_norm, noise_multiplier, expected_cohort, generator, template=template)
-    signal = layout.unflatten(total / expected_cohort)
-    return {k: signal[k] + noise[k] for k in layout.names}
+    """(sum of clipped deltas + N(0, (sigma C)^2 I)) / qN, the server's side, from the unmasked sum alone
+    (``noised_mean_of_sum``, the same step DP-FedAvg takes after its own sum)."""
+    return noised_mean_of_sum(layout.unflatten(total), clip_norm, noise_multiplier, expected_cohort, generator)

@@ -71,3 +71,25 @@ def test_the_secure_summer_sums_within_rounding_and_zeroes_an_aborted_round():
     aborted = summer(clipped, GLOBAL, Dropouts(before_masked_input=frozenset({1, 2, 3})))
     assert all(torch.count_nonzero(v) == 0 for v in aborted.values()) and summer.report()["secagg_aborted"] == 1
     assert all(torch.count_nonzero(v) == 0 for v in summer(clipped[:1], GLOBAL).values())
+
+
+def test_the_secure_summer_plugs_into_dp_fedavg():
+    """The server's DPFedAvg takes a summer: with SecureSummer the round's mean is the plain one within
+    the rounding bound / qN, the same noise (same seeds) is added, and the round is charged the same."""
+    from fedtune.config import UserLevelPrivacyConfig
+    from fedtune.privacy.dp_fedavg import DPFedAvg, plan_user_level
+    from fedtune.privacy.secagg.summer import SecureSummer
+
+    cfg = UserLevelPrivacyConfig(enabled=True, noise_multiplier=0.7, clip_norm=C)
+    plan = plan_user_level(cfg, 100, 10, 5)
+    gen = torch.Generator().manual_seed(11)
+    updates = [{k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in GLOBAL.items()} for _ in range(7)]
+    plain_dp, secure_dp = DPFedAvg(cfg, plan, 100, 0), DPFedAvg(cfg, plan, 100, 0)
+    plain, _ = plain_dp.aggregate(GLOBAL, updates, 1)
+    summer = SecureSummer(clip_norm=C)
+    secure, _ = secure_dp.aggregate(GLOBAL, updates, 1, summer=summer)
+    bound = 7 * C / 127 / (plan.sample_rate * 100)
+    for k in GLOBAL:
+        assert (plain[k] - secure[k]).abs().max().item() <= bound + 1e-6
+    assert summer.report()["secagg_survivors"] == 7
+    assert secure_dp.ledger.epsilon() == plain_dp.ledger.epsilon() > 0
