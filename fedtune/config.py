@@ -100,6 +100,24 @@ class UserLevelPrivacyConfig(_Section):
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
+class SecureAggregationConfig(_Section):
+    """SecAgg+ (``fedtune.privacy.secagg``): the server receives masked vectors and learns only the sum of the
+    surviving devices' updates. Each device quantizes its update itself into the protocol's ring (``bits``
+    per value, one scale for all devices); the upload codec's rounding applies before, its bytes do not."""
+
+    enabled: bool = False
+    bits: int = Field(16, ge=2, le=32)  # signed quantization levels per value (16: ~3e-5 of the range)
+    # the range each coordinate is clipped to before quantizing; under user-level DP it is the clip norm C
+    # (an L2-clipped delta never exceeds it), without it the per-coordinate bound of the weighted delta
+    value_range: float = Field(1.0, gt=0)
+    # SecAgg+: each device masks with this many ring neighbours (None: everyone, i.e. SecAgg)
+    num_neighbours: int | None = Field(None, ge=2)
+    # the fraction of a device's neighbours that must survive to unmask; fewer and the round aborts
+    threshold: float = Field(0.5, ge=0.5, lt=1)
+    # simulation only: the chance that a trained device vanishes before sending its masked input
+    simulated_dropout: float = Field(0.0, ge=0, lt=1)
+
+
 class PrivacyConfig(_Section):
     """Sample-level DP-SGD on each device (opacus), and optionally user-level DP on the server."""
 
@@ -113,6 +131,7 @@ class PrivacyConfig(_Section):
     # a device stops contributing once its own sample-level epsilon reaches this budget
     device_epsilon_budget: float | None = Field(None, gt=0)
     user_level: UserLevelPrivacyConfig = UserLevelPrivacyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
 
 class FederationConfig(_Section):
@@ -284,6 +303,10 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if cfg.simulation.packed_group_size > 1 and cfg.adapter.dropout > 0:
         p.append("simulation.packed_group_size: packed training needs adapter.dropout=0 (per-device dropout masks "
                  "are not packed); set dropout=0 or packed_group_size=1")
+    sa = pv.secure_aggregation
+    if sa.enabled and sa.num_neighbours is not None and sa.num_neighbours % 2:
+        p.append(f"privacy.secure_aggregation.num_neighbours: must be even (half on each side of a device on the "
+                 f"ring), got {sa.num_neighbours}; use {sa.num_neighbours + 1} or null (everyone)")
     from fedtune.federation.capabilities import refusals  # every refused pair of features, in one table
 
     p += refusals(cfg)

@@ -14,9 +14,10 @@ whatever arrived (a missing device contributes a zero delta; the fixed denominat
 that), so every round is noised and charged to the ledger whatever the number of replies, and no single
 user can decide whether the adapter moves.
 
-Secure aggregation hook: ``UserLevelDP.summer`` (and ``SumRule``) take any ``Summer``: a callable from
-clipped deltas to their sum. The plain one adds tensors; a masked-sum summer (SecAgg+) can take its place
-and hand the server only the unmasked sum, after which the DP noise and the fixed denominator apply.
+Secure aggregation (``privacy.secure_aggregation``): ``Pipeline.aggregate_secure`` takes replies without
+tensors and the round's ``secure_round.CohortSum`` (what SecAgg+ unmasked), never an individual update;
+user-level DP noises that sum (``DPFedAvg.aggregate``'s ``summer`` hook), plain FedAvg reads its weighted
+mean from it. ``UserLevelDP.summer`` also takes any ``Summer`` (clipped deltas -> their sum) directly.
 """
 
 from __future__ import annotations
@@ -189,6 +190,28 @@ class Pipeline:
         if len(replies) < self.min_replies:
             return Aggregated(None, [], figures, skipped=True)
         return Aggregated(self.rule(current, replies), [Mechanism(self.rule.name)], figures)
+
+
+    def aggregate_secure(self, current: AdapterState, replies: Sequence[Reply], cohort_sum, server_round: int
+                         ) -> Aggregated:
+        """Secure aggregation: ``replies`` carry no tensors (``secure_round.metadata_only``), ``cohort_sum`` is
+        all the server learned (a ``secure_round.CohortSum``). Under user-level DP the noise goes onto the
+        unmasked sum (an aborted sum counts as zero: the round is still noised and charged); otherwise the
+        sum already is FedAvg's weighted mean delta, and an aborted or too small round is skipped."""
+        if any(r.state for r in replies):
+            raise ValueError("secure aggregation: the server-side pipeline was handed an individual update; pass "
+                             "the replies through secure_round.metadata_only")
+        figures = {"train_loss": _weighted_loss(replies)}
+        secure = Mechanism("secure_aggregation", dict(cohort_sum.report))
+        if self.user_dp is not None:
+            total = cohort_sum.total or {k: torch.zeros_like(v, dtype=torch.float32) for k, v in current.items()}
+            new, info = self.user_dp.dp.aggregate(current, [], server_round, summer=lambda _clipped, _t: total)
+            figures.update({k: v for k, v in info.items() if k not in ("update_norm_median", "clipped_fraction")})
+            return Aggregated(new, [secure, Mechanism("user_level_dp", self.user_dp.report())], figures)
+        if cohort_sum.aborted or cohort_sum.survivors < self.min_replies:
+            return Aggregated(None, [secure], figures, skipped=True)
+        new = {k: current[k].float() + cohort_sum.total[k] for k in current}
+        return Aggregated(new, [secure, Mechanism("fedavg")], figures)
 
 
 def _weighted_loss(replies: Sequence[Reply]) -> float | None:

@@ -37,6 +37,7 @@ FEATURES: tuple[Feature, ...] = (
     _f("int8-upload", "federation.upload=int8", lambda c, d: c.federation.upload == "int8"),
     _f("fp16-upload", "federation.upload=fp16", lambda c, d: c.federation.upload == "fp16"),
     _f("robust", "federation.aggregation=median or trimmed_mean", lambda c, d: c.federation.aggregation != "fedavg"),
+    _f("secure-agg", "privacy.secure_aggregation.enabled=true", lambda c, d: c.privacy.secure_aggregation.enabled),
     _f("deployment", "`fedtune server start` (real devices)", lambda c, d: d),
 )
 NAMES = tuple(f.name for f in FEATURES)
@@ -79,6 +80,17 @@ _DEPLOY_FLEET = Refusal("fleet.enabled", "the fleet simulator's devices are virt
 _DEPLOY_PACKED = Refusal("simulation.packed_group_size", "packing trains many virtual devices in one process; a "
                          "real device trains only itself", "set packed_group_size=1 for `fedtune server start`")
 
+_SECURE_FLEET = Refusal("privacy.secure_aggregation.enabled", "one SecAgg+ round sums vectors of one layout, and "
+                        "fleet tiers upload different LoRA ranks (zero-padding on the device and a per-rank weight "
+                        "column would fit; not built yet)", "turn fleet.enabled off, or secure aggregation off")
+_SECURE_ROBUST = Refusal("federation.aggregation", "median and trimmed mean need every individual update, which secure "
+                         "aggregation hides from the server (it learns only the sum)",
+                         "use aggregation=fedavg with secure aggregation, or turn it off")
+_SECURE_DEPLOY = Refusal("privacy.secure_aggregation.enabled", "the four SecAgg+ stages are not yet carried as Flower "
+                         "messages between `fedtune server start` and real devices (the records exist: "
+                         "fedtune/flower/secagg_records.py)", "run secure aggregation in simulation "
+                         "(`fedtune simulate --backend in-process`), or turn it off for a deployment")
+
 REFUSED: dict[frozenset, Refusal] = {
     frozenset(("fleet-zeropad", "ffa-lora")): _LORA_TIERS, frozenset(("fleet-flexlora", "ffa-lora")): _LORA_TIERS,
     frozenset(("fleet-zeropad", "prompt-tuning")): _LORA_TIERS,
@@ -90,6 +102,8 @@ REFUSED: dict[frozenset, Refusal] = {
     frozenset(("fedsa-split", "fleet-flexlora")): _SPLIT_FLEXLORA,
     frozenset(("deployment", "fleet-zeropad")): _DEPLOY_FLEET, frozenset(("deployment", "fleet-flexlora")): _DEPLOY_FLEET,
     frozenset(("deployment", "packed")): _DEPLOY_PACKED,
+    frozenset(("secure-agg", "fleet-zeropad")): _SECURE_FLEET, frozenset(("secure-agg", "fleet-flexlora")): _SECURE_FLEET,
+    frozenset(("secure-agg", "robust")): _SECURE_ROBUST, frozenset(("secure-agg", "deployment")): _SECURE_DEPLOY,
 }
 
 

@@ -12,7 +12,9 @@ One round (numbered as in ``fedtune.federation``'s package docstring):
   2. each device gets its ``TaskPlan``; ``train_one`` / ``train_group`` (``pack`` > 1: the packed engine)
      runs it with the device's own state and streams and encodes its upload;
   3. each upload is decoded and validated against the adapter sent (``accept_reply``);
-  4. the pipeline aggregates (user-level DP-FedAvg | FedAvg | median | trimmed mean);
+  4. the pipeline aggregates (user-level DP-FedAvg | FedAvg | median | trimmed mean); under
+     ``privacy.secure_aggregation`` the replies first go through SecAgg+ (``secure_round``) and the
+     pipeline gets their unmasked sum and tensor-free replies only;
   5. the recorder evaluates the global adapter on the pooled held-out set, saves it with the label the
      privacy trail derives from what ran, and appends the round's record and checkpoint.
 """
@@ -190,6 +192,12 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
     pipeline = Pipeline(rule, cfg.federation.min_clients, user_dp)
     limits = ReplyLimits(min(cfg.validation.max_examples, max(c.num_train for c in clients)),
                          cfg.validation.max_update_norm, cfg.validation.max_train_loss)
+    secure = None
+    if cfg.privacy.secure_aggregation.enabled:  # devices mask; the pipeline sees only the unmasked sum
+        from fedtune.federation.secure_round import SecureAggregation
+
+        secure = SecureAggregation(cfg.privacy.secure_aggregation, cfg.privacy.user_level.clip_norm if user_dp
+                                   else None, float(limits.max_examples), seeds, context=cfg.name.encode())
     trail = new_trail(cfg, seeds.mode, user_dp)
     recorder = Recorder(cfg, run, model, pooled_heldout(clients, cfg.train.eval_max_chunks), trail, private_init,
                         engine="in-process", checkpoint_state=lambda: {
@@ -227,9 +235,17 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
         else:
             good = [done[d][0] for d in devices if d in done]
         current = fleet.global_adapter() if fleet is not None else shared
-        result = pipeline.aggregate(current, good, r)
-        if not result.skipped:
-            trail.observe(result.applied, good)
+        if secure is not None:
+            from fedtune.federation.secure_round import metadata_only
+
+            cohort_sum = secure.run(current, good, r)  # the devices' side and the SecAgg+ server
+            good = metadata_only(good)
+            stats.extra = {f"secagg_{k}": v for k, v in cohort_sum.report.items()
+                           if isinstance(v, (int, float, bool))}
+            result = pipeline.aggregate_secure(current, good, cohort_sum, r)
+        else:
+            result = pipeline.aggregate(current, good, r)
+        if not result.skipped:  # the recorder feeds the privacy trail (once per round)
             if fleet is not None:
                 fleet.after(result)
             shared = fleet.global_adapter() if fleet is not None else result.state

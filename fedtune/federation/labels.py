@@ -11,6 +11,10 @@ training round so far:
   so far (each device's own cumulative ledger), δ the devices' δ;
 * ``none`` otherwise.
 
+Secure aggregation is reported beside the level (``secure_aggregation``) when every training round was
+aggregated through SecAgg+ (``secure_round``; an aborted one revealed nothing and counts as zero under
+user-level DP); one plain round and it is not.
+
 Round 0 (the seeded initial adapter) depends on no data: any level holds with ε = 0; the trail reports the
 level the config plans, with ε = 0, until a training round says otherwise.
 """
@@ -24,6 +28,7 @@ from fedtune.federation.aggregate import Mechanism, Reply
 
 USER_MECHANISM = "DP-FedAvg: per-device clipping + Gaussian noise, Poisson-sampled devices"
 SAMPLE_MECHANISM = "DP-SGD (opacus, Poisson sampling), per device"
+SECURE_PROTOCOL = "SecAgg+ (masked sum; the server never held an individual update)"
 
 
 @dataclass
@@ -38,6 +43,8 @@ class PrivacyTrail:
     sample_delta: float | None = None
     user: dict | None = None  # the last DP-FedAvg report
     planned_level: str = "none"
+    secure_rounds: int = 0  # training rounds aggregated through secure aggregation
+    secure: dict | None = None  # the last secure aggregation report
 
     def observe(self, applied: Sequence[Mechanism], replies: Sequence[Reply]) -> None:
         """One training round: what the server applied and which replies it aggregated."""
@@ -46,6 +53,10 @@ class PrivacyTrail:
         if user is not None:
             self.user_rounds += 1
             self.user = user
+        secure = next((m.report for m in applied if m.name == "secure_aggregation"), None)
+        if secure is not None:  # an aborted round revealed nothing either (its sum counts as zero)
+            self.secure_rounds += 1
+            self.secure = secure
         eps = [r.epsilon for r in replies if r.epsilon is not None and r.epsilon >= 0]
         self.sample_epsilons = eps
         if len(eps) == len(replies):  # every aggregated update came from DP-SGD (vacuous for none)
@@ -61,7 +72,8 @@ class PrivacyTrail:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("rounds", "user_rounds", "sample_rounds", "sample_epsilon",
-                                              "sample_delta", "user", "planned_level")}
+                                              "sample_delta", "user", "planned_level", "secure_rounds",
+                                              "secure")}
 
     @property
     def level(self) -> str:
@@ -82,8 +94,23 @@ class PrivacyTrail:
         return {"level": "sample", "epsilon": self.sample_epsilon, "delta": self.sample_delta,
                 "mechanism": SAMPLE_MECHANISM, "accountant": self.sample_accountant}
 
+    @property
+    def secure_aggregation(self) -> bool:
+        """Every training round's sum came from secure aggregation (the server held no individual update)."""
+        return self.rounds > 0 and self.secure_rounds == self.rounds
+
     def guarantee(self, server_round: int) -> dict:
-        """The adapter's guarantee as fedtune.json and manifests carry it."""
+        """The adapter's guarantee as fedtune.json and manifests carry it (with ``secure_aggregation`` when
+        every training round's sum came from it)."""
+        out = self._guarantee(server_round)
+        if self.secure_aggregation:
+            s = self.secure or {}
+            out["secure_aggregation"] = {"protocol": SECURE_PROTOCOL, "rounds": self.secure_rounds,
+                                         "bits": s.get("bits"), "threshold": s.get("threshold"),
+                                         "neighbours": s.get("neighbours")}
+        return out
+
+    def _guarantee(self, server_round: int) -> dict:
         level, sample = self.level, self.sample_guarantee()
         if level == "user" and self.user is not None:
             u = self.user
@@ -109,5 +136,5 @@ class PrivacyTrail:
             "sample_epsilon": sample["epsilon"] if sample else None,
             "sample_delta": sample["delta"] if sample else None,
             "sample_epsilon_mean": sum(eps) / len(eps) if eps else None,
-            "randomness": self.randomness,
+            "randomness": self.randomness, "secure_aggregation": self.secure_aggregation,
         }

@@ -180,11 +180,19 @@ def strategy_state(strategy) -> dict:
             "aggregator": getattr(getattr(strategy, "aggregator", None), "name", "fedavg"), "totals": totals}
 
 
+SECURE_AGGREGATION_NOT_ON_FLOWER = (
+    "privacy.secure_aggregation: the Flower backend does not yet carry the four SecAgg+ stages as messages; run "
+    "it through the in-process backend (fedtune.federation.inprocess), or set "
+    "privacy.secure_aggregation.enabled=false")
+
+
 def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, info: dict, checkpoint: dict | None,
                    deployed: int = 0):
     """``deployed``: the number of real devices (SuperNodes) of a deployment; 0 in a simulation, where
     the population is one virtual device per data user."""
     cfg = ctx.cfg
+    if cfg.privacy.secure_aggregation.enabled:  # never fall back to plain aggregation silently
+        raise ValueError(SECURE_AGGREGATION_NOT_ON_FLOWER)
     population = deployed or len(index)
     # a simulated device never has more examples than the largest partition; a real device is only bounded
     max_examples = cfg.validation.max_examples

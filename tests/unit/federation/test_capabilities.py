@@ -27,6 +27,7 @@ ON = {
     "int8-upload": {"federation": {"upload": "int8"}},
     "fp16-upload": {"federation": {"upload": "fp16"}},
     "robust": {"federation": {"aggregation": "median"}},
+    "secure-agg": {"privacy": {"secure_aggregation": {"enabled": True}}},
 }
 BASE = {"model": {"source": "tiny"}, "privacy": {"enabled": False}, "federation": {"upload": "fp32"}}
 

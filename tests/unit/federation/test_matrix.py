@@ -45,6 +45,11 @@ def _config(pair):
     return config_from_dict(raw)
 
 
+def meta_secure(tmp_path):
+    return json.loads((tmp_path / "run" / "adapters" / "round-1" / "fedtune.json").read_text())["privacy"][
+        "secure_aggregation"]
+
+
 @pytest.mark.parametrize("pair", IN_PROCESS, ids="×".join)
 def test_allowed_pair_trains_and_is_labelled_by_what_ran(pair, tmp_path):
     cfg = _config(pair)
@@ -60,6 +65,10 @@ def test_allowed_pair_trains_and_is_labelled_by_what_ran(pair, tmp_path):
     assert not last["round_skipped"]
     expected = "user" if "user-dp" in pair else "sample" if "sample-dp" in pair else "none"
     ran = last["aggregation"]
+    if "secure-agg" in pair:  # the pipeline got the masked sum, and the label says so
+        assert ran.startswith("secure_aggregation+") and last["secure_aggregation"] is True
+        assert meta_secure(tmp_path)["rounds"] == 1 and last["secagg_survivors"] == 2
+        ran = ran.removeprefix("secure_aggregation+")
     assert (ran == "user_level_dp") == ("user-dp" in pair)
     fleet = next((p.split("-")[1] for p in pair if p.startswith("fleet-")), None)
     assert ran == ("user_level_dp" if "user-dp" in pair else "median" if "robust" in pair else fleet or "fedavg")
