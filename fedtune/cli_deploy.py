@@ -16,11 +16,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from fedtune.cli_errors import new_app
+
 console = Console(highlight=False, soft_wrap=True)
-server_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                         help="Run the federated server for real devices (Flower SuperLink, TLS, node auth).")
-certs_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Make a local CA, a SuperLink certificate and SuperNode keys (for tests and trials).")
+server_app = new_app(help="Run the federated server for real devices (Flower SuperLink, TLS, node auth).")
+certs_app = new_app(help="Make a local CA, a SuperLink certificate and SuperNode keys (for tests and trials).")
 
 
 def _fail(message: str) -> None:
@@ -86,7 +86,7 @@ def server_start(config: Path = typer.Argument(..., help="experiment YAML"),
     from fedtune.deploy.certs import CertPaths
     from fedtune.deploy.server import ServerFailed, authorized_keys as read_keys, prepare_data, start_server
     from fedtune.deploy.superlink import SuperLinkSpec
-    from fedtune.workspace import RunDir
+    from fedtune.workspace import RunDir, check_run_root
 
     cfg = _config(config, set_)
     if cfg.fleet.enabled:
@@ -100,19 +100,21 @@ def server_start(config: Path = typer.Argument(..., help="experiment YAML"),
         keys = read_keys(authorized_keys)
     except ServerFailed as err:
         _fail(str(err))
-    run = RunDir.create(out)
-    resuming = (run.root / "checkpoint.json").is_file()
-    if resuming and run.config.is_file():
-        before, now = load_config(run.config).to_dict(), cfg.to_dict()
+    check_run_root(out, resume=True)  # the same --out resumes; anything else there is refused
+    resuming = (out / "checkpoint.json").is_file()
+    if (out / "config.yaml").is_file():
+        before, now = load_config(out / "config.yaml").to_dict(), cfg.to_dict()
         before["federation"].pop("rounds"), now["federation"].pop("rounds")
         if before != now:
-            _fail(f"{config}: differs from the config {out} was started with ({run.config}) in more than "
+            _fail(f"{config}: differs from the config {out} was started with ({out / 'config.yaml'}) in more than "
                   "federation.rounds; restart with the same config or choose another --out")
+    prepared = None if (out / "data" / "index.json").is_file() else prepare_data(cfg)  # refuses bad data
+    run = RunDir.create(out)  # every check passed: only now is anything written
     dump_config(cfg, run.config)
-    try:
-        prepare_data(cfg, run)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(f"data: {err}")
+    if prepared is not None:
+        from fedtune.data import save_client_data
+
+        save_client_data(prepared.clients, run.data)
     # the SuperLink's state (registered keys, node ids) survives a restart: devices keep their node ids
     spec = SuperLinkSpec(host=host, port=port, certs=paths, auth=bool(keys), database=run.flower / "superlink.db")
     nodes = min_nodes or cfg.federation.clients_per_round

@@ -7,6 +7,7 @@ to the raw YAML before validation, so a bad override is reported like a bad file
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -228,11 +229,14 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json")
 
 
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 class ConfigError(ValueError):
     """All problems of one config, each naming its field."""
 
     def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
+        self.problems, self.source = problems, source
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source} has {len(problems)} error(s):\n{lines}")
 
@@ -241,6 +245,9 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     """Checks that span fields; pydantic already checked each field on its own."""
     p: list[str] = []
     pv, fed, data, model = cfg.privacy, cfg.federation, cfg.data, cfg.model
+    if not _RUN_NAME.fullmatch(cfg.name):
+        p.append(f"name: {cfg.name!r} is not a plain run name (runs/<name>-<time> must stay inside runs/); use "
+                 "letters, digits, '.', '_' and '-', starting with a letter or digit")
     if fed.min_clients > fed.clients_per_round:
         p.append(f"federation.min_clients: must be <= clients_per_round ({fed.clients_per_round}), "
                  f"got {fed.min_clients}")
@@ -303,6 +310,11 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if pub.signing_key and not Path(pub.signing_key).is_file():
         p.append(f"publish.signing_key: file not found: {pub.signing_key}")
     t = model.tiny
+    if model.source == "tiny" and t.vocab_size < 260:
+        p.append(f"model.tiny.vocab_size: the tiny model's byte tokenizer needs >= 260, got {t.vocab_size}")
+    if model.source == "tiny" and data.seq_len > t.max_position_embeddings:
+        p.append(f"data.seq_len: {data.seq_len} is longer than the model's context "
+                 f"(model.tiny.max_position_embeddings={t.max_position_embeddings}); lower data.seq_len")
     if model.source == "tiny" and t.hidden_size % t.num_attention_heads:
         p.append(f"model.tiny.hidden_size ({t.hidden_size}) must be divisible by "
                  f"num_attention_heads ({t.num_attention_heads})")
@@ -329,7 +341,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError([f"--set {item!r}: expected key=value, e.g. federation.rounds=3"], "--set")
     key, _, raw = item.partition("=")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = " ".join(str(getattr(err, "problem", "") or "invalid YAML").split())
+        raise ConfigError([f"--set {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                           f"{key.strip()}='\"...\"'"], "--set") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -380,12 +398,20 @@ def _drop_bad(raw: dict[str, Any], err: ValidationError) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([f"{path} is a directory; give the experiment's YAML file"], str(path))
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"not UTF-8 text (byte 0x{err.object[err.start:err.start + 1].hex()} at offset "
+                           f"{err.start}); save the file as UTF-8"], str(path)) from None
     except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {err}"], str(path)) from None
+        raise ConfigError(["not valid YAML: " + " ".join(str(err).split())], str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level: expected a mapping of sections (model:, data:, ...), got "
+                           f"{type(raw).__name__}"], str(path))
     return config_from_dict(apply_overrides(raw, overrides or []), str(path))
 
 

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.deploy.eligibility import create_policy
+from fedtune.data.tables import SUFFIXES as DATA_SUFFIXES
 from fedtune.deploy.processes import flower_exe, reachable, split_address
-
-DATA_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".parquet", ".pq")
-
 
 @dataclass(frozen=True)
 class DeviceJoin:
@@ -53,7 +51,9 @@ def join_problems(join: DeviceJoin, catalog: Path | None = None, check_reachable
 
     p: list[str] = []
     data = Path(join.data_path)
-    if not data.is_file():
+    if data.is_dir():
+        p.append(f"--data: {data} is a directory; give this device's .jsonl, .csv or .parquet file")
+    elif not data.is_file():
         p.append(f"--data: file not found: {data}")
     elif data.suffix.lower() not in DATA_SUFFIXES:
         p.append(f"--data: {data.name} is not a .jsonl, .csv or .parquet file")
