@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -147,60 +144,30 @@ def device_join(superlink: str = typer.Option(..., "--superlink", help="the Supe
                                                      "memory:GB, never; combine with +"),
                 device_id: str = typer.Option("", "--device-id", help="stable name (its privacy ledger's key)"),
                 state_dir: Path = typer.Option(Path.home() / ".fedtune" / "device", "--state-dir"),
-                insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback trials only)")) -> None:
-    """Join the federation as a Flower SuperNode; trains in the rounds it is picked for while eligible."""
-    from fedtune.deploy.processes import flower_env
-    from fedtune.deploy.supernode import DeviceJoin, join_problems, supernode_command
+                insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback trials only)"),
+                warm: bool = typer.Option(True, "--warm/--no-warm",
+                                          help="one long-lived ClientApp process for all rounds (the model loads "
+                                               "once) / Flower's fresh process per round")) -> None:
+    """Join the federation as a Flower SuperNode; trains in the rounds it is picked for while eligible.
+
+    By default one long-lived ClientApp process serves every round (the base model loads once per device);
+    --no-warm falls back to Flower's fresh ClientApp process per round."""
+    from fedtune.deploy.device_runner import DeviceRunner, checked_join
+    from fedtune.deploy.supernode import DeviceJoin
 
     if not insecure and root_certificates is None:
         _fail("--root-certificates: TLS needs the CA certificate (ca.crt from the server operator), or pass "
               "--insecure for a loopback trial")
-    join = DeviceJoin(superlink=superlink, data_path=data, profile=profile, root_certificates=root_certificates,
-                      auth_key=auth_key, eligibility=eligibility, device_id=device_id or data.stem,
-                      state_dir=state_dir, insecure=insecure)
-    problems = join_problems(join)
-    if problems:
-        _fail(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    state_dir.mkdir(parents=True, exist_ok=True)
-    log_path = state_dir / "supernode.log"
-    env = flower_env(state_dir / "flwr-home")
-    console.print(f"joining {superlink} as {join.device_id} (profile {profile or '-'}, eligibility {eligibility}); "
-                  f"log: {log_path}")
-    stopping, proc = [], None
-
-    def stop(*_):
-        stopping.append(True)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-
-    signal.signal(signal.SIGTERM, stop)
-    backoff, refusals = 2.0, 0
-    while True:  # a device app keeps its SuperNode up: rejoin when the SuperLink restarts or drops it
-        start = log_path.stat().st_size if log_path.exists() else 0
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(supernode_command(join), env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            stop()
-            rc = proc.wait()
-        if stopping:
-            sys.exit(0)
-        with open(log_path, "rb") as f:
-            f.seek(start)
-            text = f.read().decode(errors="replace")
-        refused = "Exit Code: 305" in text or "[code: 2004]" in text
-        if refused and refusals < 2:  # the server may still be registering keys: ask again shortly
-            refusals += 1
-            time.sleep(5)
-            continue
-        if refused:
-            _fail(f"the SuperLink at {superlink} refused this device: its key is not registered there (node "
-                  f"authentication); give the operator {auth_key}.pub" if auth_key else
-                  f"the SuperLink at {superlink} refused this device: it requires node authentication (--auth-key)")
-        console.print(f"the SuperNode exited (code {rc}); rejoining in {backoff:.0f}s")
-        time.sleep(backoff)
-        backoff = min(backoff * 2, 60.0)
-        if stopping:
-            sys.exit(0)
-    sys.exit(0)
+    join = checked_join(DeviceJoin(superlink=superlink, data_path=data, profile=profile,
+                                   root_certificates=root_certificates, auth_key=auth_key, eligibility=eligibility,
+                                   device_id=device_id or data.stem, state_dir=state_dir, insecure=insecure,
+                                   warm=warm))
+    runner = DeviceRunner(join, on_status=console.print)
+    console.print(f"joining {superlink} as {join.device_id} (profile {profile or '-'}, eligibility {eligibility}, "
+                  f"{'one warm ClientApp process' if warm else 'a ClientApp process per round'}); log: "
+                  f"{runner.supernode_log}")
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        runner.stop()

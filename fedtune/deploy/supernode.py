@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ class DeviceJoin:
     state_dir: Path | None = None
     insecure: bool = False
     runtime_port: int = 0  # 0: a free one
+    # one long-lived ClientApp process for every round (the base model loads once; Flower's --isolation
+    # process + fedtune.flower.warm_runtime) instead of Flower's fresh flwr-clientapp process per round
+    warm: bool = True
 
     def node_config(self) -> str:
         items = {"data-path": str(Path(self.data_path).absolute()), "profile": self.profile,
@@ -85,6 +89,8 @@ def join_problems(join: DeviceJoin, catalog: Path | None = None, check_reachable
 def supernode_command(join: DeviceJoin) -> list[str]:
     cmd = [flower_exe("flower-supernode"), "--superlink", join.superlink, "--node-config", join.node_config(),
            "--port", str(join.runtime_port or _free_port()), "--max-retries", "20", "--max-wait-time", "600"]
+    if join.warm:
+        cmd += ["--isolation", "process"]  # the SuperNode serves its Runtime API; warm_runtime runs the tasks
     if join.insecure:
         cmd.append("--insecure")
     elif join.root_certificates:
@@ -92,3 +98,19 @@ def supernode_command(join: DeviceJoin) -> list[str]:
     if join.auth_key:
         cmd += ["--auth-supernode-private-key", str(join.auth_key)]
     return cmd
+
+
+def with_runtime_port(join: DeviceJoin) -> DeviceJoin:
+    """The join with its SuperNode's Runtime API port fixed (kept across SuperNode restarts, so the warm
+    runtime that polls it keeps running, and its model stays loaded, while the SuperNode rejoins)."""
+    import dataclasses
+
+    return join if join.runtime_port else dataclasses.replace(join, runtime_port=_free_port())
+
+
+def warm_runtime_command(join: DeviceJoin, parent_pid: int) -> list[str]:
+    """The device's long-lived ClientApp process (fedtune/flower/warm_runtime.py) for its SuperNode."""
+    if not join.runtime_port:
+        raise ValueError("fix the Runtime API port first (with_runtime_port)")
+    return [sys.executable, "-m", "fedtune.flower.warm_runtime", "--runtime-api-address",
+            f"127.0.0.1:{join.runtime_port}", "--parent-pid", str(parent_pid)]

@@ -78,12 +78,13 @@ class Deployment:
             time.sleep(0.5)
         return proc
 
-    def device(self, i: int, key: str | None = None, **flags: str) -> subprocess.Popen:
+    def device(self, i: int, key: str | None = None, extra: tuple[str, ...] = (), **flags: str) -> subprocess.Popen:
         args = ["device", "join", "--superlink", f"127.0.0.1:{self.port}", "--profile", "laptop-8gb", "--data",
                 str(self.tmp / f"dev{i}.jsonl"), "--root-certificates", str(self.certs.ca_cert), "--auth-key",
                 str(self.certs.supernode_key(key or f"d{i}")), "--state-dir", str(self.tmp / f"state{i}")]
         for k, v in flags.items():
             args += [f"--{k.replace('_', '-')}", v]
+        args += list(extra)
         return self.cli(*args, log=f"device{i}{key or ''}.log")
 
     def events(self) -> list[dict]:
@@ -196,3 +197,33 @@ def _adapter(out: Path, r: int) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(out / "adapters" / f"round-{r}" / "adapter_model.safetensors"))
+
+
+def device_events(state: Path) -> list[dict]:
+    """A device's own progress events (its run context lives in its state dir)."""
+    from fedtune.workspace import read_jsonl
+
+    return [e for p in sorted(state.glob("runs/*/events.jsonl")) for e in read_jsonl(p)]
+
+
+def run_one_device(d: Deployment, rounds: int, *device_flags: str) -> tuple[list[dict], list[dict]]:
+    """A server with one device for ``rounds`` rounds (TLS + node auth); the server's records and the
+    device's events."""
+    server = d.server("--set", f"federation.rounds={rounds}", "--set", "federation.clients_per_round=1",
+                      "--set", "federation.min_clients=1")
+    d.device(0, extra=device_flags)
+    assert server.wait(600) == 0, (d.tmp / "server.log").read_text()[-3000:]
+    return d.metrics(), device_events(d.tmp / "state0")
+
+
+def test_a_warm_device_loads_its_model_once_in_three_rounds(deployment):
+    d = deployment
+    records, events = run_one_device(d, 3)
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert all(r["clients_succeeded"] == 1 for r in records[1:]), records
+    done = [e for e in events if e["event"] == "client_done"]
+    assert [e["round"] for e in done] == [1, 2, 3]
+    assert len({e["pid"] for e in done}) == 1  # one ClientApp process served every round
+    assert [e["model_loads"] for e in done] == [1, 1, 1]  # ... and loaded the base model once
+    assert "tasks run by this process: 3" in (d.tmp / "state0" / "clientapp.log").read_text()
+    print(f"\nFIGURE warm device round wall seconds: {[round(r['wall_seconds'], 1) for r in records[1:]]}")
