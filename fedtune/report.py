@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedtune.workspace import RunDir
+from fedtune.workspace import RunDir, read_jsonl
 
 COLUMNS = ("round", "clients_succeeded", "train_loss", "eval_loss", "eval_perplexity", "epsilon",
            "upload_bytes", "wall_seconds")
@@ -98,6 +98,10 @@ def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
     ]
     for r in records:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |")
+    for ev in read_jsonl(run.events):
+        if ev.get("event") == "users_dropped":
+            lines += ["", f"Users left out ({len(ev['users'])}; their text gives no full chunk of {ev['seq_len']} "
+                          f"tokens): {', '.join(ev['users'])}."]
     totals = tier_totals(records)
     if totals:
         clock = records[-1].get("sim_clock_seconds", 0.0)

@@ -199,29 +199,30 @@ def _adapter(out: Path, r: int) -> dict:
     return load_file(str(out / "adapters" / f"round-{r}" / "adapter_model.safetensors"))
 
 
-def device_events(state: Path) -> list[dict]:
-    """A device's own progress events (its run context lives in its state dir)."""
+def client_done(d: Deployment, state: Path) -> list[dict]:
+    """The device's ``client_done`` events: in the run directory when the device can read the server's
+    config-path (loopback, one file system), else in its own state dir."""
     from fedtune.workspace import read_jsonl
 
-    return [e for p in sorted(state.glob("runs/*/events.jsonl")) for e in read_jsonl(p)]
+    own = [e for p in sorted(state.glob("runs/*/events.jsonl")) for e in read_jsonl(p)]
+    return [e for e in d.events() + own if e["event"] == "client_done"]
 
 
 def run_one_device(d: Deployment, rounds: int, *device_flags: str) -> tuple[list[dict], list[dict]]:
     """A server with one device for ``rounds`` rounds (TLS + node auth); the server's records and the
-    device's events."""
+    device's client_done events."""
     server = d.server("--set", f"federation.rounds={rounds}", "--set", "federation.clients_per_round=1",
                       "--set", "federation.min_clients=1")
     d.device(0, extra=device_flags)
     assert server.wait(600) == 0, (d.tmp / "server.log").read_text()[-3000:]
-    return d.metrics(), device_events(d.tmp / "state0")
+    return d.metrics(), client_done(d, d.tmp / "state0")
 
 
 def test_a_warm_device_loads_its_model_once_in_three_rounds(deployment):
     d = deployment
-    records, events = run_one_device(d, 3)
+    records, done = run_one_device(d, 3)
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert all(r["clients_succeeded"] == 1 for r in records[1:]), records
-    done = [e for e in events if e["event"] == "client_done"]
     assert [e["round"] for e in done] == [1, 2, 3]
     assert len({e["pid"] for e in done}) == 1  # one ClientApp process served every round
     assert [e["model_loads"] for e in done] == [1, 1, 1]  # ... and loaded the base model once
