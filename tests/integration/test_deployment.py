@@ -2,8 +2,8 @@
 `fedtune device join` SuperNodes, each a separate process tree, on the tiny model; and the faults a real
 fleet has: a device without a registered key, a SuperNode killed mid-round, the server killed between rounds.
 
-Each scenario takes 2-4 minutes on 2 shared CPU cores (every round starts a fresh ClientApp process per
-device, which loads the base model), hence ``slow``. Every process a test starts is stopped by its PID.
+Each scenario takes 2-4 minutes on 2 shared CPU cores (processes start, the base model loads once per
+device in its warm ClientApp process), hence ``slow``. Every process a test starts is stopped by its PID.
 """
 
 from __future__ import annotations
