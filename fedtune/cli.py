@@ -148,10 +148,11 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     clients = prepared.clients
     n_devices = (cfg.fleet.population or len(clients)) if cfg.fleet.enabled else len(clients)
     if cfg.federation.min_clients > n_devices:
+        source = "fleet.population" if cfg.fleet.enabled and cfg.fleet.population else "users in the data"
+        dropped = f"; {prepared.dropped_note()}" if prepared.dropped else ""
         raise UserError(f"federation.min_clients: {cfg.federation.min_clients} is more than the {n_devices} devices "
-                        f"there are ({'fleet.population' if cfg.fleet.enabled and cfg.fleet.population else 'users in the data'}"
-                        f"{'; ' + prepared.dropped_note() if prepared.dropped else ''}); every round would be "
-                        f"skipped: lower federation.min_clients to at most {n_devices}")
+                        f"there are ({source}{dropped}); every round would be skipped: lower "
+                        f"federation.min_clients to at most {n_devices}")
     plan = None
     if cfg.privacy.user_level.enabled:  # calibrate and check the budget before any training starts
         from fedtune.privacy.dp_fedavg import plan_user_level
@@ -165,12 +166,13 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     run = RunDir.create(root)
     dump_config(cfg, run.config)
     console.print(f"run directory: {run.root}" + (" (resuming)" if resume else ""))
-    if not (resume and (run.data / "index.json").is_file()):
-        save_client_data(clients, run.data)
     if prepared.dropped:
         console.print(f"[yellow]warning:[/yellow] {prepared.dropped_note()}")
-        run.append_event({"event": "users_dropped", "users": list(prepared.dropped), "seq_len": cfg.data.seq_len,
-                          "reason": "no full training chunk"})
+    if not (resume and (run.data / "index.json").is_file()):
+        save_client_data(clients, run.data)
+        if prepared.dropped:  # recorded once, with the data it describes
+            run.append_event({"event": "users_dropped", "users": list(prepared.dropped),
+                              "seq_len": cfg.data.seq_len, "reason": "no full training chunk"})
     n_train = sum(c.num_train for c in clients)
     console.print(f"data: {cfg.data.source}, {len(clients)} users, {n_train} training chunks of "
                   f"{cfg.data.seq_len} tokens ({time.monotonic() - t0:.0f}s)")

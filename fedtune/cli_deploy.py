@@ -112,6 +112,10 @@ def server_start(config: Path = typer.Argument(..., help="experiment YAML"),
         from fedtune.data import save_client_data
 
         save_client_data(prepared.clients, run.data)
+        if prepared.dropped:
+            console.print(f"[yellow]warning:[/yellow] server evaluation data: {prepared.dropped_note()}")
+            run.append_event({"event": "users_dropped", "users": list(prepared.dropped),
+                              "seq_len": cfg.data.seq_len, "reason": "no full training chunk"})
     # the SuperLink's state (registered keys, node ids) survives a restart: devices keep their node ids
     spec = SuperLinkSpec(host=host, port=port, certs=paths, auth=bool(keys), database=run.flower / "superlink.db")
     nodes = min_nodes or cfg.federation.clients_per_round
