@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.deploy.processes import flower_env, stop_tree
-from fedtune.deploy.supernode import DeviceJoin, join_problems, supernode_command, warm_runtime_command, with_runtime_port
+from fedtune.deploy.supernode import (
+    DeviceJoin, join_problems, supernode_command, warm_runtime_command, with_runtime_port,
+)
 from fedtune.errors import UserError
 
 log = logging.getLogger(__name__)
