@@ -118,10 +118,10 @@ class ActiveAdapter:
 
     def load(self, base_model):
         """``base_model`` with this adapter attached (verified again while loading)."""
-        from fedtune.registry import load_verify_key
         from fedtune.registry.device import load_active_adapter
+        from fedtune.registry.metadata import load_anchor
 
-        return load_active_adapter(base_model, self.state_dir, load_verify_key(self.public_key))
+        return load_active_adapter(base_model, self.state_dir, load_anchor(self.public_key))
 
 
 @dataclass(frozen=True)
@@ -145,14 +145,14 @@ def _existing_state(state_dir: str | Path) -> Path:
 def current_adapter(state_dir: str | Path = DEFAULT_STATE, public_key: str | Path = "fedtune-signing.pub"
                     ) -> ActiveAdapter | None:
     """The active adapter, verified now; None when this device has none yet."""
-    from fedtune.registry import load_verify_key
     from fedtune.registry.device_state import DeviceState
+    from fedtune.registry.metadata import load_anchor
 
     state, key = _existing_state(state_dir), Path(public_key).expanduser()
     ds = DeviceState(state)
     if ds.pointer().active is None:
         return None
-    path, m = ds.active(load_verify_key(key))
+    path, m = ds.active(load_anchor(key))
     return ActiveAdapter(path=Path(path), version=int(m.version), name=m.name, epsilon=m.privacy.epsilon,
                          privacy_level=m.privacy.level, base_model=m.base_model.id, state_dir=state, public_key=key)
 
@@ -175,16 +175,17 @@ def status(state_dir: str | Path = DEFAULT_STATE, public_key: str | Path = "fedt
 
 def pull(server: str, base_model: str, public_key: str | Path, state_dir: str | Path = DEFAULT_STATE, *,
          channel: str = "stable", base_sha256: str | None = None, device_id: str | None = None,
-         force: bool = False):
-    """Fetch the adapter the registry offers this device, verify it and switch to it atomically; returns the
-    registry's PullResult (status ``updated`` / ``unchanged`` / ``none``, versions, bytes)."""
+         force: bool = False, deadline_s: float = 600.0, artifact: str | None = None):
+    """Fetch the adapter the channel's signed metadata names for this device, verify it and switch to it
+    atomically; returns the registry's PullResult (status ``updated`` / ``unchanged`` / ``none`` / ``blocked``
+    / ``repaired``, versions, bytes). ``public_key``: the publisher's .pub or a root metadata file."""
     import httpx
 
-    from fedtune.registry import load_verify_key
     from fedtune.registry.device import DeviceClient, DeviceConfig
+    from fedtune.registry.metadata import load_anchor
 
-    cfg = DeviceConfig(server=server, base_model_id=base_model, trusted_key=load_verify_key(Path(public_key)),
-                       channel=channel, base_model_sha256=base_sha256)
+    cfg = DeviceConfig(server=server, base_model_id=base_model, trusted_key=load_anchor(Path(public_key)),
+                       channel=channel, base_model_sha256=base_sha256, deadline_s=deadline_s, artifact=artifact)
     try:
         with DeviceClient(Path(state_dir).expanduser(), cfg, device_id=device_id) as dev:
             return dev.pull(force=force)

@@ -57,7 +57,7 @@ def test_pull_then_the_current_adapter(tmp_path, registry, keys, runs, live):  #
     from fedtune.registry import publish_run
 
     key, _ = keys
-    registry.promote(publish_run(runs[0], registry, key, round=1).manifest.version)
+    registry.promote(publish_run(runs[0], registry, key, round=1).manifest.version, keys=key)
     pub, state = tmp_path / "keys" / "signing.pub", tmp_path / "device"
     state.mkdir()
     assert fd.current_adapter(state, pub) is None
