@@ -131,16 +131,22 @@ class AdapterPool:
             raise ValueError(f"a batch needs {len(wanted)} adapters, the pool holds {self.capacity}")
         now = time.monotonic()
         current = {s.peft_name for s in self.sources()}
-        for stale in [n for n in self._loaded if n not in current and n not in wanted]:
-            self._unload(stale)  # a version replaced by a newer one: no batch uses it any more
         for s in sources:
             if s.peft_name not in self._loaded:
                 while len(self._loaded) >= self.capacity:
-                    victim = next(n for n in self._loaded if n not in wanted)
-                    self._unload(victim)
+                    stale = [n for n in self._loaded if n not in current and n not in wanted]
+                    self._unload((stale or [n for n in self._loaded if n not in wanted])[0])
                 self._load(s)
             self._loaded[s.peft_name] = now
             self._loaded.move_to_end(s.peft_name)
+        for stale in [n for n in self._loaded if n not in current and n not in wanted]:
+            self._unload(stale)  # a version replaced by a newer one: no batch uses it any more
+
+    def evict(self, name: str) -> None:
+        """Unload a served adapter now (scheduler thread, or while no batch runs); the next use reloads it."""
+        source = self.source(name)
+        if source is not None and source.peft_name in self._loaded:
+            self._unload(source.peft_name)
 
     def _load(self, s: AdapterSource) -> None:
         from peft import PeftModel
