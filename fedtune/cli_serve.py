@@ -37,6 +37,8 @@ def serve_cmd(
     max_batch: int = typer.Option(32, "--max-batch", help="requests decoded together in one batch"),
     policy: str = typer.Option("mixed", "--policy", help="mixed: any adapters in one batch | single: one adapter "
                                "per batch"),
+    lora_kernel: str = typer.Option("stacked", "--lora-kernel", help="mixed-batch LoRA: stacked (gathered "
+                                    "bmm) | peft (peft's per-adapter loop)"),
 ) -> None:
     """OpenAI-compatible server (/v1/models, /v1/completions, /v1/chat/completions) for the base + adapters."""
     from fedtune.config import ConfigError, load_config
@@ -50,6 +52,8 @@ def serve_cmd(
         _fail(f"--quantization {quantization}: expected none, int8 or nf4")
     if policy not in ("mixed", "single"):
         _fail(f"--policy {policy}: expected mixed or single")
+    if lora_kernel not in ("stacked", "peft"):
+        _fail(f"--lora-kernel {lora_kernel}: expected stacked or peft")
     if registry and public_key is None:
         _fail("--registry needs --public-key (the publisher's .pub) so that pulled adapters can be verified")
     if channel and not registry:
@@ -66,7 +70,8 @@ def serve_cmd(
     reg = RegistryOptions(url=registry, public_key=public_key, state_dir=state, subscriptions=subs,
                           device_id=device_id, poll_s=poll) if registry else None
     options = ServeOptions(model=model, device=device, adapters=tuple(adapters), registry=reg,
-                           max_loaded=max_loaded, max_batch=max_batch, policy=policy)
+                           max_loaded=max_loaded, max_batch=max_batch, policy=policy,
+                           lora_kernel=lora_kernel)
     console.print(f"serving {model.name} ({model.quantization}) on http://{host}:{port}/v1")
     try:
         serve(options, host=host, port=port)

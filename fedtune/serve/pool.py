@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from fedtune.serve.batched_lora import StackedLoRA
 from fedtune.serve.errors import AdapterRefused, ModelNotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ def local_sources(root: Path) -> list[AdapterSource]:
 
 
 class AdapterPool:
-    def __init__(self, base_model, base_id: str, capacity: int = 8):
+    def __init__(self, base_model, base_id: str, capacity: int = 8, kernel: str = "stacked"):
+        if kernel not in ("stacked", "peft"):
+            raise ValueError(f"lora kernel: expected 'stacked' or 'peft', got {kernel!r}")
         if capacity < 1:
             raise ValueError(f"max loaded adapters: expected >= 1, got {capacity}")
         self.model = base_model  # becomes a PeftModel on the first load
@@ -87,6 +90,7 @@ class AdapterPool:
         self._loaded: OrderedDict[str, float] = OrderedDict()  # peft name -> last use (LRU order)
         self._lock = threading.Lock()
         self.loads = 0
+        self.stack = StackedLoRA() if kernel == "stacked" else None  # None: peft's own mixed-batch loop
 
     # --- the catalogue (any thread) --------------------------------------------------------------
     def register(self, source: AdapterSource) -> None:
@@ -131,22 +135,29 @@ class AdapterPool:
             raise ValueError(f"a batch needs {len(wanted)} adapters, the pool holds {self.capacity}")
         now = time.monotonic()
         current = {s.peft_name for s in self.sources()}
-        for s in sources:
-            if s.peft_name not in self._loaded:
-                while len(self._loaded) >= self.capacity:
-                    stale = [n for n in self._loaded if n not in current and n not in wanted]
-                    self._unload((stale or [n for n in self._loaded if n not in wanted])[0])
-                self._load(s)
-            self._loaded[s.peft_name] = now
-            self._loaded.move_to_end(s.peft_name)
-        for stale in [n for n in self._loaded if n not in current and n not in wanted]:
-            self._unload(stale)  # a version replaced by a newer one: no batch uses it any more
+        before = set(self._loaded)
+        try:
+            for s in sources:
+                if s.peft_name not in self._loaded:
+                    while len(self._loaded) >= self.capacity:
+                        stale = [n for n in self._loaded if n not in current and n not in wanted]
+                        self._unload((stale or [n for n in self._loaded if n not in wanted])[0])
+                    self._load(s)
+                self._loaded[s.peft_name] = now
+                self._loaded.move_to_end(s.peft_name)
+            for stale in [n for n in self._loaded if n not in current and n not in wanted]:
+                self._unload(stale)  # a version replaced by a newer one: no batch uses it any more
+        finally:
+            if self.stack is not None and before != set(self._loaded):
+                self.stack.rebuild(self.model, list(self._loaded))
 
     def evict(self, name: str) -> None:
         """Unload a served adapter now (scheduler thread, or while no batch runs); the next use reloads it."""
         source = self.source(name)
         if source is not None and source.peft_name in self._loaded:
             self._unload(source.peft_name)
+            if self.stack is not None:
+                self.stack.rebuild(self.model, list(self._loaded))
 
     def _load(self, s: AdapterSource) -> None:
         from peft import PeftModel

@@ -40,6 +40,7 @@ class ServeOptions:
     max_loaded: int = 16
     max_batch: int = 32
     policy: str = "mixed"
+    lora_kernel: str = "stacked"  # stacked: gathered batched LoRA | peft: peft's per-adapter loop
     window_s: float = 0.005
     chat_max_tokens: int = 256
     base_id: str | None = None  # default: the registry's id for this base (publish.base_model_id)
@@ -72,7 +73,7 @@ def build_server(options: ServeOptions, base_model=None) -> Server:
                  info["base_bytes"] / 2**20)
     base_model.eval()
     base_id = options.base_id or base_model_id(options.model)
-    pool = AdapterPool(base_model, base_id, capacity=options.max_loaded)
+    pool = AdapterPool(base_model, base_id, capacity=options.max_loaded, kernel=options.lora_kernel)
     for root in options.adapters:
         for source in local_sources(root):
             if pool.source(source.name) is not None:

@@ -11,12 +11,13 @@ from tests.conftest import make_config
 from tests.unit.serve.conftest import ADAPTERS, reference_greedy
 
 
-@pytest.fixture(scope="module")
-def pool(adapter_root):
+@pytest.fixture(scope="module", params=["stacked", "peft"])
+def pool(adapter_root, request):
+    """Both mixed-batch kernels: the gathered batched LoRA and peft's per-adapter loop."""
     from fedtune.models import load_base_model
 
     base, _ = load_base_model(make_config().model)
-    p = AdapterPool(base, "tiny-llama", capacity=3)
+    p = AdapterPool(base, "tiny-llama", capacity=3, kernel=request.param)
     for s in local_sources(adapter_root):
         p.register(s)
     p.activate(p.sources())
