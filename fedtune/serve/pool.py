@@ -91,6 +91,7 @@ class AdapterPool:
         self._lock = threading.Lock()
         self.loads = 0
         self.stack = StackedLoRA() if kernel == "stacked" else None  # None: peft's own mixed-batch loop
+        self._snapshot: tuple[str, ...] = ()
 
     # --- the catalogue (any thread) --------------------------------------------------------------
     def register(self, source: AdapterSource) -> None:
@@ -126,7 +127,8 @@ class AdapterPool:
     # --- loading (scheduler thread only) ---------------------------------------------------------
     @property
     def loaded(self) -> list[str]:
-        return list(self._loaded)
+        """Loaded peft names, least recent first (a snapshot: safe to read from any thread)."""
+        return list(self._snapshot)
 
     def activate(self, sources: list[AdapterSource]) -> None:
         """Make every adapter of the next batch loaded (evicting the least recently used others)."""
@@ -148,6 +150,7 @@ class AdapterPool:
             for stale in [n for n in self._loaded if n not in current and n not in wanted]:
                 self._unload(stale)  # a version replaced by a newer one: no batch uses it any more
         finally:
+            self._snapshot = tuple(self._loaded)
             if self.stack is not None and before != set(self._loaded):
                 self.stack.rebuild(self.model, list(self._loaded))
 
@@ -156,6 +159,7 @@ class AdapterPool:
         source = self.source(name)
         if source is not None and source.peft_name in self._loaded:
             self._unload(source.peft_name)
+            self._snapshot = tuple(self._loaded)
             if self.stack is not None:
                 self.stack.rebuild(self.model, list(self._loaded))
 
