@@ -227,7 +227,7 @@ def main() -> None:
         for label, names, policy, kernel in plan:
             if label in skip:
                 continue
-            _set_kernel(pool, kernel)
+            pool.set_kernel(kernel)
             r = run_scenario(pool, names, policy, args, vocab)
             results["rows"].append({"users": n, "scenario": label, "kernel": kernel, **r})
             _save(args.json, results)  # partial results survive a time limit
@@ -238,7 +238,7 @@ def main() -> None:
             results["rows"].append({"users": n, "scenario": "peft-generate", "kernel": "peft", **r})
             print(f"{n:>3} users  {'peft-generate':<12} {r['tokens_per_s']:>9.1f} tok/s  p50 {r['p50_s']:.3f}s  "
                   f"p95 {r['p95_s']:.3f}s", flush=True)
-    _set_kernel(pool, kernels[0])
+    pool.set_kernel(kernels[0])
     results["memory"] = adapter_memory(pool, all_names, args.device)
     print("memory per loaded adapter:", {k: f"{v / 2**20:.2f} MiB" for k, v in results["memory"].items()})
     by = {(r["users"], r["scenario"]): r["tokens_per_s"] for r in results["rows"]}
@@ -253,21 +253,6 @@ def main() -> None:
 def _save(path: Path | None, results: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(results, indent=1))
-
-
-def _set_kernel(pool: AdapterPool, kernel: str) -> None:
-    """Switch the mixed-batch LoRA arithmetic between the stacked kernel and peft's loop (same adapters)."""
-    from peft.tuners.lora.layer import LoraLayer  # noqa: F401 - peft's method is the class attribute
-
-    from fedtune.serve.batched_lora import StackedLoRA, _lora_layers
-
-    if kernel == "peft":
-        for layer in _lora_layers(pool.model):
-            layer.__dict__.pop("_mixed_batch_forward", None)  # back to the class's (peft's) method
-        pool.stack = None
-    else:
-        pool.stack = StackedLoRA()
-        pool.stack.rebuild(pool.model, pool.loaded)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ def _stacked_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **k
     return result + torch.bmm(h, b.transpose(1, 2)).to(result.dtype)  # [B, T, out]
 
 
+def unstack(model) -> None:
+    """Give every LoRA layer back peft's own ``_mixed_batch_forward`` (and drop the stacked weights)."""
+    for layer in _lora_layers(model):
+        for attr in ("_mixed_batch_forward", "_fedtune_A", "_fedtune_B", "_fedtune_stack"):
+            layer.__dict__.pop(attr, None)
+
+
 class StackedLoRA:
     def __init__(self, dtype: torch.dtype | None = None):
         self.dtype = dtype  # None: the dtype of the LoRA weights

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from fedtune.serve.batched_lora import StackedLoRA
+from fedtune.serve.batched_lora import StackedLoRA, unstack
 from fedtune.serve.errors import AdapterRefused, ModelNotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,17 @@ class AdapterPool:
             self._snapshot = tuple(self._loaded)
             if self.stack is not None and before != set(self._loaded):
                 self.stack.rebuild(self.model, list(self._loaded))
+
+    def set_kernel(self, kernel: str) -> None:
+        """Switch the mixed-batch LoRA arithmetic (between batches): "stacked" or peft's own loop ("peft")."""
+        if kernel not in ("stacked", "peft"):
+            raise ValueError(f"lora kernel: expected 'stacked' or 'peft', got {kernel!r}")
+        if kernel == "peft":
+            unstack(self.model)
+            self.stack = None
+        else:
+            self.stack = StackedLoRA()
+            self.stack.rebuild(self.model, list(self._loaded))
 
     def evict(self, name: str) -> None:
         """Unload a served adapter now (scheduler thread, or while no batch runs); the next use reloads it."""

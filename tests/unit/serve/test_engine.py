@@ -63,3 +63,21 @@ def test_sampling_greedy_top_p_and_seed():
     assert draws == again  # the same seed draws the same tokens
     hot = [sample_next(logits[:1], [Row([1], BASE, 1, 2.0, 1.0, g(s))], [True])[0] for s in range(400)]
     assert set(hot) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantized_base_mixed_batch_equals_one_at_a_time(adapter_root, quantization):
+    """The project's bitsandbytes base (fedtune.models) under both kernels: same tokens batched or alone."""
+    from fedtune.models import load_base_model
+
+    base, _ = load_base_model(make_config(model={"quantization": quantization}).model)
+    p = AdapterPool(base, "tiny-llama", capacity=3)
+    for s in local_sources(adapter_root):
+        p.register(s)
+    p.activate(p.sources())
+    rows = [Row(list(b"hello there"), p.source("alice").peft_name, 6), Row(list(b"ab"), BASE, 6),
+            Row(list(b"xyz"), p.source("carol").peft_name, 6)]
+    together, _ = run(p.model, rows)
+    assert together == [run(p.model, [r])[0][0] for r in rows]
+    p.set_kernel("peft")  # peft's own mixed-batch loop over the same quantized layers
+    assert run(p.model, rows)[0] == together
