@@ -197,7 +197,11 @@ def main() -> None:
     ap.add_argument("--generate-requests", type=int, default=1, help="requests per user for peft-generate")
     ap.add_argument("--skip", default="", help="comma list of scenarios to skip, e.g. peft-generate")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--table", type=Path, help="print the markdown table of an earlier --json and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
     users = [int(u) for u in args.users.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     base = build_base(args.shape, args.device, args.quantization)
@@ -250,6 +254,23 @@ def main() -> None:
                   f"{by[(n, 'own/mixed')] / by[(n, 'own/single')]:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def markdown(results: dict) -> str:
+    """The docs table of one run's JSON."""
+    r0 = results
+    head = (f"{r0['machine']}, {r0['shape']} shape, {r0['dtype']}, {r0['quantization']} base, LoRA r={r0['rank']} on "
+            f"{r0['targets']}, prompt {r0['prompt']} tokens, {r0['max_tokens']} new tokens, "
+            f"{r0['requests_per_user']} requests per user\n\n")
+    lines = ["| users | scenario | tokens/s | p50 latency | p95 latency | batches (max rows) |",
+             "|---:|---|---:|---:|---:|---|"]
+    for r in results["rows"]:
+        batches = f"{r['batches']} ({r['max_rows']})" if "batches" in r else "-"
+        lines.append(f"| {r['users']} | {r['scenario']} | {r['tokens_per_s']:.1f} | {r['p50_s'] * 1000:.0f} ms | "
+                     f"{r['p95_s'] * 1000:.0f} ms | {batches} |")
+    m = results.get("memory", {})
+    tail = "\n\nMemory per extra loaded adapter: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in m.items())
+    return head + "\n".join(lines) + tail
 
 
 def _save(path: Path | None, results: dict) -> None:

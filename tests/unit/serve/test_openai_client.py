@@ -113,3 +113,26 @@ def test_malformed_body_is_400_not_422(local_server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_concurrent_users_share_batches_and_get_their_own_answers(local_server):
+    import threading
+
+    url, server = local_server
+    c = openai_client(url)
+    jobs = [("alice", "one"), ("bob", "two"), ("carol", "three"), ("tiny-llama", "four"), ("bob", "five")] * 2
+    alone = [c.completions.create(model=m, prompt=p, max_tokens=8, temperature=0).choices[0].text for m, p in jobs]
+    before = server.context.scheduler.stats.max_rows
+    got, barrier = [None] * len(jobs), threading.Barrier(len(jobs))
+
+    def ask(i):
+        barrier.wait()
+        got[i] = c.completions.create(model=jobs[i][0], prompt=jobs[i][1], max_tokens=8, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == alone
+    assert before == 1 and server.context.scheduler.stats.max_rows > 1  # rows of several adapters in one batch
