@@ -190,7 +190,7 @@ def create_app(ctx: ServeContext) -> FastAPI:
         return {"object": "list", "data": [model_card(ctx.pool, None)] +
                 [model_card(ctx.pool, s) for s in sorted(ctx.pool.sources(), key=lambda s: s.name)]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")
     def model(model_id: str) -> dict:
         return model_card(ctx.pool, ctx.pool.resolve(model_id))
 
