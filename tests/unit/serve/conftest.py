@@ -28,7 +28,9 @@ def make_adapter(directory: Path, seed: int, std: float = 0.4, epsilon: float = 
     set_adapter_state(model, {k: torch.randn(v.shape, generator=gen) * std for k, v in get_adapter_state(model).items()})
     result = RoundResult(round=seed, clients_sampled=3, clients_succeeded=3, train_loss=2.0, eval_loss=1.5,
                          eval_perplexity=4.5, upload_bytes=100, wall_seconds=1.0, epsilon=epsilon, delta=1e-5)
-    return save_adapter(model, directory, result, cfg)
+    return save_adapter(model, directory, result, cfg,
+                        {"level": "sample", "epsilon": epsilon, "delta": 1e-5, "rounds": 1,
+                         "mechanism": "DP-SGD (opacus, Poisson sampling), per device", "accountant": "rdp"})
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,9 @@ version they started with), and a tampered version refused while the previous on
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import time
 
 import httpx
@@ -49,7 +51,7 @@ def greedy(url, n=10):
 
 def test_promoted_version_is_picked_up_by_a_running_server(tmp_path, registry, keys, live, versions):
     key, _ = keys
-    registry.promote(publish(registry, key, versions[0]).version, "user-alice")
+    registry.promote(publish(registry, key, versions[0]).version, "user-alice", keys=key)
     with running(options(tmp_path, live, poll_s=0.2)) as (url, _server):
         meta = card(url)["fedtune"]
         assert (meta["version"], meta["origin"], meta["verified"], meta["channel"]) == (1, "registry", True,
@@ -57,7 +59,7 @@ def test_promoted_version_is_picked_up_by_a_running_server(tmp_path, registry, k
         assert (meta["privacy"]["level"], meta["privacy"]["epsilon"], meta["privacy"]["delta"]) == ("sample", 1.0, 1e-5)
         assert greedy(url) == (TOK.decode(reference_greedy(versions[0], TOK.encode(PROMPT), 10)), "fedtune-alice-v1")
 
-        registry.promote(publish(registry, key, versions[1]).version, "user-alice")
+        registry.promote(publish(registry, key, versions[1]).version, "user-alice", keys=key)
         deadline = time.monotonic() + 20
         while card(url)["fedtune"]["version"] != 2:
             assert time.monotonic() < deadline, "the running server never picked up v2"
@@ -68,12 +70,12 @@ def test_promoted_version_is_picked_up_by_a_running_server(tmp_path, registry, k
 
 def test_in_flight_request_finishes_on_its_version_across_a_swap(tmp_path, registry, keys, live, versions):
     key, _ = keys
-    registry.promote(publish(registry, key, versions[0]).version, "user-alice")
+    registry.promote(publish(registry, key, versions[0]).version, "user-alice", keys=key)
     with running(options(tmp_path, live, poll_s=3600)) as (url, server):
         stream = openai_client(url).completions.create(model="alice", prompt=PROMPT, max_tokens=40, temperature=0,
                                                        stream=True)
         first = next(stream)
-        registry.promote(publish(registry, key, versions[1]).version, "user-alice")
+        registry.promote(publish(registry, key, versions[1]).version, "user-alice", keys=key)
         assert [o.status for o in server.watcher.poll_once()] == ["updated"]  # swapped mid-request
         text = first.choices[0].text + "".join(c.choices[0].text for c in stream)
         assert text == TOK.decode(reference_greedy(versions[0], TOK.encode(PROMPT), 40))
@@ -83,17 +85,26 @@ def test_in_flight_request_finishes_on_its_version_across_a_swap(tmp_path, regis
 
 def test_tampered_version_is_refused_and_the_previous_keeps_serving(tmp_path, registry, keys, live, versions):
     key, _ = keys
-    registry.promote(publish(registry, key, versions[1]).version, "user-alice")
+    registry.promote(publish(registry, key, versions[1]).version, "user-alice", keys=key)
     with running(options(tmp_path, live, poll_s=3600)) as (url, server):
         before = greedy(url)
         bad = publish(registry, key, versions[2])
-        weights = bad.file("adapter_model.safetensors")
-        blob = registry.store.local_path(weights.sha256)
+        registry.promote(bad.version, "user-alice", keys=key)
+        honest = registry.row(bad.version).envelope
+        forged = json.loads(honest)  # the privacy label lowered after signing
+        forged["manifest"]["privacy"]["epsilon"] = 0.01
+        with sqlite3.connect(registry.db.path) as con:
+            con.execute("UPDATE artifacts SET envelope = ? WHERE version = ?", (json.dumps(forged).encode(),
+                                                                                 bad.version))
+        [outcome] = server.watcher.poll_once()
+        assert outcome.status == "refused" and outcome.active == 1
+        with sqlite3.connect(registry.db.path) as con:
+            con.execute("UPDATE artifacts SET envelope = ? WHERE version = ?", (honest, bad.version))
+        blob = registry.store.local_path(bad.file("adapter_model.safetensors").sha256)
         os.chmod(blob, 0o644)
         blob.write_bytes(blob.read_bytes()[:-64] + bytes(64))  # same size, other bytes
-        registry.promote(bad.version, "user-alice")
         [outcome] = server.watcher.poll_once()
-        assert outcome.status == "refused" and outcome.active == 1 and "sha256" in outcome.detail
+        assert outcome.status == "refused" and outcome.active == 1
         assert card(url)["fedtune"]["version"] == 1
         assert greedy(url) == before == (TOK.decode(reference_greedy(versions[1], TOK.encode(PROMPT), 10)),
                                          "fedtune-alice-v1")
