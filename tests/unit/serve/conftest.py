@@ -25,7 +25,8 @@ def make_adapter(directory: Path, seed: int, std: float = 0.4, epsilon: float = 
     base, _ = load_base_model(cfg.model)
     model = create_adapter(base, cfg.adapter, seed=0)
     gen = torch.Generator().manual_seed(seed)
-    set_adapter_state(model, {k: torch.randn(v.shape, generator=gen) * std for k, v in get_adapter_state(model).items()})
+    state = {k: torch.randn(v.shape, generator=gen) * std for k, v in get_adapter_state(model).items()}
+    set_adapter_state(model, state)
     result = RoundResult(round=seed, clients_sampled=3, clients_succeeded=3, train_loss=2.0, eval_loss=1.5,
                          eval_perplexity=4.5, upload_bytes=100, wall_seconds=1.0, epsilon=epsilon, delta=1e-5)
     return save_adapter(model, directory, result, cfg,
