@@ -4,6 +4,8 @@
     global      the federation's final global adapter, as is
     finetune    the global adapter fine-tuned on the user's own training data for ``finetune_steps``
                 (DP-SGD with the run's privacy settings, continuing the device's own privacy ledger)
+    personalized  the model the device selected on a validation slice of its own training chunks: global,
+                global + k local steps or a global/fine-tuned mix (``fedtune.personalization.select``)
     split       the split run's shared part + the device's private part (``personalization.split``)
     local_only  a fresh adapter trained only on the user's data (no federation), the baseline
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from fedtune.adapters import get_adapter_state, set_adapter_state
@@ -26,7 +28,7 @@ from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.training import evaluate_chunks, train_local
 from fedtune.types import AdapterState, ClientData, ClientTask
 
-METHODS = ("base", "global", "finetune", "split", "local_only")
+METHODS = ("base", "global", "finetune", "personalized", "split", "local_only")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class UserResult:
     tokens: int
     train_steps: int  # local steps this method spent on the user's device at evaluation time
     epsilon: float | None  # the device's sample-level epsilon under this method (None without DP)
+    choice: str = ""  # personalized: the selected candidate (e.g. finetune@8, mix@0.5/k8, global)
 
     def row(self) -> dict:
         return asdict(self)
@@ -145,6 +148,16 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
         set_adapter_state(model, merge(src.split_shared, private if private is not None
                                        else initial_private(src.initial, src.split_name)))
         epsilon = _spent(data, src, cfg)
+    elif method == "personalized":
+        if src.global_state is None:
+            return None
+        if trained is not None and (data.user_id, method) in trained:
+            adapter, steps, epsilon, choice = trained[data.user_id, method]
+        else:
+            adapter, steps, epsilon, choice = personalize(model, data, src, cfg)
+        set_adapter_state(model, adapter)
+        res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
+        return replace(_result(data, method, res, steps, epsilon), choice=choice)
     elif method in ("finetune", "local_only"):
         if method == "finetune" and src.global_state is None:
             return None
@@ -157,6 +170,21 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
         raise ValueError(f"unknown personalization method {method!r}; expected one of {METHODS}")
     res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
     return _result(data, method, res, steps, epsilon)
+
+
+def personalize(model, data: ClientData, src: Sources, cfg: ExperimentConfig, store=None):
+    """The device's own model selection (``fedtune.personalization.select``), continuing a copy of its ledger:
+    (adapter, steps, epsilon, choice label); the choice is saved to ``store`` (device-local) when given."""
+    from fedtune.personalization.select import select_model
+
+    ledger = None
+    if cfg.privacy.enabled:
+        own = src.ledger_for(data.user_id)
+        ledger = copy.deepcopy(own) if own is not None else PrivacyLedger(data.user_id, cfg.privacy.accountant)
+    adapter, choice = select_model(model, src.global_state, data, cfg, ledger, _seed(cfg, data.user_id, "select"))
+    if store is not None:
+        store.save(choice)
+    return adapter, choice.steps, choice.epsilon, choice.label
 
 
 def _spent(data: ClientData, src: Sources, cfg: ExperimentConfig) -> float | None:
