@@ -191,6 +191,11 @@ class PersonalizationConfig(_Section):
     validation_max_chunks: int = Field(8, gt=0)
     finetune_grid: list[int] = Field([4, 8, 16], min_length=1)
     alpha_grid: list[float] = [0.25, 0.5, 0.75]
+    # tuning users (hyperparameters are chosen on them) vs test users (reported): a fixed split by user-id hash
+    # (fedtune/personalization/users.py); per-user evaluation reports `eval_users` of them (all, test or tuning)
+    tuning_fraction: float = Field(0.3, ge=0, lt=1)
+    eval_users: Literal["all", "test", "tuning"] = "all"
+    eval_max_users: int | None = Field(None, gt=0)  # evaluate at most this many of them (a quick look)
     evaluate_at_end: bool = False  # `fedtune simulate` runs `fedtune evaluate` on the run when it ends
     methods: list[Literal["base", "global", "finetune", "personalized", "split", "local_only"]] = [
         "base", "global", "finetune", "personalized", "split", "local_only"]

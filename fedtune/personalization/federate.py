@@ -31,6 +31,7 @@ from fedtune.config import ExperimentConfig, dump_config
 from fedtune.data import save_client_data
 from fedtune.personalization.device import device_round, device_round_group
 from fedtune.personalization.store import PrivateStateStore
+from fedtune.privacy.device_budget import sit_out_reason
 from fedtune.privacy.ledger import LedgerStore
 from fedtune.recording import save_adapter
 from fedtune.training import evaluate_chunks
@@ -81,10 +82,12 @@ def federate(cfg: ExperimentConfig, model, clients: list[ClientData], run: RunDi
     heldout = _pooled_heldout(clients, cfg.train.eval_max_chunks)
     records = [_record(cfg, model, run, merge(shared, private_init), heldout, 0, [], 0.0)]
     max_examples = max(c.num_train for c in clients)
+    sat_out: dict[str, str] = {}  # user -> why the device is too small to train within its budget
     for r in range(1, cfg.federation.rounds + 1):
         t0 = time.perf_counter()
         updates, weights, losses, eps = [], [], [], []
         members = cohort(cfg.seed, r, len(clients), cfg.federation.clients_per_round)
+        members = [i for i in members if not _sits_out(cfg, clients[i], sat_out)]
         for group in _groups(members, pack):
             datas = [clients[i] for i in group]
             tasks = [ClientTask(server_round=r, local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
@@ -114,7 +117,22 @@ def federate(cfg: ExperimentConfig, model, clients: list[ClientData], run: RunDi
             shared = weighted_average(updates, weights)
         records.append(_record(cfg, model, run, merge(shared, private_init), heldout, r, losses,
                                time.perf_counter() - t0, max(eps) if eps else None, len(updates)))
+    (run.root / "sat_out.json").write_text(json.dumps({u: why for u, why in sat_out.items() if why}, indent=1))
     return records
+
+
+def _sits_out(cfg: ExperimentConfig, data: ClientData, sat_out: dict[str, str]) -> bool:
+    """A device too small to train within its per-device budget sits out (logged once, kept in ``sat_out``)."""
+    if not cfg.privacy.enabled:
+        return False
+    if data.user_id not in sat_out:
+        p = cfg.privacy
+        reason = sit_out_reason(data.num_train, cfg.train.batch_size, cfg.federation.rounds * cfg.train.local_steps,
+                                p.target_epsilon, p.delta, p.accountant, p.max_noise_to_batch)
+        sat_out[data.user_id] = reason or ""
+        if reason:
+            log.warning("device %s sits out: %s", data.user_id, reason)
+    return bool(sat_out[data.user_id])
 
 
 def _record(cfg, model, run: RunDir, state, heldout, server_round: int, losses: list[float], seconds: float,

@@ -169,3 +169,27 @@ def over_target(epsilon: float | None, target: float | None, slack: float = 1e-6
 def budget_warning(device: str, epsilon: float, target: float) -> str:
     return (f"WARNING: device {device} reports epsilon {epsilon:.2f} above its target {target:g} "
             "(its noise was not calibrated to the target; set privacy.target_epsilon)")
+
+
+def loader_sample_rate(num_examples: int, batch_size: int) -> float:
+    """The rate opacus' Poisson loader uses for ``train_local``'s loader: 1 / its number of batches."""
+    return 1.0 / math.ceil(num_examples / min(batch_size, num_examples))
+
+
+def sit_out_reason(num_examples: int, batch_size: int, planned_steps: int, target_epsilon: float | None,
+                   delta: float, accountant: str = "rdp",
+                   max_noise_to_batch: float = DEFAULT_MAX_NOISE_TO_BATCH) -> str | None:
+    """Why a device with ``num_examples`` must sit out a run calibrated to ``target_epsilon`` (None: it trains).
+    The same check ``make_private`` makes, before any training, so a round can leave the device out."""
+    if target_epsilon is None:
+        return None
+    if num_examples < MIN_EXAMPLES:
+        return (f"{num_examples} training example(s): DP-SGD needs at least {MIN_EXAMPLES}; the device sits out")
+    q = loader_sample_rate(num_examples, batch_size)
+    try:
+        sigma = calibrate(q, planned_steps, target_epsilon, delta, accountant)
+        check_trainable(num_examples, q, sigma, max_noise_to_batch, f"epsilon <= {target_epsilon} over "
+                        f"{planned_steps} steps")
+    except (DeviceTooSmall, BudgetExceeded) as err:
+        return str(err)
+    return None

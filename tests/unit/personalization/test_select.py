@@ -90,3 +90,19 @@ def test_dp_selection_sits_out_when_the_budget_is_spent(setup):
     ledger.history = [(0.5, 1.0, 20)]  # already far past epsilon 1
     adapter, choice = select_model(model, start, users[1], cfg, ledger, seed=0)
     assert choice.candidate == "global" and "budget" in choice.reason and ledger.history == [(0.5, 1.0, 20)]
+
+
+def test_packed_selection_gives_each_device_what_it_gets_alone(setup):
+    from fedtune.personalization.select import select_models
+
+    model, start, users = setup
+    cfg = _cfg(enabled=True, target_epsilon=8.0, max_noise_to_batch=5.0)
+    results = {}
+    for pack in (1, 2):
+        ledgers = [PrivacyLedger(u.user_id) for u in users]
+        results[pack] = (select_models(model, start, users, cfg, ledgers, [3, 4], pack=pack), ledgers)
+    for (a1, c1), (a2, c2), l1, l2 in zip(*results[1][0:1], *results[2][0:1], results[1][1], results[2][1]):
+        assert c1.label == c2.label and c1.steps == c2.steps
+        assert c1.scores == pytest.approx(c2.scores, rel=1e-3)
+        assert all(torch.allclose(a1[k], a2[k], atol=1e-4) for k in a1)
+        assert l1.history == l2.history and c1.epsilon == pytest.approx(c2.epsilon)
