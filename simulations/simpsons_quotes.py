@@ -64,7 +64,8 @@ def main(argv=None) -> dict:
                 f.write(json.dumps({"user_id": speaker, "text": line}) + "\n")
     chars = sorted(sum(len(x) for x in ls) for ls in chosen.values())
     stats = {"users": len(chosen), "lines": sum(len(ls) for ls in chosen.values()),
-             "chars_per_user_min": chars[0] if chars else 0, "chars_per_user_median": chars[len(chars) // 2] if chars else 0,
+             "chars_per_user_min": chars[0] if chars else 0,
+             "chars_per_user_median": chars[len(chars) // 2] if chars else 0,
              "chars_per_user_max": chars[-1] if chars else 0, "out": str(args.jsonl)}
     print(json.dumps(stats))
     return stats

@@ -136,7 +136,8 @@ def format_report(report: dict) -> str:
     lines = [f"# Personalization benchmark: {report['name']} ({report['users']} users, {report['device']})", ""]
     for s in report["settings"]:
         eps = max((m["max_epsilon"] or 0) for m in s["methods"]) if s["dp"] else None
-        sigma = (f"per-device noise calibrated to a device budget of ε ≤ {s['target_epsilon']}" if s.get("target_epsilon")
+        sigma = (f"per-device noise calibrated to a device budget of ε ≤ {s['target_epsilon']}"
+                 if s.get("target_epsilon")
                  else f"noise multiplier {s['noise_multiplier']}")
         head = (f"## DP-SGD on ({sigma}, δ={s['delta']}, max device ε {eps:.2f})" if s["dp"] else "## DP off")
         verdict = (f"best personalized method: **{s['best_personalized']}**, better than the global adapter for "
@@ -144,7 +145,8 @@ def format_report(report: dict) -> str:
                    f"perplexity: {'yes' if s['best_beats_local_only_mean'] else 'no'}")
         t = s.get("personalized_targets")
         targets = [] if not t else [
-            f"personalized vs targets: at least as good as global for {100 * (t['at_least_as_good_as_global'] or 0):.0f}% "
+            "personalized vs targets: at least as good as global for "
+            f"{100 * (t['at_least_as_good_as_global'] or 0):.0f}% "
             f"(target 95%), strictly better for {100 * (t['better_than_global'] or 0):.0f}% (90%), median perplexity "
             f"change {100 * (t['median_change_vs_global'] or 0):+.1f}% (≤ -3%), better than local-only for "
             f"{100 * (t['better_than_local_only'] or 0):.0f}% (90%): **{'met' if t['met'] else 'not met'}**"]

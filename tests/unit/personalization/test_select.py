@@ -47,7 +47,8 @@ def test_selection_never_touches_test_chunks_and_keeps_the_best_validation_score
     model, start, users = setup
     cfg = _cfg()
     adapter, choice = select_model(model, start, _poisoned(users[0]), cfg, None, seed=1)
-    assert {"global", "finetune@2", "mix@0.5"} <= set(choice.scores) <= {"global", "finetune@2", "finetune@4", "mix@0.5"}
+    assert {"global", "finetune@2", "mix@0.5"} <= set(choice.scores)
+    assert set(choice.scores) <= {"global", "finetune@2", "finetune@4", "mix@0.5"}
     assert choice.val_loss == min(choice.scores.values())
     assert choice.global_val_loss == choice.scores["global"]
     if choice.candidate == "global":
