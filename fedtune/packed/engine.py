@@ -105,7 +105,7 @@ def train_packed(
 
             for k, (s, t, ledger) in enumerate(zip(streams, tasks, ledgers)):
                 gen = torch.Generator(device=device)
-                gen.manual_seed(t.seed)
+                gen.manual_seed(t.noise_seed)  # the noise stream, apart from the sampler's
                 sigma = (float(noise_multipliers[k]) if noise_multipliers is not None
                          else resolve_noise(privacy, s.sample_rate, planned_steps or steps))
                 noise.append(DeviceNoise(sigma, s.expected_batch_size, gen))

@@ -29,9 +29,9 @@ from pathlib import Path
 from fedtune.adapters import get_adapter_state
 from fedtune.config import ExperimentConfig
 from fedtune.personalization.evaluate import evaluate_users
-from fedtune.personalization.federate import federate
+from fedtune.federation.inprocess import run_inprocess as federate
 from fedtune.personalization.users import select_users
-from fedtune.privacy.device_budget import budget_warning, over_target
+from fedtune.privacy.device_budget import budget_warning, over_target, sit_out_reason
 from fedtune.personalization.run_eval import load_model, sources_for
 from fedtune.personalization.summary import best_personalized, format_table, write_outputs
 from fedtune.types import ClientData
@@ -47,6 +47,23 @@ def _with(cfg: ExperimentConfig, dp: bool, split: str) -> ExperimentConfig:
     })
 
 
+def sit_outs(cfg: ExperimentConfig, clients: list[ClientData]) -> dict[str, str]:
+    """{user: why} for the devices too small to train within their per-device DP budget
+    (``fedtune.privacy.device_budget``): they sit out of the federation and keep the global model."""
+    p = cfg.privacy
+    if not p.enabled:
+        return {}
+    planned = cfg.federation.rounds * cfg.train.local_steps
+    out = {}
+    for c in clients:
+        why = sit_out_reason(c.num_train, cfg.train.batch_size, planned, p.target_epsilon, p.delta, p.accountant,
+                             p.max_noise_to_batch)
+        if why:
+            log.warning("device %s sits out: %s", c.user_id, why)
+            out[c.user_id] = why
+    return out
+
+
 def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp: bool, device: str,
                 progress=None, pack: int = 1, initial=None) -> dict:
     """One privacy setting. ``initial``: the seeded starting adapter (the cached model keeps whatever the
@@ -54,10 +71,12 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
     model = load_model(cfg, device)
     initial = initial if initial is not None else get_adapter_state(model)
     t0 = time.perf_counter()
+    sat_out = sit_outs(_with(cfg, dp, "none"), clients)
+    trainable = [c for c in clients if c.user_id not in sat_out]
     runs = {}
     for split in ("none", "fedsa") if "split" in cfg.personalization.methods else ("none",):
         run = RunDir.create(out / ("fedavg" if split == "none" else "fedsa"))
-        records = federate(_with(cfg, dp, split), model, clients, run, initial=initial, pack=pack,
+        records = federate(_with(cfg, dp, split), model, trainable, run, initial=initial, pack=pack,
                            progress=(lambda r, u, upd, s=split: progress(f"{s} round {r}: {u} loss "
                                                                           f"{upd.train_loss:.3f}")) if progress else None)
         runs[split] = (run, records)
@@ -81,7 +100,7 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
         log.warning(w)
         if progress:
             progress(w)
-    sat_out = json.loads((runs["none"][0].root / "sat_out.json").read_text())
+    (out / "sat_out.json").write_text(json.dumps(sat_out, indent=1))
     summaries = write_outputs(results, out / "eval", title=f"{cfg.name}, DP {'on' if dp else 'off'}")
     best = best_personalized(summaries)
     by = {s.method: s for s in summaries}

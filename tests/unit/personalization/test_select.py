@@ -109,21 +109,14 @@ def test_packed_selection_gives_each_device_what_it_gets_alone(setup):
         assert l1.history == l2.history and c1.epsilon == pytest.approx(c2.epsilon)
 
 
-def test_a_device_too_small_for_its_budget_sits_out_of_the_federation(tmp_path):
-    import json
-
-    from fedtune.personalization.federate import federate
-    from fedtune.workspace import RunDir
+def test_a_device_too_small_for_its_budget_sits_out_of_the_federation():
+    from fedtune.personalization.benchmark import sit_outs
 
     cfg = make_config(data={"synthetic_users": 3, "synthetic_docs_per_user": 10},
                       privacy={"enabled": True, "target_epsilon": 8.0},
                       federation={"rounds": 2, "clients_per_round": 3, "min_clients": 1})
-    model = load_model(cfg, "cpu")
     users = build_client_data(cfg.data, ByteEncoder(), cfg.seed)
     users[0] = ClientData(users[0].user_id, users[0].train[:1], users[0].heldout)  # one chunk: cannot train
-    run = RunDir.create(tmp_path / "run")
-    records = federate(cfg, model, users, run, initial=get_adapter_state(model))
-    assert all(r["clients_sampled"] == 2 for r in records[1:])
-    sat_out = json.loads((run.root / "sat_out.json").read_text())
-    assert list(sat_out) == [users[0].user_id] and "sits out" in sat_out[users[0].user_id]
-    assert not (run.ledgers / f"{users[0].user_id}.json").exists()
+    out = sit_outs(cfg, users)
+    assert list(out) == [users[0].user_id] and "sits out" in out[users[0].user_id]
+    assert sit_outs(cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"enabled": False})}), users) == {}
