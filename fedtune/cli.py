@@ -124,7 +124,7 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     from fedtune.data import prepare_client_data, save_client_data
     from fedtune.flower.simulation import SimulationFailed, run_simulation
     from fedtune.models import load_encoder, resolve_model_dir
-    from fedtune.report import write_fleet_plots, write_plots, write_report
+    from fedtune.report import epsilon_warnings, write_fleet_plots, write_plots, write_report
     from fedtune.workspace import RunDir, check_run_root
 
     cfg = with_absolute_paths(cfg)
@@ -194,6 +194,8 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     write_plots(run, records)
     write_fleet_plots(run, records)
     report = write_report(run, cfg, records, time.monotonic() - t0)
+    for warning in epsilon_warnings(cfg, records):
+        console.print(f"[yellow]{warning}[/yellow]")
     first, last = records[0], records[-1]
     console.print(f"done in {time.monotonic() - t0:.0f}s (Flower run {handle.run_id}): held-out perplexity "
                   f"{first['eval_perplexity']:.3f} -> {last['eval_perplexity']:.3f}; report: {report}")
@@ -218,6 +220,10 @@ from fedtune.cli_deploy import certs_app, device_join, server_app  # noqa: E402
 device_app.command("join")(device_join)
 app.add_typer(server_app, name="server")
 app.add_typer(certs_app, name="certs")
+
+from fedtune.cli_serve import serve_cmd  # noqa: E402
+
+app.command("serve")(serve_cmd)
 
 
 if __name__ == "__main__":

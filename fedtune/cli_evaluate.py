@@ -38,7 +38,8 @@ def run_evaluation(console: Console, run_dir: Path, methods: list[str] | None = 
 
 def evaluate(run_dir: Path = typer.Argument(..., help="a run directory written by `fedtune simulate`"),
              method: list[str] = typer.Option([], "--method", "-m",
-                                              help="base, global, finetune, split, local_only (default: config)"),
+                                              help="base, global, finetune, personalized, split, local_only "
+                                                   "(default: config)"),
              finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", min=1),
              local_only_steps: Optional[int] = typer.Option(None, "--local-only-steps", min=1)) -> None:
     """Evaluate every user of a run on their own held-out data; writes eval/per_user.csv, a summary and plots."""

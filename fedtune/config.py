@@ -113,6 +113,9 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     # a device stops contributing once its own sample-level epsilon reaches this budget
     device_epsilon_budget: float | None = Field(None, gt=0)
+    # with target_epsilon: a device whose calibrated noise exceeds this many clip norms on its mean gradient
+    # (noise multiplier / expected batch) is too small to train within the budget and sits out
+    max_noise_to_batch: float = Field(0.5, gt=0)
     user_level: UserLevelPrivacyConfig = UserLevelPrivacyConfig()
 
 
@@ -186,9 +189,21 @@ class PersonalizationConfig(_Section):
     # chance of being sampled x local_steps) + finetune_steps, i.e. the same on-device work as global+FT
     local_only_steps: int | None = Field(None, gt=0)
     eval_max_chunks: int = Field(16, gt=0)  # held-out chunks per user
+    # per-user model selection ("personalized"; fedtune/personalization/select.py): a validation slice of each
+    # device's TRAINING chunks chooses among global, global + k local steps (k on the grid, early stopping)
+    # and alpha * fine-tuned + (1 - alpha) * global
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    validation_max_chunks: int = Field(8, gt=0)
+    finetune_grid: list[int] = Field([4, 8, 16], min_length=1)
+    alpha_grid: list[float] = [0.25, 0.5, 0.75]
+    # tuning users (hyperparameters are chosen on them) vs test users (reported): a fixed split by user-id hash
+    # (fedtune/personalization/users.py); per-user evaluation reports `eval_users` of them (all, test or tuning)
+    tuning_fraction: float = Field(0.3, ge=0, lt=1)
+    eval_users: Literal["all", "test", "tuning"] = "all"
+    eval_max_users: int | None = Field(None, gt=0)  # evaluate at most this many of them (a quick look)
     evaluate_at_end: bool = False  # `fedtune simulate` runs `fedtune evaluate` on the run when it ends
-    methods: list[Literal["base", "global", "finetune", "split", "local_only"]] = [
-        "base", "global", "finetune", "split", "local_only"]
+    methods: list[Literal["base", "global", "finetune", "personalized", "split", "local_only"]] = [
+        "base", "global", "finetune", "personalized", "split", "local_only"]
 
 
 class PublishConfig(_Section):
@@ -297,6 +312,11 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if fed.aggregation == "trimmed_mean" and int(fed.trim_fraction * fed.min_clients) < 1:
         p.append(f"federation.trim_fraction: {fed.trim_fraction} of min_clients={fed.min_clients} trims nothing; "
                  f"raise it to at least {1 / fed.min_clients:.3g} or raise min_clients")
+    per = cfg.personalization
+    if any(k <= 0 for k in per.finetune_grid):
+        p.append(f"personalization.finetune_grid: step counts must be positive, got {per.finetune_grid}")
+    if any(not 0 < a < 1 for a in per.alpha_grid):
+        p.append(f"personalization.alpha_grid: mixing weights must lie strictly between 0 and 1, got {per.alpha_grid}")
     pub = cfg.publish
     if pub.registry and not pub.signing_key:
         p.append("publish.signing_key: publishing needs an ed25519 key; make one with `fedtune registry keygen`")
