@@ -93,12 +93,12 @@ def train_local(
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss.detach())  # read back once at the end: no device sync per step
             tokens += x.numel()
     finally:
         if private is not None:
             private.close(ledger, task.server_round)
-    train_loss = sum(losses) / len(losses) if losses else math.nan
+    train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
     epsilon = ledger.epsilon(privacy.delta) if dp else None
     metrics = {"noise_multiplier": private.noise_multiplier, "sample_rate": private.sample_rate} if dp else {}
     return ClientUpdate(
