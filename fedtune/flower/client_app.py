@@ -110,6 +110,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         store=PrivateStateStore(ctx.run.private if deployed is None else device_private(deployed)), device_key=key,
         planned_steps=cfg.federation.rounds * cfg.train.local_steps, weight_decay=cfg.train.weight_decay,
         loss_chunk_tokens=cfg.train.loss_chunk_tokens, gradient_checkpointing=cfg.train.gradient_checkpointing,
+        checkpoint_every_n_layers=cfg.train.checkpoint_every_n_layers,
     )
     if ledger is not None:
         store.save(ledger)
