@@ -90,9 +90,7 @@ def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl:
     times = []
     for rep in range(args.repeats + 1):
         task = ClientTask(server_round=rep + 1, local_steps=args.steps, batch_size=args.batch, lr=1e-3, seed=rep)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+
         def call():
             if impl.startswith("bare"):
                 return bare_train(model, data.train, args.steps, args.batch, 1e-3, dp, seed=rep,
@@ -103,6 +101,9 @@ def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl:
 
         if rep == 1 and args.profile:  # one extra, profiled call (not timed)
             _profile(call, f"{shape} {quant} dp={dp} {mode} {impl}", args.profile, device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
         tokens = call()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
