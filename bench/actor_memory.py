@@ -24,7 +24,16 @@ VARIANTS = {
     "default": {},
     "MALLOC_ARENA_MAX=2": {"MALLOC_ARENA_MAX": "2"},
     "MALLOC_ARENA_MAX=2, 1 thread": {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"},
+    "malloc_trim after load and each call": {"BENCH_MALLOC_TRIM": "1"},
 }
+
+
+def _trim() -> None:
+    """glibc's malloc_trim(0): give freed heap pages back to the OS (what RSS counts)."""
+    if os.environ.get("BENCH_MALLOC_TRIM"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _rss_mib() -> float:
@@ -56,6 +65,7 @@ def child(calls: int, steps: int) -> dict:
     })
     model, info = get_base_model(cfg.model, "cpu", build=lambda b: create_adapter(b, cfg.adapter, seed=0),
                                  extra="lora")
+    _trim()
     out["model_loaded"] = _rss_mib()
     out["base_mib"] = round(info["base_bytes"] / 2**20, 1)
     gen = torch.Generator().manual_seed(0)
@@ -64,6 +74,7 @@ def child(calls: int, steps: int) -> dict:
     t = time.perf_counter()
     for i in range(calls):
         train_local(model, state, data, ClientTask(i + 1, steps, 4, 1e-3, seed=i), cfg.privacy, ledger)
+        _trim()
         out[f"after_call_{i + 1}"] = _rss_mib()
     out["call_s"] = round((time.perf_counter() - t) / calls, 2)
     out["threads"] = torch.get_num_threads()
@@ -78,6 +89,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--only", default=None, help="run only these variants (names separated by ;)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -85,6 +97,8 @@ def main() -> None:
         return
     results = []
     for name, env in VARIANTS.items():
+        if args.only and name not in args.only.split(";"):
+            continue
         load = os.getloadavg()[0]
         proc = subprocess.run([sys.executable, __file__, "--child", "--calls", str(args.calls), "--steps",
                                str(args.steps)], env=dict(os.environ, PYTHONWARNINGS="ignore", **env),
