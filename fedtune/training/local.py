@@ -17,6 +17,7 @@ from fedtune.privacy.dpsgd import make_private
 from fedtune.training.attention import training_attention
 from fedtune.training.checkpointing import set_gradient_checkpointing
 from fedtune.training.loss import causal_lm_loss
+from fedtune.training.memory import release_freed_heap
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.types import AdapterState, ClientData, ClientTask, ClientUpdate
 
@@ -103,6 +104,8 @@ def train_local(
         if private is not None:
             private.close(ledger, task.server_round)
     train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
+    if device.type == "cpu":  # a long-lived worker would otherwise keep this call's peak heap for good
+        release_freed_heap()
     epsilon = ledger.epsilon(privacy.delta) if dp else None
     metrics = {"noise_multiplier": private.noise_multiplier, "sample_rate": private.sample_rate} if dp else {}
     return ClientUpdate(
