@@ -4,7 +4,8 @@ The launcher stages a tiny Flower app in the run directory (a pyproject.toml who
 ``fedtune.flower.apps:server_app`` / ``:client_app``), points a private FLWR_HOME at a private
 SuperLink port, submits the run, follows it until Flower reports it finished, and then stops the
 detached SuperLink it started, by PID. ``flwr run`` exits 0 even when a run fails, so the run's
-status is read back with ``flwr ls`` (once the ``flwr log`` stream ends, not every poll) and a failure raises ``SimulationFailed`` with Flower's reason.
+status is read back with ``flwr ls`` (once the ``flwr log`` stream ends, not every poll) and a failure
+raises ``SimulationFailed`` with Flower's reason.
 """
 
 from __future__ import annotations
