@@ -44,7 +44,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = config_from_dict({
         "model": {"source": "tiny", "quantization": "none", "tiny": SHAPES["tiny"]},
-        "adapter": {"method": "lora", "rank": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "adapter": {"method": "lora", "rank": 8, "alpha": 16,
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "privacy": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
     })
     model = create_adapter(load_base_model(cfg.model, "cpu")[0], cfg.adapter, seed=0)

@@ -203,7 +203,7 @@ def main() -> None:
         env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "sdpa": args.sdpa}
     else:
         env = {"threads": torch.get_num_threads(), "torch": torch.__version__}
-    print(f"\n{env}\n{'mode':>14} {'quant':>5} {'K':>4} {'client-steps/s':>15} {'x solo':>7} {'peak GiB':>9} {'rel diff':>10}")
+    print(f"\n{env}\n{'mode':>15} {'quant':>5} {'K':>4} {'client-steps/s':>15} {'x solo':>7} {'peak GiB':>9} {'rel diff':>10}")
     for r in results:
         print(f"{r['mode']:>15} {r['quant']:>5} {r['devices']:>4} {r['client_steps_per_s']:>15} "
               f"{r.get('speedup_vs_one_at_a_time', 1.0):>7} {str(r['peak_gpu_gib']):>9} "
