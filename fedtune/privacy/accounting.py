@@ -48,10 +48,14 @@ def compute_epsilon(history: History, delta: float, accountant: str = "rdp") -> 
     return float(acc.get_epsilon(delta=delta))
 
 
+@lru_cache(maxsize=1024)
 def noise_for_target_epsilon(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
-    """Smallest noise multiplier that keeps ε <= target after ``steps`` steps at ``sample_rate``."""
+    """Smallest noise multiplier that keeps ε <= target after ``steps`` steps at ``sample_rate``.
+
+    A pure function of its arguments, cached: opacus' search evaluates ε a few dozen times (seconds of
+    CPU), and every device call with the same rate and plan asks again."""
     from opacus.accountants.utils import get_noise_multiplier
 
     try:

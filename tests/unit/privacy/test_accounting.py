@@ -31,3 +31,17 @@ def test_other_accountants_go_through_opacus():
     acc = create_accountant("prv")
     acc.history = [(1.0, 0.05, 50)]
     assert compute_epsilon([(1.0, 0.05, 50)], 1e-5, "prv") == pytest.approx(acc.get_epsilon(delta=1e-5))
+
+
+def test_noise_calibration_is_opacus_and_asked_once_per_plan():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from fedtune.privacy.accounting import noise_for_target_epsilon
+
+    args = (3.0, 1e-5, 0.07, 37)
+    hits = noise_for_target_epsilon.cache_info().hits
+    sigma = noise_for_target_epsilon(*args)
+    assert sigma == get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.07, steps=37,
+                                         accountant="rdp")
+    assert noise_for_target_epsilon(*args) == sigma
+    assert noise_for_target_epsilon.cache_info().hits == hits + 1
