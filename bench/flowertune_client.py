@@ -23,7 +23,8 @@ from bare_loop import bare_train  # noqa: E402
 
 from fedtune.adapters import create_adapter, get_adapter_state, set_adapter_state  # noqa: E402
 from fedtune.data.partition import load_client_data  # noqa: E402
-from fedtune.flower.client_app import task_from_config  # noqa: E402
+from fedtune.federation.device_round import DeviceState  # noqa: E402
+from fedtune.federation.task import TaskPlan  # noqa: E402
 from fedtune.flower.context import run_context  # noqa: E402
 from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, state_to_arrays  # noqa: E402
 from fedtune.flower.records import update_to_metrics  # noqa: E402
@@ -39,7 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     ctx = run_context(context.run_config)  # the config and the run's data (no model in it)
     cfg, config = ctx.cfg, msg.content[CONFIG_KEY]
     partition = int(context.node_config["partition-id"])
-    task = task_from_config(config, partition, cfg.seed)
+    task = DeviceState.simulated(ctx.run.root / "state", cfg.seed).training_task(TaskPlan.from_wire(config), partition)
     base, _ = load_base_model(cfg.model, ctx.device)  # FlowerTune: model = get_model(cfg.model), every call
     model = create_adapter(base, cfg.adapter, seed=cfg.seed)
     set_adapter_state(model, arrays_to_state(msg.content[ARRAYS_KEY]))

@@ -89,8 +89,10 @@ def server_start(config: Path = typer.Argument(..., help="experiment YAML"),
     from fedtune.workspace import RunDir
 
     cfg = _config(config, set_)
-    if cfg.fleet.enabled:
-        _fail("fleet.enabled: the fleet simulator's devices are virtual; for real devices set fleet.enabled=false")
+    from fedtune.federation.capabilities import refusals
+
+    for problem in refusals(cfg, deployment=True):  # pairs with `deployment` (the config alone passed validate)
+        _fail(problem)
     if certs is None and not insecure:
         _fail("--certs: TLS needs the directory from `fedtune certs ca` (or pass --insecure for a loopback trial)")
     paths = CertPaths(certs) if certs is not None and not insecure else None

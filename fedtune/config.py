@@ -131,6 +131,10 @@ class FederationConfig(_Section):
     # how devices upload their adapter: fp32, fp16 (half the bytes), or int8 deltas with error feedback
     # (~3.9x fewer bytes than fp32; the quantization residual stays on the device, in state/residuals)
     upload: Literal["fp32", "fp16", "int8"] = "fp16"
+    # what a reply reports beside its upload (fedtune/federation/reply_figures.py): exact figures, or only
+    # what aggregation needs (bucketed example count, no loss/tokens); auto = exact in simulations, minimal
+    # on deployed devices
+    reply_figures: Literal["auto", "exact", "minimal"] = "auto"
 
 
 class ValidationConfig(_Section):
@@ -206,9 +210,16 @@ class SimulationConfig(_Section):
     max_concurrent_clients: int = Field(2, gt=0)
     # an existing Ray cluster ("auto" or "ray://host:10001"); empty = Flower starts a local one
     ray_address: str = ""
-    # devices trained at once by one ClientApp call (fedtune.packed; LoRA, no fleet): 1 = one at a time
+    # devices trained at once by one ClientApp call (fedtune.packed; LoRA; a fleet packs each tier apart): 1 = one at a time
     packed_group_size: int = Field(1, gt=0)
     packed_micro_batch: int | None = Field(None, gt=0)  # sequences per packed forward/backward (GPU memory)
+
+
+class TrackingConfig(_Section):
+    """Experiment-tracking sinks beside metrics.jsonl (fedtune/federation/sinks.py); both off by default."""
+
+    tensorboard: bool = False  # <run>/tensorboard/ (needs the `tensorboard` package)
+    mlflow: bool = False  # <run>/mlruns/, a local MLflow file store (needs `mlflow-skinny`)
 
 
 class ExperimentConfig(_Section):
@@ -225,6 +236,7 @@ class ExperimentConfig(_Section):
     publish: PublishConfig = PublishConfig()
     personalization: PersonalizationConfig = PersonalizationConfig()
     simulation: SimulationConfig = SimulationConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -271,34 +283,15 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
         p.append(f"fleet.mixture: shares must be > 0, got {fl.mixture}")
     if fl.enabled and not Path(fl.catalog).is_dir():
         p.append(f"fleet.catalog: directory not found: {fl.catalog}")
-    if fl.enabled and cfg.adapter.method != "lora":
-        p.append("fleet.enabled: device tiers set LoRA ranks; use adapter.method=lora")
-    if cfg.simulation.packed_group_size > 1 and (cfg.adapter.method != "lora" or cfg.adapter.dropout > 0 or fl.enabled
-                                                 or cfg.personalization.split != "none"):
-        p.append("simulation.packed_group_size: packed training needs adapter.method=lora, adapter.dropout=0, "
-                 "fleet.enabled=false and personalization.split=none; set packed_group_size=1 to train devices "
-                 "one at a time")
-    ul = pv.user_level
-    if ul.enabled and cfg.fleet.enabled and cfg.fleet.rank_aggregation == "flexlora":
-        p.append("privacy.user_level: clipping and noising apply to the adapter tensors, so with a fleet use "
-                 "fleet.rank_aggregation=zeropad (FlexLoRA aggregates B.A products)")
-    if fed.aggregation != "fedavg" and ul.enabled:
-        p.append(f"federation.aggregation: {fed.aggregation} cannot be combined with privacy.user_level (DP-FedAvg's "
-                 "guarantee needs its own clipped, noised sum over every sampled device); use aggregation=fedavg, "
-                 "or turn user-level DP off")
-    if fed.aggregation != "fedavg" and fl.enabled:
-        p.append(f"federation.aggregation: {fed.aggregation} works on same-shape tensors; a fleet mixes LoRA ranks "
-                 "(fleet.rank_aggregation decides); use aggregation=fedavg with fleet.enabled")
+    if cfg.simulation.packed_group_size > 1 and cfg.adapter.dropout > 0:
+        p.append("simulation.packed_group_size: packed training needs adapter.dropout=0 (per-device dropout masks "
+                 "are not packed); set dropout=0 or packed_group_size=1")
+    from fedtune.federation.capabilities import refusals  # every refused pair of features, in one table
+
+    p += refusals(cfg)
     if fed.aggregation == "trimmed_mean" and int(fed.trim_fraction * fed.min_clients) < 1:
         p.append(f"federation.trim_fraction: {fed.trim_fraction} of min_clients={fed.min_clients} trims nothing; "
                  f"raise it to at least {1 / fed.min_clients:.3g} or raise min_clients")
-    per = cfg.personalization
-    if per.split == "fedsa" and cfg.adapter.method != "lora":
-        p.append(f"personalization.split: fedsa shares lora_A and keeps lora_B private, so it needs "
-                 f"adapter.method=lora (got {cfg.adapter.method}); use split=none otherwise")
-    if per.split != "none" and cfg.fleet.enabled:
-        p.append("personalization.split: split adapters are not supported with fleet.enabled (device tiers "
-                 "change LoRA ranks, so a private lora_B would not match the shared lora_A); use split=none")
     pub = cfg.publish
     if pub.registry and not pub.signing_key:
         p.append("publish.signing_key: publishing needs an ed25519 key; make one with `fedtune registry keygen`")

@@ -25,13 +25,26 @@ class ClientData:
 
 @dataclass(frozen=True)
 class ClientTask:
-    """What one device is asked to do this round."""
+    """One device's local training of a round: the server's plan plus the device's own random streams.
+
+    ``seed`` drives the batch sampler (Poisson under DP-SGD), ``noise_seed`` the DP-SGD noise: two
+    independent streams (``fedtune.federation.seeds``). A deployed device draws both from its own secret
+    seeds; a simulation derives them from the run seed. Without ``noise_seed`` the noise stream is the
+    named stream ``task.noise`` of ``Seeds.simulated(seed)``, never the sampler's own stream.
+    """
 
     server_round: int
     local_steps: int
     batch_size: int
     lr: float
     seed: int
+    noise_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.noise_seed is None:
+            from fedtune.federation.seeds import Seeds
+
+            object.__setattr__(self, "noise_seed", Seeds.simulated(self.seed).derive("task.noise"))
 
 
 @dataclass(frozen=True)

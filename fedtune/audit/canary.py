@@ -9,10 +9,10 @@
    (``canary_client``). Each copy becomes its own chunk, in ``chunk_tokens``' layout (documents
    separated by EOS): a copy of one of that client's own chunks with ``EOS canary EOS`` written in at a
    seeded offset, so every copy lands whole, after an EOS. No other client, and no held-out split, gets any.
-3. Training, in-process (no Flower): R rounds; each round the cohort (all clients, or a seeded sample of
-   ``federation.clients_per_round``) runs ``train_local`` from the global adapter, ``weighted_average``
-   (FedAvg by example count) makes the next global. With DP, each client runs sample-level DP-SGD
-   (``privacy`` section) and keeps its own ``PrivacyLedger`` across rounds; the canary client's ε is reported.
+3. Training through the engine's in-process backend (``fedtune.federation.inprocess``, no Flower): R rounds of
+   the same round as ``fedtune simulate`` (the run's sampler, device round, aggregation pipeline; user-level
+   DP-FedAvg too when the config turns it on). With DP, each client runs sample-level DP-SGD (``privacy``
+   section) and keeps its own ledger across rounds; the canary client's ε is reported.
 4. Exposure under the final global adapter: each canary's log-perplexity of the secret given the prefix
    is ranked among ``n_candidates`` secrets of the same format (all 10^k of them when that is no more
    than ``n_candidates``); exposure = log2(N) - log2(rank). Inserted vs held-out canaries are summarized
@@ -26,21 +26,19 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from fedtune.adapters import create_adapter, get_adapter_state, set_adapter_state
-from fedtune.aggregation.fedavg import weighted_average
+from fedtune.adapters import create_adapter
 from fedtune.audit.exposure import exposure_of, secret_log_perplexities
 from fedtune.config import ExperimentConfig
+from fedtune.federation.seeds import Seeds
 from fedtune.data import build_client_data
 from fedtune.models import load_base_model, load_encoder
-from fedtune.privacy import PrivacyLedger
-from fedtune.training import evaluate_chunks, train_local
-from fedtune.types import ClientData, ClientTask
+from fedtune.training import evaluate_chunks
+from fedtune.types import ClientData
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +86,7 @@ def format_secret(digits: int, n_digits: int) -> str:
 
 def make_canaries(audit: CanaryAuditConfig, seed: int) -> tuple[list[str], list[str]]:
     """(inserted secrets, held-out secrets): distinct, same format, from a seeded RNG."""
-    rng = random.Random(seed * 7_919 + 17)
+    rng = Seeds.simulated(seed).rng("canary.secrets")
     picks = rng.sample(range(10**audit.n_digits), audit.n_inserted + audit.n_held_out)
     secrets = [format_secret(d, audit.n_digits) for d in picks]
     return secrets[: audit.n_inserted], secrets[audit.n_inserted :]
@@ -103,7 +101,7 @@ def candidate_secrets(audit: CanaryAuditConfig, canaries: list[str], seed: int) 
     space = 10**audit.n_digits
     if space <= audit.n_candidates + len(canaries):
         return [format_secret(d, audit.n_digits) for d in range(space)], True
-    rng = random.Random(seed * 7_919 + 29)
+    rng = Seeds.simulated(seed).rng("canary.candidates")
     taken = set(canaries)
     draw = (format_secret(d, audit.n_digits) for d in rng.sample(range(space), audit.n_candidates - 1 + len(taken)))
     return list(itertools.islice((s for s in draw if s not in taken), audit.n_candidates - 1)), False
@@ -136,7 +134,7 @@ def insert_canaries(clients: list[ClientData], canary_ids: list[list[int]], clie
     if longest > seq_len:
         raise ValueError(f"a canary takes {longest} tokens with its two EOS, more than data.seq_len={seq_len}; "
                          "raise data.seq_len or shorten the prefix / n_digits")
-    gen = torch.Generator().manual_seed(seed * 7_919 + 31)
+    gen = Seeds.simulated(seed).generator("canary.insert")
     rows = []
     for ids in canary_ids:
         block = torch.tensor([eos_token_id, *ids, eos_token_id], dtype=torch.long)
@@ -208,13 +206,6 @@ def _privacy(cfg: ExperimentConfig, dp: bool):
     return cfg.privacy if cfg.privacy.enabled else cfg.privacy.model_copy(update={"enabled": True})
 
 
-def _cohort(n_clients: int, per_round: int, seed: int, server_round: int) -> list[int]:
-    if per_round >= n_clients:
-        return list(range(n_clients))
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + server_round)
-    return sorted(torch.randperm(n_clients, generator=gen)[:per_round].tolist())
-
-
 def _eval_loss(model, clients: list[ClientData], cfg: ExperimentConfig) -> float:
     nll, tokens = 0.0, 0
     for c in clients:
@@ -242,28 +233,34 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
     clients = build_client_data(cfg.data, encoder, seed)
     clients = insert_canaries(clients, canary_ids, audit.canary_client, audit.repeats, encoder.eos_token_id, seed)
 
-    # 3. federated training, in-process
+    # 3. federated training through the engine's in-process backend (same sampler, device round, pipeline)
+    import tempfile
+
+    from fedtune.federation.inprocess import run_inprocess
+    from fedtune.privacy import LedgerStore
+    from fedtune.workspace import RunDir
+
     base, _ = load_base_model(cfg.model)
     model = create_adapter(base, cfg.adapter, seed)
-    global_state = get_adapter_state(model)
-    ledgers = {i: PrivacyLedger(c.user_id, cfg.privacy.accountant) for i, c in enumerate(clients)} if dp else {}
-    planned = rounds * cfg.train.local_steps
-    losses, noise = [], None
-    for r in range(1, rounds + 1):
-        cohort = _cohort(len(clients), cfg.federation.clients_per_round, seed, r)
-        updates = []
-        for i in cohort:
-            task = ClientTask(server_round=r, local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
-                              lr=cfg.train.lr, seed=(seed * 1_000_003 + r * 10_007 + i) % (2**31))
-            update = train_local(model, global_state, clients[i], task, privacy, ledgers.get(i),
-                                 planned_steps=planned, weight_decay=cfg.train.weight_decay)
-            updates.append(update)
-            if i == audit.canary_client and dp:
-                noise = update.metrics.get("noise_multiplier")
-        global_state = weighted_average([u.adapter for u in updates], [u.num_examples for u in updates])
-        losses.append(sum(u.train_loss for u in updates) / len(updates))
-        log.info("canary audit round %d/%d: %d clients, train loss %.3f", r, rounds, len(cohort), losses[-1])
-    set_adapter_state(model, global_state)
+    run_cfg = cfg.model_copy(update={
+        "seed": seed, "privacy": privacy if privacy is not None else cfg.privacy.model_copy(update={"enabled": False}),
+        "federation": cfg.federation.model_copy(update={"rounds": rounds})})
+    noise = None
+
+    def _progress(r, user_id, update):
+        nonlocal noise
+        if user_id == clients[audit.canary_client].user_id and dp:
+            noise = update.metrics.get("noise_multiplier")
+
+    with tempfile.TemporaryDirectory(prefix="fedtune-canary-") as tmp:
+        run = RunDir.create(tmp)
+        records = run_inprocess(run_cfg, model, clients, run, progress=_progress)
+        losses = [r["train_loss"] for r in records[1:]]
+        target_id = clients[audit.canary_client].user_id
+        ledger = LedgerStore(run.ledgers).load(target_id, cfg.privacy.accountant) if dp else None
+    for r, loss in enumerate(losses, 1):
+        log.info("canary audit round %d/%d: train loss %s", r, rounds, loss)
+    # the model holds the released (last) global adapter: run_inprocess evaluated it last
 
     # 4. exposure of every canary under the released adapter
     pool, whole_space = candidate_secrets(audit, inserted + held_out, seed)
@@ -282,7 +279,7 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
     ins = ExposureSummary.of(results[: len(inserted)])
     held = ExposureSummary.of(results[len(inserted) :])
     target = clients[audit.canary_client]
-    epsilon = ledgers[audit.canary_client].epsilon(cfg.privacy.delta) if dp else None
+    epsilon = ledger.epsilon(cfg.privacy.delta) if ledger is not None and ledger.history else (0.0 if dp else None)
     settings = {
         "audit": {**asdict(audit), "rounds": rounds, "dp": dp, "seed": seed},
         "canary_client": {"index": audit.canary_client, "user_id": target.user_id,

@@ -6,7 +6,6 @@ import math
 import random
 from collections.abc import Callable
 
-from fedtune.fleet.hashing import stable_hash
 
 
 def sample_cohort(
@@ -18,10 +17,12 @@ def sample_cohort(
     seed: int,
     is_available: Callable[[int], bool],
     max_tries_factor: int = 50,
+    rng: random.Random | None = None,
 ) -> list[int]:
     """Sorted device indices for this round, all available, at most ceil(cohort * (1 + over_selection)).
 
-    Draws indices uniformly with ``random.Random(stable_hash("cohort", seed, server_round))`` and
+    Draws indices uniformly from ``rng`` (default: the simulated stream ``cohort`` of (seed, round),
+    ``fedtune.federation.seeds``) and
     rejects repeats with a set; every available one is kept until the target is met, or after
     ``max_tries_factor * cohort`` draws (repeats count), or once every device was seen. So
     ``is_available`` is called at most ``max_tries_factor * cohort`` times whatever the population, and
@@ -41,7 +42,10 @@ def sample_cohort(
 
     target = min(population, math.ceil(cohort * (1 + over_selection)))
     max_draws = max_tries_factor * cohort
-    rng = random.Random(stable_hash("cohort", seed, server_round))
+    if rng is None:
+        from fedtune.federation.seeds import Seeds
+
+        rng = Seeds.simulated(seed).rng("cohort", server_round)
     seen: set[int] = set()
     chosen: list[int] = []
     draws = 0

@@ -96,17 +96,8 @@ def declined_reason(msg: Message) -> str | None:
     return str(msg.content.config_records[DECLINED_KEY].get("reason", "declined"))
 
 
-def device_ledgers(settings: DeviceSettings) -> Path:
-    return Path(settings.state_dir) / "ledgers"
-
-
-def device_private(settings: DeviceSettings) -> Path:
-    """Where a real device keeps its private adapter part (split adapters)."""
-    return Path(settings.state_dir) / "private"
-
-
 def device_task(task, cfg, settings: DeviceSettings):
-    """The server's task, with the batch size capped by the device's profile (memory)."""
+    """The server's task (a ``TaskPlan``), with the batch size capped by the device's profile (memory)."""
     import dataclasses
 
     from fedtune.fleet.profiles import DEFAULT_CATALOG_DIR

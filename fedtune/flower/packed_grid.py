@@ -65,11 +65,13 @@ def unpack_reply(reply: Message, messages: list[Message]) -> list[Message]:
 
 def _group_key(m: Message) -> tuple:
     cfg = m.content[CONFIG_KEY]
-    return (cfg.get("local-steps"), cfg.get("lr"), cfg.get("server-round"))
+    # a fleet's tier: devices of one rank and base quantization share one packed model
+    return (cfg.get("local-steps"), cfg.get("lr"), cfg.get("server-round"), cfg.get("rank"), cfg.get("quantization"))
 
 
 def make_groups(messages: list[Message], group_size: int) -> list[list[Message]]:
-    """Consecutive groups of at most ``group_size`` devices that share steps, lr and round."""
+    """Consecutive groups of at most ``group_size`` devices that share steps, lr, round and (in a fleet)
+    rank and quantization: the packed engine trains one adapter layout around one base."""
     by_key: dict[tuple, list[Message]] = {}
     for m in messages:
         by_key.setdefault(_group_key(m), []).append(m)

@@ -38,21 +38,12 @@ def decode_upload(arrays: ArrayRecord, sent: AdapterState | None) -> AdapterStat
 
 
 def update_to_metrics(update: ClientUpdate, seconds: float, partition: int, *, device: int | None = None,
-                      rank: int = 0, sim_seconds: float = -1.0) -> MetricRecord:
-    """Every reply carries every key (sim-seconds is -1 outside fleet simulations)."""
-    return MetricRecord({
-        "partition": int(partition),
-        "device": int(partition if device is None else device),
-        "rank": int(rank),
-        "sim-seconds": float(sim_seconds),
-        "num-examples": int(update.num_examples),
-        "train-loss": float(update.train_loss),
-        "epsilon": float(update.epsilon if update.epsilon is not None else -1.0),
-        "delta": float(update.delta if update.delta is not None else -1.0),
-        "steps": int(update.steps),
-        "tokens": int(update.tokens),
-        "train-seconds": float(seconds),
-    })
+                      rank: int = 0, sim_seconds: float = -1.0, policy: str = "exact") -> MetricRecord:
+    """The reply's figures (``fedtune.federation.reply_figures``; every key present, -1 where withheld)."""
+    from fedtune.federation.reply_figures import reply_figures
+
+    return MetricRecord(reply_figures(update, policy, device=partition if device is None else device, rank=rank,
+                                      partition=partition, seconds=seconds, sim_seconds=sim_seconds))
 
 
 def payload_bytes(arrays: ArrayRecord) -> int:

@@ -24,19 +24,23 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.adapters import adapter_bytes, get_adapter_state, set_adapter_state
-from fedtune.adapters.split import initial_private, merge, shared_part
+from fedtune.adapters import adapter_bytes, get_adapter_state
+from fedtune.adapters.split import initial_private, shared_part
 from fedtune.aggregation import create_aggregator
 from fedtune.data.partition import read_index
 from fedtune.flower.context import RunContext, run_context
 from fedtune.flower.packed_grid import PackedGrid
 from fedtune.flower.records import arrays_to_state, state_to_arrays
 from fedtune.fleet import SimClock
-from fedtune.flower.fleet import FleetCoordinator
+from fedtune.federation.fleet import FleetCoordinator
 from fedtune.flower.fleet_strategy import FleetFedAvg
-from fedtune.flower.strategy import AdapterFedAvg, RoundStats
-from fedtune.recording import save_adapter
-from fedtune.training import evaluate_chunks
+from fedtune.federation.recorder import Recorder as EngineRecorder
+from fedtune.federation.recorder import (  # noqa: F401 (the checkpoint API, re-exported for the launcher)
+    RoundStats, load_checkpoint_adapter, new_trail, read_checkpoint, truncate_metrics,
+)
+from fedtune.federation.recorder import write_checkpoint as write_engine_checkpoint
+from fedtune.federation.seeds import Seeds
+from fedtune.flower.strategy import AdapterFedAvg
 from fedtune.types import AdapterState, RoundResult
 
 log = logging.getLogger(__name__)
@@ -53,20 +57,18 @@ def ensure_data(ctx: RunContext) -> list[dict]:
 
 
 def heldout_pool(ctx: RunContext, n_clients: int) -> torch.Tensor:
-    """Round-robin over clients' held-out chunks, capped: a fixed, user-balanced eval set."""
+    """The engine's pooled held-out set (``federation.inprocess.pooled_heldout``) over only as many users'
+    files as the cap needs (10,000 users: a few files)."""
     from fedtune.data.partition import load_client_data
+    from fedtune.federation.inprocess import pooled_heldout
 
     limit = ctx.cfg.train.eval_max_chunks
-    per_client: list[torch.Tensor] = []
-    for i in range(n_clients):  # only as many clients as the cap needs (10,000 users: a few files)
-        per_client.append(load_client_data(ctx.run.data, i).heldout)
-        if sum(h.shape[0] for h in per_client) >= limit and len(per_client) >= min(limit, n_clients):
+    clients = []
+    for i in range(n_clients):
+        clients.append(load_client_data(ctx.run.data, i))
+        if sum(c.heldout.shape[0] for c in clients) >= limit and len(clients) >= min(limit, n_clients):
             break
-    chunks, depth = [], 0
-    while len(chunks) < limit and any(depth < h.shape[0] for h in per_client):
-        chunks += [h[depth] for h in per_client if depth < h.shape[0]]
-        depth += 1
-    return torch.stack(chunks[:limit])  # [M, T]
+    return pooled_heldout(clients, limit)  # [M, T]
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0, deployed: bool = False) -> None:
@@ -83,77 +85,39 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = 300.0, deployed: 
 
 
 class Recorder:
-    """Evaluates the global adapter after each round and writes its record and checkpoint."""
+    """Flower's ``evaluate_fn``: the engine's recorder (``fedtune.federation.recorder``) plus publishing and
+    progress events, after each round."""
 
     def __init__(self, ctx: RunContext, strategy: AdapterFedAvg, model, info: dict, heldout: torch.Tensor, *,
                  n_clients: int, final_round: int, last_round: int = -1, private_init: AdapterState | None = None):
-        self.private_init = private_init or {}  # split adapters: the global model's private part (zeros)
-        self.ctx, self.strategy, self.model, self.info, self.heldout = ctx, strategy, model, info, heldout
+        self.ctx, self.strategy = ctx, strategy
         self.n_clients = n_clients  # the population (for announcing the next cohort)
         self.final_round = final_round  # the last round this run will train (the budget may cut it)
         self.last_round = last_round  # the last round already recorded (a resumed checkpoint's)
         self.results: list[RoundResult] = []
+        self.trail = new_trail(ctx.cfg, strategy.seeds.mode, strategy.pipeline.user_dp)
+        self.engine = EngineRecorder(ctx.cfg, ctx.run, model, heldout, self.trail, private_init, info=info,
+                                     engine="flower", checkpoint_state=self._state)
         self.published: dict | None = None  # the registry state the checkpoint carries
         self._t0 = time.perf_counter()
+
+    def _state(self) -> dict:
+        return checkpoint_state(self.strategy, self.published)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         cfg, run = self.ctx.cfg, self.ctx.run
         server_round += self.strategy.round_offset
         if server_round <= self.last_round:  # a resumed run re-evaluates its checkpoint: record it once
             return MetricRecord({"eval-loss": 0.0})
-        state = merge(arrays_to_state(arrays), self.private_init)
-        set_adapter_state(self.model, state)
-        res = evaluate_chunks(self.model, self.heldout, cfg.train.eval_batch_size)
         stats = self.strategy.stats.get(server_round, RoundStats(started=self._t0))
-        fleet_extra = {}
         coord = getattr(self.strategy, "coord", None)
         if coord is not None:
             fstats = coord.stats.get(server_round)
-            fleet_extra = dict(fstats.record() if fstats else {"sim_round_seconds": 0.0},
+            stats.extra = dict(fstats.record() if fstats else {"sim_round_seconds": 0.0},
                                sim_clock_seconds=round(coord.clock.seconds, 3))
-        eps = [c["epsilon"] for c in stats.clients if c.get("epsilon", -1) >= 0]
-        user_dp = self.strategy.user_dp
-        level = "user" if user_dp is not None else ("sample" if cfg.privacy.enabled else "none")
-        sample_eps = max(eps) if eps else (0.0 if cfg.privacy.enabled else None)
-        if user_dp is not None:
-            epsilon, delta = user_dp.ledger.epsilon(), user_dp.plan.delta
-        else:
-            epsilon, delta = sample_eps, (cfg.privacy.delta if cfg.privacy.enabled else None)
-        result = RoundResult(
-            round=server_round,
-            clients_sampled=stats.sampled,
-            clients_succeeded=stats.succeeded,
-            train_loss=stats.train_loss,
-            eval_loss=res.loss,
-            eval_perplexity=res.perplexity,
-            upload_bytes=stats.upload_bytes,
-            wall_seconds=round(time.perf_counter() - stats.started, 3),
-            epsilon=epsilon,
-            delta=delta,
-            extra={
-                "eval_accuracy": res.accuracy,
-                "privacy_level": level,
-                "sample_epsilon": sample_eps,
-                "sample_delta": cfg.privacy.delta if cfg.privacy.enabled else None,
-                "sample_epsilon_mean": sum(eps) / len(eps) if eps else None,
-                **stats.dp,
-                "clients_failed": stats.failed,
-                "clients_rejected": dict(stats.rejected),
-                "clients_declined": dict(stats.declined),
-                "aggregation": cfg.federation.aggregation,
-                "round_skipped": stats.skipped,
-                "adapter_bytes": adapter_bytes(state),
-                "base_model_bytes_dense": self.info["base_bytes_dense"],
-                "base_model_bytes": self.info["base_bytes"],
-                "quantization": self.info["quantization"],
-                "clients": stats.clients,
-                **fleet_extra,
-            },
-        )
-        save_adapter(self.model, run.adapter(server_round), result, cfg)
-        run.append_metrics(result.to_record())
+        result = self.engine.record(server_round, arrays_to_state(arrays), stats)
         self.published = self._maybe_publish(server_round) or self.published
-        write_checkpoint(run, server_round, self.strategy, self.published)
+        self.engine.checkpoint(server_round)
         self.last_round = server_round
         self.results.append(result)
         run.append_event({"event": "round_done", "round": server_round})
@@ -162,9 +126,9 @@ class Recorder:
             if cfg.fleet.enabled:  # over-selection: more start than will count
                 cohort = min(self.n_clients, math.ceil(cohort * (1 + cfg.fleet.over_selection)))
             run.append_event({"event": "round_start", "round": server_round + 1, "clients": cohort})
-        log.info("round %d: eval_loss %.4f perplexity %.2f", server_round, res.loss, res.perplexity)
+        log.info("round %d: eval_loss %.4f perplexity %.2f", server_round, result.eval_loss, result.eval_perplexity)
         self._t0 = time.perf_counter()
-        return MetricRecord({"eval-loss": res.loss, "eval-perplexity": min(res.perplexity, 1e30)})
+        return MetricRecord({"eval-loss": result.eval_loss, "eval-perplexity": min(result.eval_perplexity, 1e30)})
 
     def _maybe_publish(self, server_round: int) -> None:
         pub = self.ctx.cfg.publish
@@ -182,34 +146,22 @@ class Recorder:
 
 
 
-def write_checkpoint(run, server_round: int, strategy, published: dict | None = None) -> None:
-    """After each round, atomically (tmp + os.replace): the commit point of that round.
-
-    It names the round, the global adapter (adapters/round-N, already written, with its sha256), the
-    strategy's state (its settings and cumulative rejection/decline counts; cohorts are a pure function of
-    seed and round), the server's user-level privacy ledger, the fleet clock and the registry state (the
-    last version published). A restart of the same command resumes at round N+1: records past N are dropped
-    (``truncate_metrics``), so nothing is counted twice.
-    """
-    import hashlib
-    import json
-    import os
-
+def checkpoint_state(strategy, published: dict | None = None) -> dict:
+    """What the Flower backend adds to a round's checkpoint: the strategy's settings and cumulative
+    rejection/decline counts (cohorts are a pure function of the seeds and round), the server's user-level
+    ledger, the fleet clock and the registry state (the last version published)."""
     user_dp = getattr(strategy, "user_dp", None)
     coord = getattr(strategy, "coord", None)
-    adapter = run.adapter(server_round) / "adapter_model.safetensors"
-    data = {"round": server_round, "adapter": f"adapters/round-{server_round}",
-            "adapter_sha256": hashlib.sha256(adapter.read_bytes()).hexdigest() if adapter.is_file() else None,
-            "strategy": strategy_state(strategy),
+    return {"strategy": strategy_state(strategy),
             "user_ledger": user_dp.ledger.to_dict() if user_dp is not None else None,
             "clock": coord.clock.to_dict() if coord is not None else None,
             "registry": published}
-    tmp = run.root / "checkpoint.json.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run.root / "checkpoint.json")
+
+
+def write_checkpoint(run, server_round: int, strategy, published: dict | None = None, trail=None) -> None:
+    """The engine's checkpoint (``fedtune.federation.recorder.write_checkpoint``) with the strategy's state."""
+    write_engine_checkpoint(run, server_round, {**checkpoint_state(strategy, published),
+                                                "privacy_trail": trail.to_dict() if trail is not None else None})
 
 
 def strategy_state(strategy) -> dict:
@@ -228,44 +180,6 @@ def strategy_state(strategy) -> dict:
             "aggregator": getattr(getattr(strategy, "aggregator", None), "name", "fedavg"), "totals": totals}
 
 
-def truncate_metrics(run, last_round: int) -> int:
-    """Drop metrics records past the checkpoint (a crash between a record and its checkpoint); return how many."""
-    import os
-
-    from fedtune.workspace import read_jsonl
-
-    records = read_jsonl(run.metrics)
-    keep = [r for r in records if r["round"] <= last_round]
-    if len(keep) != len(records):
-        import json
-
-        tmp = run.metrics.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, run.metrics)
-    return len(records) - len(keep)
-
-
-def read_checkpoint(run) -> dict | None:
-    import json
-
-    path = run.root / "checkpoint.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def load_checkpoint_adapter(run, server_round: int, sha256: str | None = None) -> AdapterState:
-    import hashlib
-
-    from safetensors.torch import load_file
-
-    path = run.adapter(server_round) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint names round {server_round} but {path} is missing")
-    if sha256 and hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
-        raise ValueError(f"{path} does not match the checkpoint's sha256; the run directory was changed after "
-                         "the checkpoint was written")
-    return {k: v.float() for k, v in load_file(str(path)).items()}
-
-
 def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, info: dict, checkpoint: dict | None,
                    deployed: int = 0):
     """``deployed``: the number of real devices (SuperNodes) of a deployment; 0 in a simulation, where
@@ -277,14 +191,16 @@ def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, in
     if not deployed:
         max_examples = min(max_examples, max(entry["train"] for entry in index))
     offset = checkpoint["round"] if checkpoint else 0
+    seeds = Seeds.for_run(cfg.seed, deployed=bool(deployed))  # a deployed server's cohorts and noise are secret
     if cfg.fleet.enabled:
         coord = FleetCoordinator(cfg, len(index), cfg.fleet.simulated_params or info["base_bytes_dense"] // 4,
-                                 adapter_bytes(initial) // cfg.adapter.rank)
+                                 adapter_bytes(initial) // cfg.adapter.rank, seeds=seeds)
         if checkpoint and checkpoint.get("clock"):
             coord.clock = SimClock.from_dict(checkpoint["clock"])
         strategy = FleetFedAvg(reference=initial, coordinator=coord, rank_aggregation=cfg.fleet.rank_aggregation,
                                scale=cfg.adapter.alpha / cfg.adapter.rank, min_clients=cfg.federation.min_clients,
-                               seed=cfg.seed, max_examples=max_examples)
+                               seed=cfg.seed, max_examples=max_examples, aggregation=cfg.federation.aggregation,
+                               trim_fraction=cfg.federation.trim_fraction, seeds=seeds)
         strategy.round_offset = offset
         return strategy, None
     user_dp, plan = None, None
@@ -297,14 +213,14 @@ def build_strategy(ctx: RunContext, index: list[dict], initial: AdapterState, in
         ledger = None
         if checkpoint and checkpoint.get("user_ledger"):
             ledger = UserLevelLedger.from_dict(checkpoint["user_ledger"])
-        user_dp = DPFedAvg(cfg.privacy.user_level, plan, population, cfg.seed, ledger)
+        user_dp = DPFedAvg(cfg.privacy.user_level, plan, population, seeds, ledger)
     fed, val = cfg.federation, cfg.validation
     aggregator = None if fed.aggregation == "fedavg" else create_aggregator(fed.aggregation,
                                                                             trim_fraction=fed.trim_fraction)
     strategy = AdapterFedAvg(reference=initial, clients_per_round=min(fed.clients_per_round, population),
                              min_clients=fed.min_clients, seed=cfg.seed, max_examples=max_examples,
                              user_dp=user_dp, round_offset=offset, max_update_norm=val.max_update_norm,
-                             max_train_loss=val.max_train_loss, aggregator=aggregator)
+                             max_train_loss=val.max_train_loss, aggregator=aggregator, seeds=seeds)
     return strategy, plan
 
 
@@ -337,6 +253,8 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
                         final_round=final, last_round=done if checkpoint else -1,
                         private_init=initial_private(full, split))
     recorder.published = checkpoint.get("registry") if checkpoint else None
+    if checkpoint:
+        recorder.trail.restore(checkpoint.get("privacy_trail"))
     ctx.run.append_event({"event": "waiting_for_nodes", "expected": population})
     wait_for_nodes(grid, population, timeout=3600.0 if deployed else 300.0, deployed=bool(deployed))
     train_config = ConfigRecord({"local-steps": cfg.train.local_steps, "batch-size": cfg.train.batch_size,

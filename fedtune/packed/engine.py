@@ -104,7 +104,7 @@ def train_packed(
 
             for s, t, ledger in zip(streams, tasks, ledgers):
                 gen = torch.Generator(device=device)
-                gen.manual_seed(t.seed)
+                gen.manual_seed(t.noise_seed)  # the noise stream, apart from the sampler's
                 sigma = resolve_noise(privacy, s.sample_rate, planned_steps or steps)
                 noise.append(DeviceNoise(sigma, s.expected_batch_size, gen))
                 acc = create_accountant(privacy.accountant)

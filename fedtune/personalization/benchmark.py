@@ -24,7 +24,7 @@ from pathlib import Path
 from fedtune.adapters import get_adapter_state
 from fedtune.config import ExperimentConfig
 from fedtune.personalization.evaluate import evaluate_users
-from fedtune.personalization.federate import federate
+from fedtune.federation.inprocess import run_inprocess as federate
 from fedtune.personalization.run_eval import load_model, sources_for
 from fedtune.personalization.summary import best_personalized, format_table, write_outputs
 from fedtune.types import ClientData

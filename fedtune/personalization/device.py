@@ -1,6 +1,6 @@
 """One device's round with a split adapter: restore the private part, train the whole adapter, keep the
 private part, hand back only the shared part. Flower-free, so the ClientApp and the in-process engine
-(``fedtune.personalization.federate``) run the same code.
+(``fedtune.federation.inprocess``) run the same code.
 """
 
 from __future__ import annotations

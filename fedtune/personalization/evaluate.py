@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import zlib
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -58,7 +57,9 @@ class Sources:
 
 
 def _seed(cfg: ExperimentConfig, user: str, method: str) -> int:
-    return (cfg.seed * 1_000_003 + zlib.crc32(f"{method}:{user}".encode())) % (2**31)
+    from fedtune.federation.seeds import Seeds  # every stream derives from the run's seeds by name
+
+    return Seeds.simulated(cfg.seed).derive("eval.finetune", method, user)
 
 
 def local_only_steps(cfg: ExperimentConfig, n_users: int) -> int:

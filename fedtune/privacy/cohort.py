@@ -17,21 +17,17 @@ the population: population 10^8 at q = 1e-6 takes about 100 draws.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 
 
-def _round_rng(seed: int, server_round: int) -> random.Random:
-    """A private RNG for (seed, round): stable across processes and Python versions (no hash())."""
-    digest = hashlib.blake2b(f"fedtune.poisson_cohort:{seed}:{server_round}".encode(), digest_size=16).digest()
-    return random.Random(int.from_bytes(digest, "big"))
-
-
-def poisson_cohort(population: int, q: float, seed: int, server_round: int) -> list[int]:
+def poisson_cohort(population: int, q: float, seed: int | None = None, server_round: int | None = None, *,
+                   rng: random.Random | None = None) -> list[int]:
     """Device ids in ``range(population)`` that join ``server_round``, each independently with prob. ``q``.
 
-    Deterministic per (seed, server_round); sorted ascending; may be empty.
+    The draws come from ``rng`` (a deployed server passes its secret stream,
+    ``fedtune.federation.seeds.Seeds.rng("cohort", round)``); without it from the simulated stream of
+    (seed, server_round), so deterministic per (seed, server_round). Sorted ascending; may be empty.
     """
     if not isinstance(population, int) or population < 0:
         raise ValueError(f"poisson_cohort: population must be an int >= 0, got {population!r}")
@@ -44,7 +40,12 @@ def poisson_cohort(population: int, q: float, seed: int, server_round: int) -> l
         return []
     if q == 1.0:
         return list(range(population))
-    rng = _round_rng(seed, server_round)
+    if rng is None:
+        if seed is None or server_round is None:
+            raise ValueError("poisson_cohort: pass rng=, or seed= and server_round= for a simulated stream")
+        from fedtune.federation.seeds import Seeds
+
+        rng = Seeds.simulated(seed).rng("cohort", server_round)
     log_miss = math.log1p(-q)  # log(1 - q) < 0, accurate for tiny q
     cohort: list[int] = []
     i = -1

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from fedtune.config import UserLevelPrivacyConfig
 from fedtune.privacy.user_level import (
     UserLevelLedger,
     calibrate_noise,
     clip_delta,
     max_rounds_within_budget,
+    noised_mean_of_sum,
     noisy_mean,
     poisson_cohort,
 )
@@ -61,26 +60,39 @@ def plan_user_level(cfg: UserLevelPrivacyConfig, population: int, cohort: int, r
 class DPFedAvg:
     """Clip, sum, noise, average with a fixed denominator; keeps the server's privacy ledger."""
 
-    def __init__(self, cfg: UserLevelPrivacyConfig, plan: UserLevelPlan, population: int, seed: int,
+    def __init__(self, cfg: UserLevelPrivacyConfig, plan: UserLevelPlan, population: int, seed,
                  ledger: UserLevelLedger | None = None):
-        self.cfg, self.plan, self.population, self.seed = cfg, plan, population, seed
+        """``seed``: the run's ``fedtune.federation.seeds.Seeds`` (secret on a deployed server), or an int
+        (the simulated seeds of that run seed)."""
+        from fedtune.federation.seeds import Seeds
+
+        self.seeds = seed if isinstance(seed, Seeds) else Seeds.simulated(seed)
+        self.cfg, self.plan, self.population = cfg, plan, population
         self.ledger = ledger or UserLevelLedger(accountant=cfg.accountant, delta=plan.delta,
                                                 target_epsilon=plan.budget)
 
     def sample(self, server_round: int) -> list[int]:
-        return poisson_cohort(self.population, self.plan.sample_rate, self.seed, server_round)
+        return poisson_cohort(self.population, self.plan.sample_rate, rng=self.seeds.rng("cohort", server_round))
 
-    def aggregate(self, global_state: AdapterState, updates: list[AdapterState], server_round: int
-                  ) -> tuple[AdapterState, dict]:
+    def aggregate(self, global_state: AdapterState, updates: list[AdapterState], server_round: int, *,
+                  summer=None) -> tuple[AdapterState, dict]:
+        """One round: clip, sum (``summer(clipped, template)``, e.g. a secure-aggregation masked sum;
+        default: plain addition), noise, divide by qN; the round is charged to the ledger."""
         clipped, norms = [], []
         for u in updates:
             delta = {k: u[k].float() - global_state[k].float() for k in global_state}
             c, norm = clip_delta(delta, self.cfg.clip_norm)
             clipped.append(c)
             norms.append(norm)
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + server_round * 7919) % (2**63))
-        mean = noisy_mean(clipped, self.cfg.clip_norm, self.plan.noise_multiplier,
-                          self.plan.sample_rate * self.population, gen, template=global_state)
+        gen = self.seeds.generator("user_noise", server_round)
+        expected = self.plan.sample_rate * self.population
+        if summer is None:
+            mean = noisy_mean(clipped, self.cfg.clip_norm, self.plan.noise_multiplier, expected, gen,
+                              template=global_state)
+        else:
+            template = {k: v.float() for k, v in global_state.items()}
+            mean = noised_mean_of_sum(summer(clipped, template), self.cfg.clip_norm, self.plan.noise_multiplier,
+                                      expected, gen)
         self.ledger.record_round(self.plan.noise_multiplier, self.plan.sample_rate)
         new = {k: global_state[k].float() + mean[k] for k in global_state}
         info = {

@@ -36,6 +36,7 @@ __all__ = [
     "clip_delta",
     "global_l2_norm",
     "max_rounds_within_budget",
+    "noised_mean_of_sum",
     "noisy_mean",
     "poisson_cohort",
     "user_level_epsilon",
@@ -110,20 +111,33 @@ def noisy_mean(
                 f"noisy_mean: update {i} has norm {norm:.6g} > clip_norm {clip_norm}; clip it with clip_delta first"
             )
 
-    std = noise_multiplier * clip_norm
-    out: AdapterState = {}
+    total: AdapterState = {}
     for name in sorted(ref):
         shape, device = ref[name].shape, ref[name].device
-        total = torch.zeros(shape, dtype=torch.float32, device=device)  # [*shape]
+        acc = torch.zeros(shape, dtype=torch.float32, device=device)  # [*shape]
         for state in clipped:
             if state[name].shape != shape:
                 raise ValueError(
                     f"noisy_mean: tensor {name!r} has shape {tuple(state[name].shape)} in one update and "
                     f"{tuple(shape)} in another"
                 )
-            total += state[name].to(device=device, dtype=torch.float32)
+            acc += state[name].to(device=device, dtype=torch.float32)
+        total[name] = acc
+    return noised_mean_of_sum(total, clip_norm, noise_multiplier, expected_cohort, generator)
+
+
+def noised_mean_of_sum(total: AdapterState, clip_norm: float, noise_multiplier: float, expected_cohort: float,
+                       generator: torch.Generator) -> AdapterState:
+    """(total + N(0, (σ·C)² I)) / expected_cohort: the server's step once it holds the sum of clipped deltas
+    (from ``noisy_mean``'s own sum, or from a secure-aggregation masked sum). Keys in sorted order."""
+    if not expected_cohort > 0:
+        raise ValueError(f"noised_mean_of_sum: expected_cohort must be > 0, got {expected_cohort!r}")
+    std = noise_multiplier * clip_norm
+    out: AdapterState = {}
+    for name in sorted(total):
+        acc = total[name].to(torch.float32).clone()
         if std > 0:
-            noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device)
-            total += std * noise.to(device)  # [*shape], N(0, (σC)²) per coordinate
-        out[name] = total / expected_cohort
+            noise = torch.randn(acc.shape, generator=generator, dtype=torch.float32, device=generator.device)
+            acc += std * noise.to(acc.device)  # [*shape], N(0, (σC)²) per coordinate
+        out[name] = acc / expected_cohort
     return out

@@ -83,7 +83,7 @@ def train_local(
     private = None
     if dp:
         private = make_private(model, optimizer, loader, privacy, ledger,
-                               planned_steps or task.local_steps, task.seed)
+                               planned_steps or task.local_steps, task.noise_seed)
         optimizer, loader = private.optimizer, private.loader
     device = params[0].device
     losses, tokens = [], 0

@@ -19,7 +19,7 @@ def test_saved_adapter_reloads_with_peft_and_gives_same_logits(tmp_path):
     set_adapter_state(model, trained)
     result = RoundResult(round=3, clients_sampled=4, clients_succeeded=4, train_loss=1.0, eval_loss=2.0,
                          eval_perplexity=7.39, upload_bytes=10, wall_seconds=1.0, epsilon=2.5, delta=1e-5)
-    out = save_adapter(model, tmp_path / "round-3", result, cfg)
+    out = save_adapter(model, tmp_path / "round-3", result, cfg, {"level": "sample", "epsilon": 2.5, "delta": 1e-5})
     x = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         expected = model(input_ids=x).logits

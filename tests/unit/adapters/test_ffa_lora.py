@@ -135,7 +135,7 @@ def test_saved_adapter_is_complete_peft_lora_and_reloads(tmp_path):
     set_adapter_state(model, {k: torch.randn_like(v) * 0.05 for k, v in get_adapter_state(model).items()})
     result = RoundResult(round=1, clients_sampled=2, clients_succeeded=2, train_loss=1.0, eval_loss=2.0,
                          eval_perplexity=7.39, upload_bytes=10, wall_seconds=1.0)
-    out = save_adapter(model, tmp_path / "round-1", result, cfg)
+    out = save_adapter(model, tmp_path / "round-1", result, cfg, {"level": "none", "epsilon": None, "delta": None})
     x = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         expected = model(input_ids=x).logits

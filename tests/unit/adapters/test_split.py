@@ -51,8 +51,8 @@ def test_unknown_and_duplicate_splits_fail_loudly(lora_state):
 
 
 def test_config_refuses_fedsa_without_lora_and_with_a_fleet():
-    with pytest.raises(ConfigError, match="needs adapter.method=lora"):
+    with pytest.raises(ConfigError, match="personalization.split: .*use adapter.method=lora"):
         make_config(adapter={"method": "prompt_tuning"}, personalization={"split": "fedsa"})
-    with pytest.raises(ConfigError, match="not supported with fleet.enabled"):
+    with pytest.raises(ConfigError, match="personalization.split: .*use fleet.rank_aggregation=zeropad"):
         make_config(personalization={"split": "fedsa"},
                     fleet={"enabled": True, "mixture": {"phone-low": 1.0}, "catalog": "configs/devices"})

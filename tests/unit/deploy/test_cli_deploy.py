@@ -46,7 +46,7 @@ def test_bad_config_is_one_line(tmp_path, certs):
     bad = tmp_path / "bad.yaml"
     bad.write_text("federation: {rounds: 0, aggregation: median}\nprivacy: {user_level: {enabled: true}}\n")
     proc = _cli("server", "start", str(bad), "--out", str(tmp_path / "run"), "--certs", str(certs))
-    _one_line_error(proc, "federation.rounds", "federation.aggregation: median cannot be combined")
+    _one_line_error(proc, "federation.rounds", "federation.aggregation: user-dp cannot be combined with robust")
 
 
 def test_server_without_certificates_is_one_line(tmp_path):

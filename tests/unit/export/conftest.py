@@ -21,7 +21,7 @@ def save_lora(directory, cfg, seed=0, std=0.1):
     set_adapter_state(model, state)
     result = RoundResult(round=1, clients_sampled=1, clients_succeeded=1, train_loss=1.0, eval_loss=1.0,
                          eval_perplexity=2.7, upload_bytes=0, wall_seconds=0.0)
-    return save_adapter(model, directory, result, cfg)
+    return save_adapter(model, directory, result, cfg, {"level": "none", "epsilon": None, "delta": None})
 
 
 @pytest.fixture(scope="session")

@@ -65,7 +65,8 @@ def test_llama_cpp_with_our_gguf_lora_agrees_with_pytorch(tmp_path):
                               for k, v in get_adapter_state(model).items()})
     with torch.no_grad():
         torch_lora = model(input_ids=x).logits[0].argmax(-1).numpy()  # [T]
-    adapter_dir = save_adapter(model, tmp_path / "round-1", RoundResult(1, 1, 1, 1.0, 1.0, 1.0, 0, 0.0), cfg)
+    adapter_dir = save_adapter(model, tmp_path / "round-1", RoundResult(1, 1, 1, 1.0, 1.0, 1.0, 0, 0.0), cfg,
+                               {"level": "none", "epsilon": None, "delta": None})
     adapter_gguf = export_gguf_lora(adapter_dir, tmp_path / "adapter.gguf")
 
     base_gguf = find_package_file(SMOL["name"], SMOL["gguf_file"])

@@ -88,7 +88,23 @@ def test_client_app_on_a_device_trains_on_its_own_file(deployed):
                                 "state-dir": str(state)})
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] > 0 and metrics["epsilon"] > 0 and metrics["partition"] == -1
+    # a deployed device's reply carries only what aggregation needs (reply_figures: auto -> minimal)
+    n = metrics["num-examples"]
+    assert n & (n - 1) == 0 and metrics["train-loss"] == -1 and metrics["tokens"] == -1
     assert (state / "ledgers" / "phone-7.json").is_file()  # the device keeps its own privacy ledger
+
+
+def test_a_device_declines_a_replayed_round_and_never_trains_it_twice(deployed):
+    """A server that resends a round (to average two noise draws on the same data) gets a decline."""
+    from fedtune.privacy import LedgerStore
+
+    run_config, path, state = deployed
+    node = {"data-path": str(path), "device-id": "phone-8", "state-dir": str(state)}
+    first = _train(run_config, node)
+    assert "arrays" in first.content
+    again = _train(run_config, node)  # the same run, server-round 1 again
+    assert declined_reason(again) == "stale_round" and "arrays" not in again.content
+    assert LedgerStore(state / "ledgers").load("phone-8").rounds == [1]  # charged once
 
 
 def test_client_app_on_an_ineligible_device_declines(deployed):

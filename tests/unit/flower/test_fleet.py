@@ -7,7 +7,7 @@ import torch
 
 from fedtune.adapters import create_adapter, get_adapter_state
 from fedtune.aggregation import lora_rank, products
-from fedtune.flower.fleet import FleetCoordinator
+from fedtune.federation.fleet import FleetCoordinator
 from fedtune.flower.fleet_strategy import FleetFedAvg, fill_dead_components
 from fedtune.models import load_base_model
 from tests.conftest import make_config
@@ -41,9 +41,9 @@ def test_tasks_follow_the_profile():
     ranks = {}
     for d in range(200):
         task = c.task(d)
-        ranks.setdefault(c.tier(d), set()).add(task["rank"])
-        assert task["device-index"] == d and task["local-steps"] >= 1
-        assert task["alpha"] / task["rank"] == pytest.approx(16 / 8)  # same LoRA scale in every tier
+        ranks.setdefault(c.tier(d), set()).add(task.rank)
+        assert task.device == d and task.local_steps >= 1
+        assert task.alpha / task.rank == pytest.approx(16 / 8)  # same LoRA scale in every tier
     assert ranks["phone-low"] == {4} and ranks["laptop-8gb"] == {8} and ranks["desktop-24gb"] == {8}
 
 

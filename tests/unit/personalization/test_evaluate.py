@@ -8,7 +8,7 @@ from fedtune.data import build_client_data
 from fedtune.models.tokenizer import ByteEncoder
 from fedtune.personalization.evaluate import UserResult, local_only_steps
 from fedtune.personalization import PrivateStateStore
-from fedtune.personalization.federate import federate
+from fedtune.federation.inprocess import run_inprocess as federate
 from fedtune.personalization.run_eval import RunNotEvaluable, evaluate_run, load_model
 from fedtune.personalization.summary import best_personalized, summarize
 from fedtune.workspace import RunDir
@@ -57,9 +57,11 @@ def test_evaluation_is_deterministic_for_a_seed(tmp_path):
 def test_split_run_evaluates_shared_plus_each_devices_private_part(tmp_path):
     cfg = _cfg(split="fedsa")
     run = _run(tmp_path, "sa", cfg)
-    from fedtune.personalization.federate import cohort
+    from fedtune.federation.sampler import UniformSampler
+    from fedtune.federation.seeds import Seeds
 
-    sampled = {f"user-{i:03d}" for r in (1, 2) for i in cohort(cfg.seed, r, 3, 2)}
+    sampler = UniformSampler(Seeds.simulated(cfg.seed), cfg.federation.clients_per_round)
+    sampled = {f"user-{i:03d}" for r in (1, 2) for i in sampler.sample(r, 3)}
     assert {p.stem for p in run.private.glob("*.safetensors")} == sampled  # only devices that trained have a B
     results, _ = evaluate_run(run.root, methods=["global", "split"])
     by = {(r.user, r.method): r for r in results}

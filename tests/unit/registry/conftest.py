@@ -33,7 +33,9 @@ def write_run(root, rounds=(1,), seed=0, name="tiny-run", epsilon=2.5):
         result = RoundResult(round=r, clients_sampled=3, clients_succeeded=3, train_loss=2.0, eval_loss=1.5 + r,
                              eval_perplexity=4.5, upload_bytes=100, wall_seconds=1.0, epsilon=epsilon * r,
                              delta=1e-5)
-        save_adapter(model, root / "adapters" / f"round-{r}", result, cfg)
+        save_adapter(model, root / "adapters" / f"round-{r}", result, cfg,
+                     {"level": "sample", "epsilon": epsilon * r, "delta": 1e-5, "rounds": r,
+                      "mechanism": "DP-SGD (opacus, Poisson sampling), per device", "accountant": "rdp"})
         with open(root / "metrics.jsonl", "a") as f:
             f.write(json.dumps(result.to_record()) + "\n")
     return root

@@ -17,8 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from fedtune.config import ExperimentConfig
-from fedtune.flower.fleet_device import catalog
-from fedtune.fleet import SimClock, assign_profile, is_available, plan_device, sample_cohort, validate_mixture
+from fedtune.federation.fleet_device import catalog
+from fedtune.federation.sampler import AvailabilitySampler
+from fedtune.federation.seeds import Seeds
+from fedtune.federation.task import TaskPlan, plan_task
+from fedtune.fleet import SimClock, assign_profile, is_available, plan_device, validate_mixture
 
 
 @dataclass
@@ -45,8 +48,11 @@ class FleetRoundStats:
 
 
 class FleetCoordinator:
-    def __init__(self, cfg: ExperimentConfig, n_users: int, model_params: int, adapter_bytes_per_rank: int):
+    def __init__(self, cfg: ExperimentConfig, n_users: int, model_params: int, adapter_bytes_per_rank: int,
+                 seeds: Seeds | None = None):
         fl = cfg.fleet
+        self.sampler = AvailabilitySampler(seeds or Seeds.simulated(cfg.seed), cfg.federation.clients_per_round,
+                                           fl.over_selection, self.online)
         self.cfg = cfg
         self.catalog = catalog(fl.catalog)
         validate_mixture(dict(fl.mixture), self.catalog)
@@ -79,19 +85,14 @@ class FleetCoordinator:
 
     def cohort(self, server_round: int) -> list[int]:
         """Online devices for this round: the cohort plus the configured over-selection."""
-        devices = sample_cohort(population=self.population, cohort=self.cfg.federation.clients_per_round,
-                                over_selection=self.cfg.fleet.over_selection, server_round=server_round,
-                                seed=self.cfg.seed, is_available=self.online)
+        devices = self.sampler.sample(server_round, self.population)
         stats = self.stats.setdefault(server_round, FleetRoundStats())
         stats.sampled_by_tier.update(self.tier(d) for d in devices)
         return devices
 
-    def task(self, device: int) -> dict:
-        """The per-device part of the task (on top of lr etc.): what its profile allows."""
-        plan = self.plan(device)
-        return {"device-index": device, "rank": plan.rank, "alpha": float(plan.alpha),
-                "quantization": plan.quantization, "local-steps": plan.local_steps,
-                "batch-size": plan.batch_size}
+    def task(self, device: int, server_round: int = 0) -> TaskPlan:
+        """The device's task: what its profile allows (rank, alpha, quantization, steps, batch)."""
+        return plan_task(self.cfg, server_round, self.plan(device), device=device)
 
     def settle(self, server_round: int, finished: dict[int, float], failed: list[int]) -> list[int]:
         """Decide which finished devices count, advance the clock; returns the accepted devices.

@@ -1,0 +1,238 @@
+"""The in-process backend: the engine's round in one Python loop, for where Ray does not fit.
+
+The GPU benchmarks, the personalization recipe and the canary audit run here; ``fedtune simulate`` runs
+the same engine through Flower (``fedtune.flower``). Both backends share every part of the round: seeds,
+sampler, task plans, the device round (state, streams, ledgers, private parts, upload encoding), reply
+validation, the aggregation pipeline and the privacy trail that labels the result. This loop writes the
+same run directory as ``fedtune simulate`` (``config.yaml``, prepared data, ``adapters/round-N`` with its
+``fedtune.json``, ``state/``, ``checkpoint.json``, ``metrics.jsonl``), so ``fedtune evaluate`` reads either.
+
+One round (numbered as in ``fedtune.federation``'s package docstring):
+  1. the sampler picks the cohort from the run's ``cohort`` stream (uniform; Poisson under user-level DP);
+  2. each device gets its ``TaskPlan``; ``train_one`` / ``train_group`` (``pack`` > 1: the packed engine)
+     runs it with the device's own state and streams and encodes its upload;
+  3. each upload is decoded and validated against the adapter sent (``accept_reply``);
+  4. the pipeline aggregates (user-level DP-FedAvg | FedAvg | median | trimmed mean);
+  5. the recorder evaluates the global adapter on the pooled held-out set, saves it with the label the
+     privacy trail derives from what ran, and appends the round's record and checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fedtune.adapters import get_adapter_state
+from fedtune.adapters.split import initial_private, shared_part
+from fedtune.aggregation import UpdateRejected
+from fedtune.config import ExperimentConfig, dump_config
+from fedtune.federation.aggregate import Pipeline, UserLevelDP, build_rule
+from fedtune.federation.device_round import DeviceBudgetSpent, DeviceState, train_group, train_one
+from fedtune.federation.recorder import Recorder, RoundStats, new_trail
+from fedtune.federation.replies import ReplyLimits, accept_reply
+from fedtune.federation.sampler import create_sampler
+from fedtune.federation.seeds import Seeds
+from fedtune.federation.task import plan_task
+from fedtune.types import ClientData
+from fedtune.workspace import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def pooled_heldout(clients: list[ClientData], limit: int):
+    """Round-robin over users' held-out chunks, capped: a fixed, user-balanced evaluation set."""
+    import torch
+
+    chunks, depth = [], 0
+    while len(chunks) < limit and any(depth < c.heldout.shape[0] for c in clients):
+        chunks += [c.heldout[depth] for c in clients if depth < c.heldout.shape[0]]
+        depth += 1
+    return torch.stack(chunks[:limit])
+
+
+def _groups(members: list[int], size: int) -> list[list[int]]:
+    size = max(1, size)
+    return [members[i:i + size] for i in range(0, len(members), size)]
+
+
+def _metrics(cfg, update, device: int, rank: int, partition: int) -> dict:
+    from fedtune.federation.reply_figures import reply_figures, resolve
+
+    return reply_figures(update, resolve(cfg.federation.reply_figures, deployed=False), device=device, rank=rank,
+                         partition=partition)
+
+
+def _bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+@dataclass
+class _Cohort:
+    """The round's device work: who, with which plan, sent what, checked against what."""
+
+    devices: list[int]
+    plans: list
+    sent: list  # the adapter each device gets
+    references: list  # what its reply must match
+
+
+def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, limits, pack, progress,
+                  stats: RoundStats, dropped: list[int], fleet=None) -> dict[int, tuple]:
+    """Train every device of the cohort (packed groups share rank and quantization); returns device ->
+    (reply, simulated seconds) for the valid replies, counting failures and rejections in ``stats`` and
+    the fleet's dropouts in ``dropped``."""
+    out: dict[int, tuple] = {}
+    by_tier: dict[tuple, list[int]] = {}
+    for j, plan in enumerate(cohort.plans):
+        by_tier.setdefault((plan.rank, plan.quantization), []).append(j)
+    for members in by_tier.values():
+        for group in _groups(members, pack):
+            plans = [cohort.plans[j] for j in group]
+            devs = [cohort.devices[j] for j in group]
+            fdevs = [fleet(d) for d in devs] if fleet else [None] * len(devs)
+            keep = [k for k, f in enumerate(fdevs) if f is None or not f.drops_out(plans[k].server_round)]
+            stats.failed += len(group) - len(keep)
+            dropped.extend(devs[k] for k in range(len(devs)) if k not in keep)
+            if not keep:
+                continue
+            group, plans, devs, fdevs = ([x[k] for k in keep] for x in (group, plans, devs, fdevs))
+            model = model_for(plans[0])
+            datas = [clients[d % len(clients)] for d in devs]
+            keys = [c.user_id if d < len(clients) else f"device-{d}" for c, d in zip(datas, devs)]
+            sent = [cohort.sent[j] for j in group]
+            if pack > 1:
+                results = train_group(model, state, cfg, sent, datas, plans, keys, devs)
+            else:
+                try:
+                    results = [train_one(model, state, cfg, sent[0], datas[0], plans[0], keys[0], devs[0])]
+                except DeviceBudgetSpent as err:
+                    results = [err]
+            for j, d, res, f, plan, data in zip(group, devs, results, fdevs, plans, datas):
+                if isinstance(res, DeviceBudgetSpent):
+                    stats.failed += 1
+                    continue
+                stats.upload_bytes += _bytes(res.payload)
+                metrics = _metrics(cfg, res.update, d, plan.rank or cfg.adapter.rank, d % len(clients))
+                try:
+                    reply = accept_reply(res.payload, metrics, sent=cohort.sent[j], reference=cohort.references[j],
+                                         limits=limits, device=d)
+                except UpdateRejected as err:
+                    stats.rejected[err.reason] += 1
+                    continue
+                stats.clients.append(metrics)
+                seconds = f.seconds(plan.server_round, _bytes(cohort.sent[j]), res.update.tokens,
+                                    _bytes(res.payload)) if f is not None else 0.0
+                out[d] = (reply, seconds)
+                if progress is not None:
+                    progress(plan.server_round, data.user_id, res.update)
+    return out
+
+
+def _tier_models(cfg, model):
+    """The model for a plan: the caller's for the configured rank and quantization, else a cached tier model."""
+    from fedtune.adapters import create_adapter
+    from fedtune.models import get_base_model
+
+    def model_for(plan):
+        if plan.rank in (None, cfg.adapter.rank) and plan.quantization in (None, cfg.model.quantization):
+            return model
+        model_cfg = cfg.model.model_copy(update={"quantization": plan.quantization or cfg.model.quantization})
+        adapter_cfg = cfg.adapter.model_copy(update={"rank": plan.rank, "alpha": plan.alpha or cfg.adapter.alpha})
+        device = str(next(model.parameters()).device)
+        return get_base_model(model_cfg, device, build=lambda m: create_adapter(m, adapter_cfg, cfg.seed),
+                              extra=adapter_cfg.model_dump_json())[0]
+
+    return model_for
+
+
+def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: RunDir, initial=None,
+                  progress=None, pack: int | None = None) -> list[dict]:
+    """Run ``cfg.federation.rounds`` rounds in this process; returns the metrics records (also in the run dir).
+
+    ``initial``: the starting adapter (default: the model's current one). ``pack`` > 1 trains up to that many
+    devices at once with the packed engine (default: ``simulation.packed_group_size``); devices of one
+    fleet tier are packed together. ``progress(round, user_id, update)`` is called after each device trains.
+    """
+    from fedtune.data import save_client_data
+
+    pack = cfg.simulation.packed_group_size if pack is None else pack
+    dump_config(cfg, run.config)
+    save_client_data(clients, run.data)
+    seeds = Seeds.simulated(cfg.seed)
+    state = DeviceState.simulated(run.root / "state", cfg.seed)
+    split = cfg.personalization.split
+    full = initial if initial is not None else get_adapter_state(model)
+    shared, private_init = shared_part(full, split), initial_private(full, split)
+    coord = fleet = None
+    if cfg.fleet.enabled:
+        from fedtune.adapters import adapter_bytes
+        from fedtune.federation.fleet import FleetCoordinator
+        from fedtune.federation.fleet_device import fleet_device
+        from fedtune.federation.fleet_server import FleetServer
+
+        params = cfg.fleet.simulated_params or sum(p.numel() for p in model.parameters())
+        coord = FleetCoordinator(cfg, len(clients), params, adapter_bytes(shared) // cfg.adapter.rank, seeds)
+        population = coord.population
+        sampler = coord.sampler
+        fleet = FleetServer(shared, build_rule(cfg, shared), cfg.fleet.rank_aggregation)
+        rule = fleet.rule
+    else:
+        population = len(clients)
+        sampler = create_sampler(cfg, seeds, population)
+        rule = build_rule(cfg, shared)
+    user_dp = None
+    if cfg.privacy.user_level.enabled:
+        from fedtune.privacy.dp_fedavg import DPFedAvg, plan_user_level
+
+        plan = plan_user_level(cfg.privacy.user_level, population, cfg.federation.clients_per_round,
+                               cfg.federation.rounds)
+        user_dp = UserLevelDP(DPFedAvg(cfg.privacy.user_level, plan, population, seeds), sampler_kind=sampler.kind)
+    pipeline = Pipeline(rule, cfg.federation.min_clients, user_dp)
+    limits = ReplyLimits(min(cfg.validation.max_examples, max(c.num_train for c in clients)),
+                         cfg.validation.max_update_norm, cfg.validation.max_train_loss)
+    trail = new_trail(cfg, seeds.mode, user_dp)
+    recorder = Recorder(cfg, run, model, pooled_heldout(clients, cfg.train.eval_max_chunks), trail, private_init,
+                        engine="in-process", checkpoint_state=lambda: {
+                            "user_ledger": user_dp.dp.ledger.to_dict() if user_dp else None,
+                            "clock": coord.clock.to_dict() if coord is not None else None})
+
+    def record(r: int, state, stats: RoundStats) -> dict:
+        result = recorder.record(r, state, stats)
+        recorder.checkpoint(r)
+        return result.to_record()
+
+    records = [record(0, shared, RoundStats())]
+    rounds = user_dp.dp.plan.rounds if user_dp else cfg.federation.rounds
+    model_for = _tier_models(cfg, model)
+    for r in range(1, rounds + 1):
+        stats = RoundStats()
+        if fleet is not None:
+            fleet.new_round()
+            devices = coord.cohort(r)
+            plans = [coord.task(d, r) for d in devices]
+            cohort = _Cohort(devices, plans, [fleet.sent_for(p.rank) for p in plans],
+                             [fleet.reference_for(p.rank) for p in plans])
+        else:
+            devices = sampler.sample(r, population)
+            cohort = _Cohort(devices, [plan_task(cfg, r, device=d) for d in devices], [shared] * len(devices),
+                             [shared] * len(devices))
+        stats.sampled = len(devices)
+        dropped: list[int] = []
+        done = _train_cohort(cfg, state, clients, cohort, model_for, limits, pack, progress, stats, dropped,
+                             fleet=(lambda d: fleet_device(cfg, d, params)) if fleet is not None else None)
+        if coord is not None:
+            accepted = coord.settle(r, {d: s for d, (_, s) in done.items()}, dropped)
+            good = [done[d][0] for d in accepted]
+            stats.extra = dict(coord.stats[r].record(), sim_clock_seconds=round(coord.clock.seconds, 3))
+        else:
+            good = [done[d][0] for d in devices if d in done]
+        current = fleet.global_adapter() if fleet is not None else shared
+        result = pipeline.aggregate(current, good, r)
+        if not result.skipped:
+            trail.observe(result.applied, good)
+            if fleet is not None:
+                fleet.after(result)
+            shared = fleet.global_adapter() if fleet is not None else result.state
+        stats.absorb(result, good)
+        records.append(record(r, shared, stats))
+    return records
