@@ -200,6 +200,10 @@ device_app.command("join")(device_join)
 app.add_typer(server_app, name="server")
 app.add_typer(certs_app, name="certs")
 
+from fedtune.cli_serve import serve_cmd  # noqa: E402
+
+app.command("serve")(serve_cmd)
+
 
 if __name__ == "__main__":
     app()
