@@ -81,6 +81,8 @@ class TrainConfig(_Section):
     torch_threads: int | None = Field(None, gt=0)
     # memory: reentrant activation checkpointing of the decoder layers (opacus-safe; ~1 extra forward)
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing: checkpoint only every n-th layer (1: all); less recompute, more memory
+    checkpoint_every_n_layers: int = Field(1, gt=0)
     # memory: fused loss over this many tokens at a time, never the full [tokens, vocab] logits (None: off)
     loss_chunk_tokens: int | None = Field(1024, gt=0)
 

@@ -30,6 +30,7 @@ from fedtune.packed.model import PackedModel, packed_lora
 from fedtune.packed.sampling import DeviceBatches
 from fedtune.privacy.dpsgd import resolve_noise
 from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.training.attention import training_attention
 from fedtune.types import AdapterState, ClientData, ClientTask, ClientUpdate
 
 
@@ -64,7 +65,8 @@ def _forward_backward(pm: PackedModel, x: torch.Tensor, dev: torch.Tensor, weigh
     losses = []
     for s in range(0, n, step):
         pm.batch.dev = dev[s:s + step]
-        loss = _per_sample_loss(pm.lm, x[s:s + step])  # [n_mb]
+        with training_attention(x.device):
+            loss = _per_sample_loss(pm.lm, x[s:s + step])  # [n_mb]
         (loss * weight[s:s + step]).sum().backward()
         losses.append(loss.detach())
     pm.batch.dev = None
