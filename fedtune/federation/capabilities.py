@@ -102,7 +102,8 @@ REFUSED: dict[frozenset, Refusal] = {
     frozenset(("fedsa-split", "fleet-flexlora")): _SPLIT_FLEXLORA,
     frozenset(("deployment", "fleet-zeropad")): _DEPLOY_FLEET, frozenset(("deployment", "fleet-flexlora")): _DEPLOY_FLEET,
     frozenset(("deployment", "packed")): _DEPLOY_PACKED,
-    frozenset(("secure-agg", "fleet-zeropad")): _SECURE_FLEET, frozenset(("secure-agg", "fleet-flexlora")): _SECURE_FLEET,
+    frozenset(("secure-agg", "fleet-zeropad")): _SECURE_FLEET,
+    frozenset(("secure-agg", "fleet-flexlora")): _SECURE_FLEET,
     frozenset(("secure-agg", "robust")): _SECURE_ROBUST, frozenset(("secure-agg", "deployment")): _SECURE_DEPLOY,
 }
 

@@ -172,3 +172,20 @@ def test_a_simulated_round_past_the_threshold_is_skipped_and_recorded(tmp_path):
     last = records[-1]
     assert last["round_skipped"] and last["secagg_aborted"] is True and last["aggregation"] == "secure_aggregation"
     assert last["secure_aggregation"] is False  # nothing trained through it: no claim on the adapter
+
+
+def test_an_odd_neighbour_count_is_refused_naming_the_field():
+    from fedtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="privacy.secure_aggregation.num_neighbours: must be even"):
+        config_from_dict({"privacy": {"secure_aggregation": {"enabled": True, "num_neighbours": 3}}})
+
+
+def test_secagg_plus_neighbours_give_the_same_sum():
+    current, replies = _replies(9)
+    cfg = config_from_dict({"privacy": {"secure_aggregation": {"enabled": True, "num_neighbours": 4}}})
+    secure = SecureAggregation(cfg.privacy.secure_aggregation, None, 20.0, Seeds.simulated(0))
+    cohort = secure.run(current, replies, 1)
+    assert cohort.report["protocol"] == "SecAgg+" and cohort.report["neighbours"] == 4
+    out = Pipeline(FedAvgRule()).aggregate_secure(current, metadata_only(replies), cohort, 1)
+    assert _close(out.state, Pipeline(FedAvgRule()).aggregate(current, replies, 1).state, 1e-3)
