@@ -58,12 +58,9 @@ def authorized_keys(path: Path | None) -> list[Path]:
 
 def prepare_data(cfg: ExperimentConfig, run: RunDir) -> None:
     """The server's own held-out evaluation set (the config's data), tokenized once."""
-    if (run.data / "index.json").is_file():
-        return
-    from fedtune.data import build_client_data, save_client_data
-    from fedtune.models import load_encoder
+    from fedtune.data.partition import ensure_client_data
 
-    save_client_data(build_client_data(cfg.data, load_encoder(cfg.model), cfg.seed), run.data)
+    ensure_client_data(cfg, run.data)
 
 
 def start_server(cfg: ExperimentConfig, run: RunDir, spec: SuperLinkSpec, *, keys: list[Path], min_nodes: int,

@@ -26,28 +26,16 @@ from fedtune.adapters import get_adapter_state
 from fedtune.adapters.split import initial_private, shared_part
 from fedtune.aggregation import UpdateRejected
 from fedtune.config import ExperimentConfig, dump_config
-from fedtune.federation.aggregate import Pipeline, UserLevelDP, build_rule
 from fedtune.federation.device_round import DeviceBudgetSpent, DeviceState, train_group, train_one
+from fedtune.federation.heldout import pooled_heldout
 from fedtune.federation.recorder import Recorder, RoundStats, new_trail
-from fedtune.federation.replies import ReplyLimits, accept_reply
-from fedtune.federation.sampler import create_sampler
-from fedtune.federation.seeds import Seeds
+from fedtune.federation.replies import accept_reply
+from fedtune.federation.server import build_server
 from fedtune.federation.task import plan_task
 from fedtune.types import ClientData
 from fedtune.workspace import RunDir
 
 log = logging.getLogger(__name__)
-
-
-def pooled_heldout(clients: list[ClientData], limit: int):
-    """Round-robin over users' held-out chunks, capped: a fixed, user-balanced evaluation set."""
-    import torch
-
-    chunks, depth = [], 0
-    while len(chunks) < limit and any(depth < c.heldout.shape[0] for c in clients):
-        chunks += [c.heldout[depth] for c in clients if depth < c.heldout.shape[0]]
-        depth += 1
-    return torch.stack(chunks[:limit])
 
 
 def _groups(members: list[int], size: int) -> list[list[int]]:
@@ -158,38 +146,21 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
     pack = cfg.simulation.packed_group_size if pack is None else pack
     dump_config(cfg, run.config)
     save_client_data(clients, run.data)
-    seeds = Seeds.simulated(cfg.seed)
     state = DeviceState.simulated(run.root / "state", cfg.seed)
     split = cfg.personalization.split
     full = initial if initial is not None else get_adapter_state(model)
     shared, private_init = shared_part(full, split), initial_private(full, split)
-    coord = fleet = None
-    if cfg.fleet.enabled:
-        from fedtune.adapters import adapter_bytes
-        from fedtune.federation.fleet import FleetCoordinator
+    params = cfg.fleet.simulated_params or sum(p.numel() for p in model.parameters())
+    setup = build_server(cfg, shared, users=len(clients), max_train=max(c.num_train for c in clients), params=params)
+    seeds, population, sampler, coord, limits = setup.seeds, setup.population, setup.sampler, setup.coord, setup.limits
+    pipeline = setup.pipeline(cfg.federation.min_clients)
+    user_dp = pipeline.user_dp
+    fleet = None
+    if coord is not None:
         from fedtune.federation.fleet_device import fleet_device
         from fedtune.federation.fleet_server import FleetServer
 
-        params = cfg.fleet.simulated_params or sum(p.numel() for p in model.parameters())
-        coord = FleetCoordinator(cfg, len(clients), params, adapter_bytes(shared) // cfg.adapter.rank, seeds)
-        population = coord.population
-        sampler = coord.sampler
-        fleet = FleetServer(shared, build_rule(cfg, shared), cfg.fleet.rank_aggregation)
-        rule = fleet.rule
-    else:
-        population = len(clients)
-        sampler = create_sampler(cfg, seeds, population)
-        rule = build_rule(cfg, shared)
-    user_dp = None
-    if cfg.privacy.user_level.enabled:
-        from fedtune.privacy.dp_fedavg import DPFedAvg, plan_user_level
-
-        plan = plan_user_level(cfg.privacy.user_level, population, cfg.federation.clients_per_round,
-                               cfg.federation.rounds)
-        user_dp = UserLevelDP(DPFedAvg(cfg.privacy.user_level, plan, population, seeds), sampler_kind=sampler.kind)
-    pipeline = Pipeline(rule, cfg.federation.min_clients, user_dp)
-    limits = ReplyLimits(min(cfg.validation.max_examples, max(c.num_train for c in clients)),
-                         cfg.validation.max_update_norm, cfg.validation.max_train_loss)
+        fleet = FleetServer(shared, setup.rule, cfg.fleet.rank_aggregation)
     trail = new_trail(cfg, seeds.mode, user_dp)
     recorder = Recorder(cfg, run, model, pooled_heldout(clients, cfg.train.eval_max_chunks), trail, private_init,
                         engine="in-process", checkpoint_state=lambda: {
@@ -202,7 +173,7 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
         return result.to_record()
 
     records = [record(0, shared, RoundStats())]
-    rounds = user_dp.dp.plan.rounds if user_dp else cfg.federation.rounds
+    rounds = setup.rounds
     model_for = _tier_models(cfg, model)
     for r in range(1, rounds + 1):
         stats = RoundStats()
