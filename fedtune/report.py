@@ -83,6 +83,17 @@ def write_fleet_plots(run: RunDir, records: list[dict]) -> Path | None:
     return out
 
 
+def privacy_lines(records: list[dict]) -> list[str]:
+    """What the run's last record says ran: the privacy label and the randomness of the seeds that ran
+    (``simulated``: reproducible from ``seed``; ``secret``: OS randomness), never the config's plan."""
+    if not records or "randomness" not in records[-1]:
+        return []
+    last = records[-1]
+    level, eps = last.get("privacy_level", "none"), last.get("epsilon")
+    label = level if eps is None else f"{level}-level, ε={eps:.3g}, δ={last.get('delta')}"
+    return [f"- privacy: {label}; randomness: {last['randomness']}"]
+
+
 def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
     lines = [
         f"# fedtune run: {cfg.name}",
@@ -92,6 +103,7 @@ def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
         f"- DP-SGD: {'on' if cfg.privacy.enabled else 'off'}"
         + (f" (δ={cfg.privacy.delta}, clip={cfg.privacy.max_grad_norm})" if cfg.privacy.enabled else ""),
         f"- wall time: {seconds:.0f} s",
+        *privacy_lines(records),
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -32,6 +32,7 @@ from fedtune.federation.recorder import Recorder, RoundStats, new_trail
 from fedtune.federation.replies import accept_reply
 from fedtune.federation.server import build_server
 from fedtune.federation.task import plan_task
+from fedtune.federation.virtual_device import ledger_key, partition_of
 from fedtune.types import ClientData
 from fedtune.workspace import RunDir
 
@@ -85,8 +86,8 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
                 continue
             group, plans, devs, fdevs = ([x[k] for k in keep] for x in (group, plans, devs, fdevs))
             model = model_for(plans[0])
-            datas = [clients[d % len(clients)] for d in devs]
-            keys = [c.user_id if d < len(clients) else f"device-{d}" for c, d in zip(datas, devs)]
+            datas = [clients[partition_of(d, len(clients))] for d in devs]
+            keys = [ledger_key(d, partition_of(d, len(clients)), c.user_id) for c, d in zip(datas, devs)]
             sent = [cohort.sent[j] for j in group]
             if pack > 1:
                 results = train_group(model, state, cfg, sent, datas, plans, keys, devs)
@@ -100,7 +101,7 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
                     stats.failed += 1
                     continue
                 stats.upload_bytes += _bytes(res.payload)
-                metrics = _metrics(cfg, res.update, d, plan.rank or cfg.adapter.rank, d % len(clients))
+                metrics = _metrics(cfg, res.update, d, plan.rank or cfg.adapter.rank, partition_of(d, len(clients)))
                 try:
                     reply = accept_reply(res.payload, metrics, sent=cohort.sent[j], reference=cohort.references[j],
                                          limits=limits, device=d)
@@ -194,7 +195,7 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
         if coord is not None:
             accepted = coord.settle(r, {d: s for d, (_, s) in done.items()}, dropped)
             good = [done[d][0] for d in accepted]
-            stats.extra = dict(coord.stats[r].record(), sim_clock_seconds=round(coord.clock.seconds, 3))
+            stats.extra = coord.round_record(r)
         else:
             good = [done[d][0] for d in devices if d in done]
         current = fleet.global_adapter() if fleet is not None else shared

@@ -88,9 +88,7 @@ class Recorder:
         stats = self.strategy.stats.get(server_round, RoundStats(started=self._t0))
         coord = getattr(self.strategy, "coord", None)
         if coord is not None:
-            fstats = coord.stats.get(server_round)
-            stats.extra = dict(fstats.record() if fstats else {"sim_round_seconds": 0.0},
-                               sim_clock_seconds=round(coord.clock.seconds, 3))
+            stats.extra = coord.round_record(server_round)
         result = self.engine.record(server_round, arrays_to_state(arrays), stats)
         self.published = maybe_publish(cfg, run, server_round, self.final_round) or self.published
         self.engine.checkpoint(server_round)

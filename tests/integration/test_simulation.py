@@ -72,6 +72,8 @@ def test_smoke_run_reports_progress_and_leaves_no_superlink(smoke_run):
     assert "round 1/2: training 4 clients" in stdout
     assert "held-out perplexity" in stdout
     assert (out / "report.md").is_file() and (out / "perplexity.png").is_file()
+    # the report names the label and the randomness of the seeds that ran (Seeds.simulated: no deployment)
+    assert "; randomness: simulated" in (out / "report.md").read_text()
     assert (out / "config.yaml").is_file()
     import psutil
 
