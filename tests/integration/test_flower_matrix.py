@@ -5,7 +5,7 @@ them through Flower, where the message translation (typed tasks, per-rank adapte
 deltas against what each device was sent, split private parts kept by the ClientApp) is what could break.
 One Flower run costs ~40 s here, so one run trains several features at once: every pair inside a feature
 set runs in it. ``COVER`` is computed from the capability table and holds every allowed pair (a test checks
-that); it runs under ``-m slow``. The default suite runs two sets (25 of the 40 pairs) chosen for what only
+that); it runs under ``-m slow``. The default suite runs two sets (22 of the 40 pairs) chosen for what only
 Flower exercises: user-level DP-FedAvg × sample-level DP × int8 × FedSA split × packed (``PackedGrid``, int8
 deltas, private parts), and a fleet (zero-pad, same-rank tiers) × median × FedSA split × packed × fp16 ×
 sample-level DP (per-rank messages, the coordinator's settling, packed tiers).
