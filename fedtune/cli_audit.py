@@ -34,6 +34,9 @@ def canary(
     config: Path = typer.Argument(..., help="experiment YAML (model, adapter, data, train, privacy, federation)"),
     set_: list[str] = typer.Option([], "--set", help="config override, e.g. train.lr=0.003"),
     dp: Optional[bool] = typer.Option(None, "--dp/--no-dp", help="DP-SGD on or off (default: privacy.enabled)"),
+    user_level: Optional[bool] = typer.Option(None, "--user-level/--no-user-level",
+                                              help="user-level DP-FedAvg on the server on or off "
+                                                   "(default: privacy.user_level.enabled)"),
     inserted: int = typer.Option(8, "--inserted", help="canaries inserted into the canary client"),
     held_out: int = typer.Option(8, "--held-out", help="canaries of the same format never inserted"),
     repeats: int = typer.Option(4, "--repeats", help="copies of each inserted canary"),
@@ -52,7 +55,8 @@ def canary(
     try:
         cfg = load_config(config, set_)
         audit = CanaryAuditConfig(n_digits=digits, n_inserted=inserted, n_held_out=held_out, repeats=repeats,
-                                  canary_client=client, n_candidates=candidates, rounds=rounds, dp=dp, seed=seed)
+                                  canary_client=client, n_candidates=candidates, rounds=rounds, dp=dp, seed=seed,
+                                  user_level=user_level)
     except (ConfigError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

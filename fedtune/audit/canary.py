@@ -56,6 +56,7 @@ class CanaryAuditConfig:
     n_candidates: int = 2000
     rounds: int | None = None  # None: federation.rounds
     dp: bool | None = None  # None: privacy.enabled
+    user_level: bool | None = None  # None: privacy.user_level.enabled (DP-FedAvg on the server)
     seed: int | None = None  # None: the experiment seed
     score_batch_size: int = 256
 
@@ -193,6 +194,10 @@ class CanaryAuditResult:
     eval_loss: float  # held-out loss of the released adapter (token-weighted over clients)
     wall_seconds: float
     settings: dict = field(default_factory=dict)  # audit settings, the canary client, the experiment config
+    user_level: bool = False  # DP-FedAvg ran on the server (Poisson cohorts, clipping, noise on the sum)
+    user_epsilon: float | None = None  # the run's user-level ε after all rounds (the server ledger's)
+    user_delta: float | None = None
+    user_noise_multiplier: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,6 +226,7 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
     start = time.perf_counter()
     seed = cfg.seed if audit.seed is None else audit.seed
     dp = cfg.privacy.enabled if audit.dp is None else audit.dp
+    user = cfg.privacy.user_level.enabled if audit.user_level is None else audit.user_level
     privacy = _privacy(cfg, dp)
     rounds = audit.rounds or cfg.federation.rounds
     if cfg.train.torch_threads:
@@ -242,9 +248,11 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
 
     base, _ = load_base_model(cfg.model)
     model = create_adapter(base, cfg.adapter, seed)
+    run_privacy = privacy if privacy is not None else cfg.privacy.model_copy(update={"enabled": False})
+    run_privacy = run_privacy.model_copy(update={
+        "user_level": cfg.privacy.user_level.model_copy(update={"enabled": user})})
     run_cfg = cfg.model_copy(update={
-        "seed": seed, "privacy": privacy if privacy is not None else cfg.privacy.model_copy(update={"enabled": False}),
-        "federation": cfg.federation.model_copy(update={"rounds": rounds})})
+        "seed": seed, "privacy": run_privacy, "federation": cfg.federation.model_copy(update={"rounds": rounds})})
     noise = None
 
     def _progress(r, user_id, update):
@@ -256,6 +264,7 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
         run = RunDir.create(tmp)
         records = run_inprocess(run_cfg, model, clients, run, progress=_progress)
         losses = [r["train_loss"] for r in records[1:]]
+        last = records[-1]
         target_id = clients[audit.canary_client].user_id
         ledger = LedgerStore(run.ledgers).load(target_id, cfg.privacy.accountant) if dp else None
     for r, loss in enumerate(losses, 1):
@@ -281,7 +290,7 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
     target = clients[audit.canary_client]
     epsilon = ledger.epsilon(cfg.privacy.delta) if ledger is not None and ledger.history else (0.0 if dp else None)
     settings = {
-        "audit": {**asdict(audit), "rounds": rounds, "dp": dp, "seed": seed},
+        "audit": {**asdict(audit), "rounds": len(losses), "dp": dp, "user_level": user, "seed": seed},
         "canary_client": {"index": audit.canary_client, "user_id": target.user_id,
                           "train_chunks": target.num_train, "canary_chunks": len(inserted) * audit.repeats},
         "clients": len(clients),
@@ -292,6 +301,9 @@ def run_canary_audit(cfg: ExperimentConfig, audit: CanaryAuditConfig = CanaryAud
         max_exposure=math.log2(results[0].n_candidates), whole_space=whole_space, dp=dp, epsilon=epsilon,
         delta=cfg.privacy.delta if dp else None, noise_multiplier=noise, train_loss=tuple(losses),
         eval_loss=_eval_loss(model, clients, cfg), wall_seconds=time.perf_counter() - start, settings=settings,
+        user_level=user, user_epsilon=last.get("epsilon") if user else None,
+        user_delta=last.get("delta") if user else None,
+        user_noise_multiplier=last.get("user_noise_multiplier") if user else None,
     )
 
 
@@ -302,8 +314,12 @@ def format_result(result: CanaryAuditResult, per_canary: bool = False) -> str:
     delta = "-" if result.delta is None else f"{result.delta:g}"
     noise = "" if result.noise_multiplier is None else f", noise multiplier {result.noise_multiplier:.3g}"
     space = "all" if result.whole_space else "random"
+    user = "user-level DP off"
+    if result.user_level:
+        user = (f"user-level DP on (ε={result.user_epsilon:.2f}, δ={result.user_delta:g}, "
+                f"noise multiplier {result.user_noise_multiplier:.3g})")
     lines = [
-        f"canary audit: DP {'on' if result.dp else 'off'} (ε={eps}, δ={delta}{noise}), "
+        f"canary audit: DP {'on' if result.dp else 'off'} (ε={eps}, δ={delta}{noise}), {user}, "
         f"{a.get('rounds', '?')} rounds, {a.get('repeats', '?')} copies per inserted canary",
         f"ranked among N={result.canaries[0].n_candidates} ({space}) secrets: exposure 0..{result.max_exposure:.2f} "
         "bits, ~1.44 when nothing is remembered",

@@ -7,6 +7,9 @@
         candidate = version in staged rollout to `rollout` % of devices (NULL when none)
         history   = JSON list of earlier `current` versions, newest last (what rollback returns to)
     events(...)   every publish / promote / rollback, for `fedtune registry list --events`
+    roots(version PK, envelope)                       signed root metadata, every version (devices walk the chain)
+    channel_meta(base_model_id, channel, version, envelope)
+        signed channel metadata, every version; the highest is what devices get (metadata.py)
 
 One connection per operation (the HTTP service runs requests on several threads); writes take
 ``BEGIN IMMEDIATE`` so two publishers never get the same version number.
@@ -41,6 +44,14 @@ CREATE TABLE IF NOT EXISTS channels (
     history TEXT NOT NULL DEFAULT '[]',
     updated_at REAL NOT NULL,
     PRIMARY KEY (base_model_id, channel)
+);
+CREATE TABLE IF NOT EXISTS roots (version INTEGER PRIMARY KEY, envelope BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS channel_meta (
+    base_model_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    PRIMARY KEY (base_model_id, channel, version)
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -182,6 +193,46 @@ class MetadataDB:
              json.dumps(list(state.history)), time.time()),
         )
         _log(con, action, state.base_model_id, state.channel, version, detail)
+
+    # --- signed metadata ------------------------------------------------------------------------
+    @staticmethod
+    def root_in(con: sqlite3.Connection, version: int | None = None) -> tuple[int, bytes] | None:
+        if version is None:
+            r = con.execute("SELECT version, envelope FROM roots ORDER BY version DESC LIMIT 1").fetchone()
+        else:
+            r = con.execute("SELECT version, envelope FROM roots WHERE version = ?", (version,)).fetchone()
+        return (r[0], bytes(r[1])) if r else None
+
+    def root(self, version: int | None = None) -> tuple[int, bytes] | None:
+        with self.connect() as con:
+            return self.root_in(con, version)
+
+    @staticmethod
+    def insert_root(con: sqlite3.Connection, version: int, envelope: bytes) -> None:
+        con.execute("INSERT INTO roots(version, envelope) VALUES (?, ?)", (version, envelope))
+        _log(con, "root", "-", None, version, "")
+
+    @staticmethod
+    def channel_meta_in(con: sqlite3.Connection, base_model_id: str, channel: str) -> tuple[int, bytes] | None:
+        r = con.execute("SELECT version, envelope FROM channel_meta WHERE base_model_id = ? AND channel = ? "
+                        "ORDER BY version DESC LIMIT 1", (base_model_id, channel)).fetchone()
+        return (r[0], bytes(r[1])) if r else None
+
+    def channel_meta(self, base_model_id: str, channel: str) -> tuple[int, bytes] | None:
+        with self.connect() as con:
+            return self.channel_meta_in(con, base_model_id, channel)
+
+    @staticmethod
+    def insert_channel_meta(con: sqlite3.Connection, base_model_id: str, channel: str, version: int,
+                            envelope: bytes) -> None:
+        con.execute("INSERT INTO channel_meta(base_model_id, channel, version, envelope) VALUES (?, ?, ?, ?)",
+                    (base_model_id, channel, version, envelope))
+
+    def all_channel_meta(self) -> list[tuple[str, str, int, bytes]]:
+        with self.connect() as con:
+            rows = con.execute("SELECT base_model_id, channel, version, envelope FROM channel_meta "
+                               "ORDER BY 1, 2, 3").fetchall()
+        return [(b, c, v, bytes(e)) for b, c, v, e in rows]
 
     def events(self, limit: int = 50) -> list[Event]:
         with self.connect() as con:

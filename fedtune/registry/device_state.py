@@ -3,6 +3,9 @@
     state_dir/
       device.json              {"device_id": ...}  (made once; the id decides the rollout bucket)
       pointer.json             {"active": 3, "previous": 2, "blocked": [4], "etag": "..."}
+      trust.json               the newest root this device verified, every release key it ever trusted, and per
+                               (base model, channel) the highest channel-metadata version it accepted
+      .lock                    flock(2): one pull / rollback at a time per state directory
       versions/<v>/            the adapter's files + manifest.signed.json
       staging/                 downloads in progress (swept at the start of every pull)
 
@@ -14,18 +17,25 @@ the sha256 of every file, so a version altered on disk is refused too.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 import uuid
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
-from fedtune.registry.errors import IntegrityError, ManifestError, NotFoundError
+from fedtune.registry.errors import DeadlineError, IntegrityError, ManifestError, NotFoundError
 from fedtune.registry.manifest import Manifest, SignedManifest, safe_relpath, sha256_file
-from fedtune.registry.signing import VerifyKey, verify_manifest
+from fedtune.registry.metadata import RELEASE_ROLE, RootMeta, anchor_root, public_from_b64, verify_manifest_by_root
+from fedtune.registry.signing import VerifyKey
+
+Anchor = VerifyKey | RootMeta  # what a device is provisioned with: the publisher's key, or a root metadata
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,28 @@ class Pointer:
     def to_json(self) -> str:
         return json.dumps({"active": self.active, "previous": self.previous, "blocked": list(self.blocked),
                            "etag": self.etag}, indent=1)
+
+
+@dataclass(frozen=True)
+class TrustState:
+    """What the device learned from verified metadata (never from unverified server answers)."""
+
+    root: dict[str, Any] | None = None  # the newest verified root's `signed` part
+    release_keys: dict[str, str] = field(default_factory=dict)  # every release key ever trusted: keyid -> b64
+    channels: dict[str, dict[str, Any]] = field(default_factory=dict)  # "base/channel" -> version, sha256, expires
+    anchor: str | None = None  # fingerprint of the anchor `root` and `release_keys` were verified from
+
+    def to_json(self) -> str:
+        return json.dumps({"root": self.root, "release_keys": self.release_keys, "channels": self.channels,
+                           "anchor": self.anchor}, indent=1)
+
+
+def anchor_fingerprint(anchor: "Anchor") -> str:
+    return hashlib.sha256(as_root(anchor).model_dump_json().encode()).hexdigest()
+
+
+def as_root(anchor: Anchor) -> RootMeta:
+    return anchor if isinstance(anchor, RootMeta) else anchor_root(anchor)
 
 
 @dataclass(frozen=True)
@@ -80,6 +112,65 @@ class DeviceState:
     def write_pointer(self, pointer: Pointer) -> None:
         _atomic_write(self.pointer_path, pointer.to_json())
 
+    # --- lock ------------------------------------------------------------------------------------
+    @contextmanager
+    def locked(self, timeout_s: float) -> Iterator[None]:
+        """Exclusive flock on ``.lock`` (released when the process dies); wait at most ``timeout_s``."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            end = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= end:
+                        raise DeadlineError(f"another pull or rollback holds {self.root / '.lock'} for more than "
+                                            f"{timeout_s:.0f} s; try again when it has finished") from None
+                    time.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    # --- trust -----------------------------------------------------------------------------------
+    @property
+    def trust_path(self) -> Path:
+        return self.root / "trust.json"
+
+    def trust(self) -> TrustState:
+        if not self.trust_path.is_file():
+            return TrustState()
+        raw = json.loads(self.trust_path.read_text())
+        return TrustState(raw.get("root"), dict(raw.get("release_keys", {})), dict(raw.get("channels", {})),
+                          raw.get("anchor"))
+
+    def trust_for(self, anchor: Anchor) -> TrustState:
+        """The trust state, minus the roots and keys learned from another anchor (a re-provisioned device)."""
+        t = self.trust()
+        if t.anchor != anchor_fingerprint(anchor):
+            return TrustState(None, {}, t.channels, anchor_fingerprint(anchor))
+        return t
+
+    def write_trust(self, trust: TrustState) -> None:
+        _atomic_write(self.trust_path, trust.to_json())
+
+    def trusted_root(self, anchor: Anchor) -> RootMeta:
+        """The newest root this device verified (walking from ``anchor``), else the anchor's."""
+        stored = self.trust_for(anchor).root
+        base = as_root(anchor)
+        if stored is not None:
+            root = RootMeta.model_validate(stored)
+            if root.version >= base.version:
+                return root
+        return base
+
+    def release_keys(self, anchor: Anchor) -> dict:
+        """Every release key this device ever trusted: checks an installed version's signature on use."""
+        keys = dict(as_root(anchor).role_keys(RELEASE_ROLE))
+        keys.update(self.trusted_root(anchor).role_keys(RELEASE_ROLE))
+        keys.update({k: public_from_b64(v) for k, v in self.trust_for(anchor).release_keys.items()})
+        return keys
+
     # --- versions --------------------------------------------------------------------------------
     def version_dir(self, version: int) -> Path:
         return self.root / "versions" / str(version)
@@ -87,7 +178,7 @@ class DeviceState:
     def installed(self) -> list[int]:
         return sorted(int(p.name) for p in (self.root / "versions").iterdir() if p.name.isdigit())
 
-    def verify_version(self, version: int, key: VerifyKey, expected: SignedManifest | None = None) -> Manifest:
+    def verify_version(self, version: int, key: Anchor, expected: SignedManifest | None = None) -> Manifest:
         """Signature + every file's size and sha256; raise (never return a partial answer)."""
         d = self.version_dir(version)
         if not (d / MANIFEST_FILE).is_file():
@@ -95,13 +186,14 @@ class DeviceState:
         signed = SignedManifest.from_bytes((d / MANIFEST_FILE).read_bytes())
         if expected is not None and signed != expected:
             raise ManifestError(f"installed v{version} has a different manifest than the server's")
-        manifest = verify_manifest(signed, key)
+        verify_manifest_by_root(signed, self.release_keys(key))
+        manifest = signed.manifest
         if manifest.version != version:
             raise ManifestError(f"{d} holds the manifest of v{manifest.version}, expected v{version}")
         verify_files(d, manifest)
         return manifest
 
-    def active(self, key: VerifyKey) -> tuple[Path, Manifest]:
+    def active(self, key: Anchor) -> tuple[Path, Manifest]:
         """The active adapter directory and its manifest, verified now (call before every use)."""
         p = self.pointer()
         if p.active is None:
@@ -137,9 +229,13 @@ class DeviceState:
         (staging / MANIFEST_FILE).write_bytes(signed.to_bytes())
         _fsync_tree(staging)
         final = self.version_dir(signed.manifest.version)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
+        if final.exists():  # a repair: move the bad copy aside first, so the swap is two renames
+            old = self.root / "staging" / f"replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, final)
         _fsync_dir(final.parent)
         return final
 

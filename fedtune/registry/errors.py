@@ -19,3 +19,20 @@ class IntegrityError(RegistryError):
 
 class NotFoundError(RegistryError):
     """An unknown version, channel or blob."""
+
+
+class InputError(RegistryError):
+    """Bad user input (a path, an option): the CLI answers with one line and exit code 2."""
+
+
+class ReplayError(RegistryError):
+    """Metadata older than (or conflicting with) what this device already saw, or meant for another
+    channel, base model or artifact: a replay or a mix-up, refused."""
+
+
+class ExpiredError(RegistryError):
+    """Signed metadata past its expiry: the registry stopped vouching for it (a frozen or stale server)."""
+
+
+class DeadlineError(RegistryError):
+    """A pull that did not finish within its overall deadline (a slow or trickling server)."""

@@ -3,6 +3,11 @@
 ``publish_run(run_dir, registry, key, round=None)`` is what a ServerApp calls at the end of a run (or
 every N rounds): it reads ``adapters/round-N/fedtune.json`` (adapter + base model config, privacy),
 the round's record in ``metrics.jsonl``, and the run's name from ``config.yaml``.
+
+What a manifest publishes about the data (issue 13): the privacy guarantee (level, ε, δ, mechanism,
+accountant, as recorded by the mechanisms that ran) and only the metrics a product team names in
+``metrics`` (``--metric``). Round statistics computed on users' data (train loss, update norms, clipped
+fractions, held-out loss) are not covered by the guarantee, so none of them is published by default.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -81,9 +87,22 @@ def _finite_numbers(record: dict) -> dict[str, float]:
     return out
 
 
+def allowed_metrics(available: dict[str, float], allow: Sequence[str]) -> dict[str, float]:
+    """The metrics named in ``allow``, each of which must exist; nothing else."""
+    missing = [k for k in allow if k not in available]
+    if missing:
+        raise ManifestError(f"--metric {', '.join(missing)}: not a numeric metric of this round; expected some "
+                            f"of {sorted(available) or 'none'}")
+    return {k: available[k] for k in allow}
+
+
 def artifact_info(adapter_dir: Path, run_name: str, metrics_record: dict | None = None,
-                  name: str | None = None, base: BaseModelRef | None = None) -> ArtifactInfo:
-    """Manifest metadata for an adapter directory written by ``fedtune.recording.save_adapter``."""
+                  name: str | None = None, base: BaseModelRef | None = None,
+                  metrics: Sequence[str] = ()) -> ArtifactInfo:
+    """Manifest metadata for an adapter directory written by ``fedtune.recording.save_adapter``.
+
+    ``metrics``: the explicit allow-list of metric names to publish (default: none).
+    """
     meta_path = Path(adapter_dir) / "fedtune.json"
     if not meta_path.is_file():
         raise ManifestError(f"{adapter_dir}: no fedtune.json (round, privacy, adapter and base model config); "
@@ -97,18 +116,19 @@ def artifact_info(adapter_dir: Path, run_name: str, metrics_record: dict | None 
                           num_virtual_tokens=None if lora else a.get("num_virtual_tokens"))
     privacy = PrivacyGuarantee(level=pv.get("level") or "none", epsilon=pv.get("epsilon"), delta=pv.get("delta"),
                                mechanism=pv.get("mechanism"), accountant=pv.get("accountant"))
-    metrics = _finite_numbers({"eval_loss": meta.get("eval_loss"), "eval_perplexity": meta.get("eval_perplexity")})
-    metrics.update(_finite_numbers(metrics_record or {}))
+    available = _finite_numbers({"eval_loss": meta.get("eval_loss"), "eval_perplexity": meta.get("eval_perplexity")})
+    available.update(_finite_numbers(metrics_record or {}))
     return ArtifactInfo(name=name or run_name,
                         base_model=base or base_model_ref(ModelConfig.model_validate(meta["base_model"])),
                         adapter=adapter, source=Provenance(run=run_name, round=int(meta["round"])),
-                        privacy=privacy, metrics=metrics)
+                        privacy=privacy, metrics=allowed_metrics(available, metrics))
 
 
 def publish_run(run_dir: Path, registry: Registry, key: SigningKey, round: int | None = None,
-                name: str | None = None) -> SignedManifest:
+                name: str | None = None, metrics: Sequence[str] = ()) -> SignedManifest:
     """Publish ``run_dir/adapters/round-N`` (the latest round when ``round`` is None); returns the signed manifest.
 
+    ``metrics`` names the round metrics a product team allows into the manifest (default: none).
     The new version is not visible to devices until it is promoted (``Registry.promote``).
     """
     from fedtune.workspace import RunDir, read_jsonl
@@ -122,6 +142,6 @@ def publish_run(run_dir: Path, registry: Registry, key: SigningKey, round: int |
     if run.config.is_file():
         run_name = (yaml.safe_load(run.config.read_text()) or {}).get("name") or run_name
     record = next((r for r in reversed(read_jsonl(run.metrics)) if r.get("round") == n), None)
-    signed = registry.publish(adapter_dir, artifact_info(adapter_dir, run_name, record, name=name), key)
+    signed = registry.publish(adapter_dir, artifact_info(adapter_dir, run_name, record, name=name, metrics=metrics), key)
     log.info("published %s round %d as v%d", run.root, n, signed.manifest.version)
     return signed

@@ -6,10 +6,15 @@
 
 1. ``publish``: hash + store every file of an adapter directory, assign the next version, build the
    manifest, sign it, record it. Nothing is visible to devices until it is promoted.
-2. ``promote(v, channel, rollout)``: 100% makes v the channel's `current`; less stages v as the
+2. ``promote(v, channel, rollout, keys)``: 100% makes v the channel's `current`; less stages v as the
    `candidate` for the devices whose rollout bucket is below the percentage (rollout.py).
-3. ``rollback``: abort a staged candidate, or else return `current` to the one before it.
-4. ``resolve(base, channel, device)``: the signed manifest this device should run, or None.
+3. ``rollback(..., keys)``: abort a staged candidate, or else return `current` to the one before it.
+4. Every promote / rollback / ``refresh`` writes new channel metadata (metadata.py): version + 1, signed
+   by the release keys, expiring after ``ttl_s``. Devices trust only that, never the server's answers.
+5. ``resolve(base, channel, device)``: the signed manifest this device should run, or None.
+
+The root of trust (``roots``) is made on the first publish from its key (threshold 1) and changed only by
+``rotate_root``, signed by a threshold of the old and of the new root keys.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 from fedtune.registry.db import ArtifactRow, ChannelState, Event, MetadataDB
-from fedtune.registry.errors import ManifestError, NotFoundError, RegistryError
+from fedtune.registry.errors import ManifestError, NotFoundError, RegistryError, SignatureError
 from fedtune.registry.manifest import (AdapterInfo, BaseModelRef, Manifest, PrivacyGuarantee, Provenance,
                                        SignedManifest, file_entries, now_iso)
+from fedtune.registry.metadata import (RELEASE_ROLE, ChannelMeta, ChannelTarget, RootMeta, expires_in, make_root,
+                                       next_root, root_from_json, sha256_hex, sign_document, verify_document)
 from fedtune.registry.rollout import choose_version
 from fedtune.registry.signing import SigningKey, VerifyKey, sign_manifest, verify_manifest
 from fedtune.registry.store import BlobStore, DirectoryBlobStore
@@ -32,6 +39,15 @@ from fedtune.registry.store import BlobStore, DirectoryBlobStore
 log = logging.getLogger(__name__)
 
 _CHANNEL = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+CHANNEL_TTL_S = 7 * 86400  # channel metadata expires a week after signing unless refreshed
+ROOT_TTL_S = 365 * 86400
+Keys = SigningKey | Sequence[SigningKey]
+
+
+def _keys(keys: Keys | None, action: str) -> list[SigningKey]:
+    if keys is None:
+        raise RegistryError(f"{action} is a signed act: pass the release signing key(s) (--key)")
+    return [keys] if isinstance(keys, SigningKey) else list(keys)
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,7 @@ class Registry:
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ManifestError(f"{adapter_dir}: expected a PEFT adapter directory with adapter_config.json "
                                 "(e.g. a run's adapters/round-N)")
+        self._check_release_key(key)
         files = file_entries(adapter_dir)
         for f in files:
             digest = self.store.put_file(adapter_dir / f.path)
@@ -113,7 +130,9 @@ class Registry:
         return self.store.open(digest)
 
     # --- rollout ----------------------------------------------------------------------------------
-    def promote(self, version: int, channel: str = "stable", rollout: float = 100.0) -> ChannelState:
+    def promote(self, version: int, channel: str = "stable", rollout: float = 100.0, keys: Keys | None = None,
+                ttl_s: float = CHANNEL_TTL_S) -> ChannelState:
+        signers = _keys(keys, "promote")
         check_channel(channel)
         if not 0 < rollout <= 100:
             raise RegistryError(f"rollout: expected a percentage in (0, 100], got {rollout}")
@@ -133,11 +152,17 @@ class Registry:
                 new = ChannelState(base, channel, s.current, version, rollout, s.history)
                 detail = f"{rollout:g}% (others stay on {f'v{s.current}' if s.current else 'nothing'})"
             self.db.write_channel(con, new, "promote", version, detail)
+            self._sign_channel(con, new, signers, ttl_s)
         log.info("promoted v%d on %s/%s: %s", version, base, channel, detail)
         return new
 
-    def rollback(self, base_model_id: str, channel: str = "stable") -> ChannelState:
-        """Abort the staged candidate if there is one; otherwise return `current` to its predecessor."""
+    def rollback(self, base_model_id: str, channel: str = "stable", keys: Keys | None = None,
+                 ttl_s: float = CHANNEL_TTL_S) -> ChannelState:
+        """Abort the staged candidate if there is one; otherwise return `current` to its predecessor.
+
+        Signed like a promotion: new channel metadata, a higher version, pointing to the older artifact.
+        """
+        signers = _keys(keys, "rollback")
         check_channel(channel)
         with self.db.transaction() as con:
             s = self.db.channel_in(con, base_model_id, channel)
@@ -152,7 +177,102 @@ class Registry:
                     f"nothing to roll back on {base_model_id}/{channel}: current="
                     f"{f'v{s.current}' if s.current else 'none'}, no staged version and no earlier version")
             self.db.write_channel(con, new, "rollback", version, detail)
+            self._sign_channel(con, new, signers, ttl_s)
         log.info("rollback on %s/%s: %s", base_model_id, channel, detail)
+        return new
+
+    def refresh(self, base_model_id: str, channel: str = "stable", keys: Keys | None = None,
+                ttl_s: float = CHANNEL_TTL_S) -> ChannelMeta:
+        """Re-sign a channel's metadata unchanged with version + 1 and a new expiry (run it before it expires)."""
+        signers = _keys(keys, "refresh")
+        with self.db.transaction() as con:
+            s = self.db.channel_in(con, base_model_id, check_channel(channel))
+            if s.current is None and s.candidate is None:
+                raise NotFoundError(f"nothing promoted on {base_model_id}/{channel}: nothing to refresh")
+            meta = self._sign_channel(con, s, signers, ttl_s)
+            self.db.write_channel(con, s, "refresh", s.current, f"metadata v{meta.version}, expires {meta.expires}")
+        return meta
+
+    # --- signed metadata --------------------------------------------------------------------------
+    def root_meta(self) -> RootMeta | None:
+        got = self.db.root()
+        return root_from_json(got[1]) if got else None
+
+    def root_envelope(self, version: int | None = None) -> bytes:
+        got = self.db.root(version)
+        if got is None:
+            raise NotFoundError(f"no root metadata {f'v{version}' if version else ''} in {self.root}")
+        return got[1]
+
+    def _check_release_key(self, key: SigningKey) -> RootMeta:
+        """The root (made now from ``key`` if this registry has none); ``key`` must be one of its release keys."""
+        with self.db.transaction() as con:
+            got = self.db.root_in(con)
+            if got is None:
+                vk = VerifyKey(key.public)
+                root = make_root(1, [vk], 1, [vk], 1, ROOT_TTL_S)
+                self.db.insert_root(con, 1, sign_document(root, [key]))
+                log.info("made root v1 of %s: key %s, threshold 1", self.root, key.key_id)
+                return root
+        root = root_from_json(got[1])
+        if key.key_id not in root.roles[RELEASE_ROLE].keyids:
+            raise SignatureError(f"key {key.key_id} is not a release key of this registry (root v{root.version}: "
+                                 f"{list(root.roles[RELEASE_ROLE].keyids)}); sign with one of those, or rotate "
+                                 "the root (`fedtune registry rotate`)")
+        return root
+
+    def _sign_channel(self, con, s: ChannelState, signers: list[SigningKey], ttl_s: float) -> ChannelMeta:
+        got = self.db.root_in(con)
+        if got is None:
+            raise RegistryError(f"{self.root} has no root metadata yet; publish a version first")
+        root = root_from_json(got[1])
+        prev = self.db.channel_meta_in(con, s.base_model_id, s.channel)
+        meta = ChannelMeta(version=(prev[0] if prev else 0) + 1, expires=expires_in(ttl_s), base_model=s.base_model_id,
+                           channel=s.channel, current=self._target(con, s.current),
+                           candidate=self._target(con, s.candidate), rollout=s.rollout if s.candidate else 0.0,
+                           rollout_salt=self.rollout_salt)
+        envelope = sign_document(meta, signers)
+        verify_document(envelope, root, RELEASE_ROLE, ChannelMeta,  # never store what a device would refuse
+                        f"channel metadata {s.base_model_id}/{s.channel} v{meta.version}")
+        self.db.insert_channel_meta(con, s.base_model_id, s.channel, meta.version, envelope)
+        return meta
+
+    @staticmethod
+    def _target(con, version: int | None) -> ChannelTarget | None:
+        if version is None:
+            return None
+        name, envelope = con.execute("SELECT name, envelope FROM artifacts WHERE version = ?", (version,)).fetchone()
+        return ChannelTarget(name=name, version=version, manifest_sha256=sha256_hex(bytes(envelope)),
+                             manifest_size=len(envelope))
+
+    def channel_envelope(self, base_model_id: str, channel: str) -> bytes | None:
+        got = self.db.channel_meta(base_model_id, channel)
+        return got[1] if got else None
+
+    def promoted_versions(self) -> set[int]:
+        """Versions some channel serves now (current or staged): the only ones the service shows."""
+        return {v for c in self.db.channels() for v in (c.current, c.candidate) if v is not None}
+
+    def rotate_root(self, signers: Sequence[SigningKey], root_keys: Sequence[VerifyKey], root_threshold: int,
+                    release_keys: Sequence[VerifyKey], release_threshold: int, ttl_s: float = ROOT_TTL_S) -> RootMeta:
+        """Root v+1 with new keys/thresholds, signed by ``signers`` (a threshold of the old and the new root keys).
+
+        Channel metadata signed by release keys the new root drops stops verifying on devices: re-sign every
+        channel (``refresh``) with the new release keys right after.
+        """
+        with self.db.transaction() as con:
+            got = self.db.root_in(con)
+            if got is None:
+                raise RegistryError(f"{self.root} has no root yet; publish a version first (it makes root v1)")
+            old = root_from_json(got[1])
+            try:
+                new = make_root(old.version + 1, root_keys, root_threshold, release_keys, release_threshold, ttl_s)
+            except ValueError as err:
+                raise RegistryError(f"new root: {err}") from None
+            envelope = sign_document(new, list(signers))
+            next_root(old, envelope)  # a threshold of the old and of the new root keys, or raise
+            self.db.insert_root(con, new.version, envelope)
+        log.info("rotated root to v%d", new.version)
         return new
 
     def resolve(self, base_model_id: str, channel: str, device_id: str) -> ArtifactRow | None:

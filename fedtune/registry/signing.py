@@ -13,8 +13,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -52,33 +53,63 @@ class VerifyKey:
 
 
 def generate_keypair(private_path: Path, public_path: Path | None = None, overwrite: bool = False) -> SigningKey:
-    """Write a new key pair: ``private_path`` (0600) and ``public_path`` (default: same name + .pub)."""
+    """Write a new key pair: ``private_path`` (0600) and ``public_path`` (default: same name + .pub).
+
+    Every check happens before the key exists. Each file is written to a new temp file created with
+    its final mode (O_EXCL, 0600 for the private key) and renamed over the target, so ``overwrite``
+    never inherits an old file's permissions. The PEM bytes are never bound to a name here, so a
+    traceback that shows locals cannot show them.
+    """
+    from fedtune.registry.errors import InputError
+
     private_path = Path(private_path)
     public_path = Path(public_path) if public_path else private_path.with_suffix(".pub")
     for p in (private_path, public_path):
+        if p.is_dir():
+            raise InputError(f"{p} is a directory; pass a file path for the key (e.g. --out {p / 'signing.key'})")
         if p.exists() and not overwrite:
             raise FileExistsError(f"{p} exists; refusing to overwrite a key (pass overwrite=True / --force)")
+        if p.parent.exists() and not p.parent.is_dir():
+            raise InputError(f"{p.parent} is a file, not a directory; choose another --out")
     private_path.parent.mkdir(parents=True, exist_ok=True)
+    public_path.parent.mkdir(parents=True, exist_ok=True)
     key = SigningKey(Ed25519PrivateKey.generate())
-    pem = key.private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    public_path.write_bytes(
-        key.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
+    _write_new(private_path, 0o600, lambda: key.private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_new(public_path, 0o644, lambda: key.public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     log.info("wrote signing key %s (key id %s) and public key %s", private_path, key.key_id, public_path)
     return key
 
 
-def load_signing_key(path: Path) -> SigningKey:
-    data = Path(path).read_bytes()
+def _write_new(path: Path, mode: int, content: Callable[[], bytes]) -> None:
+    """Create a temp file with ``mode`` (O_EXCL: never an existing file), write, fsync, rename over ``path``.
+
+    ``content`` is called inside ``os.write(...)``: the bytes live only on the evaluation stack, in no frame's locals.
+    """
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        private = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as err:
-        raise SignatureError(f"{path}: not an unencrypted PEM private key ({err}); "
+        os.fchmod(fd, mode)  # whatever the umask
+        os.write(fd, content())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    if Path(path).is_dir():
+        from fedtune.registry.errors import InputError
+
+        raise InputError(f"{path} is a directory; pass the private key file `fedtune registry keygen` wrote")
+    try:  # the PEM bytes are never bound to a local name (tracebacks that show locals cannot show them)
+        private = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise SignatureError(f"{path}: not an unencrypted PEM private key; "
                              "make one with `fedtune registry keygen`") from None
     if not isinstance(private, Ed25519PrivateKey):
         raise SignatureError(f"{path}: expected an ed25519 private key, got {type(private).__name__}")

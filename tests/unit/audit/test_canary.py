@@ -144,3 +144,36 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
     assert data["settings"]["audit"]["repeats"] == 2 and data["settings"]["experiment"]["train"]["local_steps"] == 3
     bad = CliRunner().invoke(audit_app, ["canary", str(path), "--candidates", "1"])
     assert bad.exit_code == 2 and "n_candidates" in bad.output
+
+
+def test_user_level_dp_runs_dp_fedavg_and_reports_the_server_ledgers_epsilon():
+    from fedtune.privacy import user_level_epsilon
+
+    cfg = make_config(**{**SECTIONS, "data": {**SECTIONS["data"], "synthetic_users": 6},
+                         "train": {**SECTIONS["train"], "local_steps": 2},
+                         "federation": {"rounds": 3, "clients_per_round": 3, "min_clients": 1}},
+                      privacy={"enabled": False, "user_level": {"enabled": True, "noise_multiplier": 1.5,
+                                                                "clip_norm": 0.1, "delta": 1e-3,
+                                                                "epsilon_budget": 2.2}})
+    result = run_canary_audit(cfg, AUDIT)
+    assert result.user_level and not result.dp and result.epsilon is None
+    rounds = result.settings["audit"]["rounds"]
+    assert rounds == 2  # the budget cut the rounds: q = 3/6, sigma = 1.5: eps 2.06 after 2, 2.50 after 3
+    assert result.user_epsilon == pytest.approx(user_level_epsilon(1.5, 0.5, rounds, 1e-3))
+    assert result.user_epsilon <= 2.2
+    assert result.user_delta == 1e-3 and result.user_noise_multiplier == 1.5
+    assert len(result.train_loss) == rounds
+    off = run_canary_audit(cfg, replace(AUDIT, user_level=False, rounds=1))
+    assert not off.user_level and off.user_epsilon is None
+
+
+def test_cli_user_level_flag_reaches_the_server_plan(tmp_path):
+    cfg = make_config(**{**SECTIONS, "federation": {"rounds": 1, "clients_per_round": 2, "min_clients": 1}},
+                      privacy={"enabled": False, "user_level": {"enabled": False, "noise_multiplier": 0.1,
+                                                                "epsilon_budget": 0.01}})
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    # user-level DP is off in the config; the flag turns it on, and its plan refuses a budget no round fits
+    result = CliRunner().invoke(audit_app, ["canary", str(path), "--no-dp", "--user-level", "--candidates", "50",
+                                            "--digits", "3", "--inserted", "2", "--held-out", "2"])
+    assert result.exit_code == 1 and "not even one round fits" in result.output, result.output

@@ -20,7 +20,7 @@ def test_publish_run_records_everything_the_manifest_promises(registry, keys, ru
     assert m.base_model == base_model_ref(make_config().model) and m.base_model.id == "tiny-llama"
     assert (m.adapter.method, m.adapter.rank, m.adapter.alpha) == ("lora", 4, 8.0)
     assert m.privacy.level == "sample" and m.privacy.epsilon == 5.0 and m.privacy.delta == 1e-5
-    assert m.metrics["eval_loss"] == 3.5 and m.metrics["clients_succeeded"] == 3.0
+    assert m.metrics == {}  # nothing computed on users' data is published unless allowed (issue 13)
     assert m.created_at.endswith("+00:00")
     adapter_dir = runs[0] / "adapters" / "round-2"
     assert {f.path for f in m.files} == {p.name for p in adapter_dir.iterdir()}
@@ -43,32 +43,32 @@ def test_promote_stage_and_rollback(registry, keys, runs):
     for r in (1, 2):
         publish_run(runs[0], registry, key, round=r)
     publish_run(runs[1], registry, key)
-    s = registry.promote(1)
+    s = registry.promote(1, keys=key)
     assert (s.current, s.candidate, s.history) == (1, None, ())
-    s = registry.promote(2, rollout=10)
+    s = registry.promote(2, rollout=10, keys=key)
     assert (s.current, s.candidate, s.rollout) == (1, 2, 10.0)
-    s = registry.rollback("tiny-llama")  # aborts the staged candidate
+    s = registry.rollback("tiny-llama", keys=key)  # aborts the staged candidate
     assert (s.current, s.candidate) == (1, None)
-    registry.promote(2, rollout=50)
-    s = registry.promote(2, rollout=100)
+    registry.promote(2, rollout=50, keys=key)
+    s = registry.promote(2, rollout=100, keys=key)
     assert (s.current, s.candidate, s.history) == (2, None, (1,))
-    s = registry.promote(3)
+    s = registry.promote(3, keys=key)
     assert (s.current, s.history) == (3, (1, 2))
-    assert registry.rollback("tiny-llama").current == 2
-    assert registry.rollback("tiny-llama").current == 1
+    assert registry.rollback("tiny-llama", keys=key).current == 2
+    assert registry.rollback("tiny-llama", keys=key).current == 1
     with pytest.raises(RegistryError, match="nothing to roll back"):
-        registry.rollback("tiny-llama")
+        registry.rollback("tiny-llama", keys=key)
     with pytest.raises(RegistryError, match="already on stable for every device"):
-        registry.promote(1, rollout=10)
+        registry.promote(1, rollout=10, keys=key)
     with pytest.raises(NotFoundError, match=r"no version 9 .*versions: \[1, 2, 3\]"):
-        registry.promote(9)
+        registry.promote(9, keys=key)
     with pytest.raises(RegistryError, match="channel 'Bad Channel'"):
-        registry.promote(1, channel="Bad Channel")
+        registry.promote(1, channel="Bad Channel", keys=key)
     channels = {(c.base_model_id, c.channel): c.current for c in registry.channels()}
     assert channels == {("tiny-llama", "stable"): 1}
     assert [e.action for e in registry.events()][:3] == ["rollback", "rollback", "promote"]
     # channels are independent
-    registry.promote(3, channel="beta")
+    registry.promote(3, channel="beta", keys=key)
     assert registry.channel("tiny-llama", "beta").current == 3 and registry.channel("tiny-llama", "stable").current == 1
 
 
@@ -127,3 +127,14 @@ def test_registry_imports_neither_flwr_nor_torch():
             "print(sorted(m for m in ('flwr', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_manifests_publish_only_allowed_metrics(registry, keys, runs):
+    from fedtune.registry import ManifestError
+
+    key, verify = keys
+    m = publish_run(runs[0], registry, key, round=1, metrics=["eval_loss"]).manifest
+    assert m.metrics == {"eval_loss": 2.5}  # not train_loss, clients, upload bytes...
+    assert (m.privacy.epsilon, m.privacy.delta) == (2.5, 1e-5)  # the guarantee itself is always there
+    with pytest.raises(ManifestError, match="--metric update_norm: .*expected some of .*eval_loss"):
+        publish_run(runs[0], registry, key, round=1, metrics=["update_norm"])

@@ -27,8 +27,8 @@ def test_registry_resolves_ten_percent_to_the_candidate(registry, keys, runs):
     key, _ = keys
     v1 = publish_run(runs[0], registry, key, round=1).manifest.version
     v2 = publish_run(runs[0], registry, key, round=2).manifest.version
-    registry.promote(v1, "stable", 100)
-    registry.promote(v2, "stable", 10)
+    registry.promote(v1, "stable", 100, keys=key)
+    registry.promote(v2, "stable", 10, keys=key)
 
     def who_gets(version):
         s = registry.channel("tiny-llama", "stable")  # what resolve() reads per request, read once here
@@ -43,7 +43,7 @@ def test_registry_resolves_ten_percent_to_the_candidate(registry, keys, runs):
         assert registry.resolve("tiny-llama", "stable", d).version == (v2 if d in first else v1)
     # the salt is version-independent: a third version at 10% reaches the same devices
     v3 = publish_run(runs[1], registry, key).manifest.version
-    registry.promote(v3, "stable", 10)
+    registry.promote(v3, "stable", 10, keys=key)
     assert who_gets(v3) == first
 
 
