@@ -165,7 +165,8 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     final = setup.rounds
     if (event := budget_event(cfg, setup)) is not None:
         ctx.run.append_event(event)
-    recorder = Recorder(ctx, strategy, model, info, heldout_from_disk(ctx.run.data, len(index), cfg.train.eval_max_chunks),
+    heldout = heldout_from_disk(ctx.run.data, len(index), cfg.train.eval_max_chunks)
+    recorder = Recorder(ctx, strategy, model, info, heldout,
                         n_clients=setup.population, final_round=final, last_round=done if checkpoint else -1,
                         private_init=initial_private(full, split))
     recorder.published = checkpoint.get("registry") if checkpoint else None

@@ -68,7 +68,8 @@ def assert_labelled_by_what_ran(last: dict, meta: dict, features, cfg) -> None:
     ran = last["aggregation"]
     assert (ran == "user_level_dp") == ("user-dp" in features)
     fleet = next((p.split("-")[1] for p in features if p.startswith("fleet-")), None)
-    assert ran == ("user_level_dp" if "user-dp" in features else "median" if "robust" in features else fleet or "fedavg")
+    assert ran == ("user_level_dp" if "user-dp" in features else
+                   "median" if "robust" in features else fleet or "fedavg")
     if fleet:
         assert last["sim_round_seconds"] > 0 and "tiers" in last
     assert last["privacy_level"] == expected
