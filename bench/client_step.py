@@ -10,8 +10,11 @@ measured side by side in one process.
 - ``--mode plain``: the model's own loss, no checkpointing (what a plain peft + opacus script does);
   ``fused``: the fused chunked loss (``--loss-chunk`` tokens; fedtune's default ``train`` config);
   ``efficient``: the fused loss and reentrant checkpointing (``train.gradient_checkpointing=true``).
+  ``efficientN``: the same, checkpointing only every N-th decoder layer (selective checkpointing).
 - ``--impl fedtune``: ``fedtune.training.train_local``; ``bare``: ``bench/bare_loop.py``, a bare
-  peft + opacus loop doing the same work (plain mode only).
+  peft + opacus loop doing the same work (plain mode only); ``bare-ghost``: the same loop with opacus'
+  ghost clipping (``grad_sample_mode="ghost"``; DP only).
+- ``--profile FILE``: one extra call per configuration under torch.profiler; its top operators go to FILE.
 
     python bench/client_step.py --shape smollm2 --quant none,int8,nf4 --dp off,on          # CPU
     python bench/client_step.py --shape smollm2 --quant nf4 --dp off,on --impl fedtune,bare --mode plain
@@ -67,9 +70,8 @@ def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl:
         "privacy": {"enabled": dp, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
     })
     device = args.device
-    if mode not in ("plain", "fused", "efficient"):
-        raise SystemExit(f"--mode: expected plain, fused or efficient, got {mode!r}")
-    chunk = args.loss_chunk if mode in ("fused", "efficient") else None
+    every = _every_n(mode)
+    chunk = args.loss_chunk if mode != "plain" else None
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -88,15 +90,21 @@ def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl:
     times = []
     for rep in range(args.repeats + 1):
         task = ClientTask(server_round=rep + 1, local_steps=args.steps, batch_size=args.batch, lr=1e-3, seed=rep)
+
+        def call():
+            if impl.startswith("bare"):
+                return bare_train(model, data.train, args.steps, args.batch, 1e-3, dp, seed=rep,
+                                  ghost=impl == "bare-ghost")
+            return train_local(model, state, data, task, cfg.privacy, ledger if dp else None,
+                               loss_chunk_tokens=chunk, gradient_checkpointing=every > 0,
+                               checkpoint_every_n_layers=max(every, 1)).tokens
+
+        if rep == 1 and args.profile:  # one extra, profiled call (not timed)
+            _profile(call, f"{shape} {quant} dp={dp} {mode} {impl}", args.profile, device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        if impl == "bare":
-            tokens = bare_train(model, data.train, args.steps, args.batch, 1e-3, dp, seed=rep)
-        else:
-            update = train_local(model, state, data, task, cfg.privacy, ledger if dp else None,
-                                 loss_chunk_tokens=chunk, gradient_checkpointing=mode == "efficient")
-            tokens = update.tokens
+        tokens = call()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if rep > 0:  # the first run warms up kernels and allocators
@@ -110,7 +118,7 @@ def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl:
         "tokens_per_s": round(args.batch * args.seq / step, 1), "tokens_per_step_last": tokens_per_step,
         "base_mib": round(info["base_bytes"] / 2**20, 1), "base_dense_mib": round(info["base_bytes_dense"] / 2**20, 1),
         "adapter_kib": round(sum(t.numel() * 4 for t in state.values()) / 1024, 1),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "sdpa": args.sdpa,
     }
     if device.startswith("cuda"):
         out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -125,6 +133,33 @@ def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl:
     return out
 
 
+def _every_n(mode: str) -> int:
+    """0: no checkpointing (plain, fused); n: every n-th layer (efficient = efficient1, efficient2, ...)."""
+    if mode in ("plain", "fused"):
+        return 0
+    if mode.startswith("efficient") and (mode[9:] == "" or mode[9:].isdigit()):
+        return int(mode[9:] or 1)
+    raise SystemExit(f"--mode: expected plain, fused, efficient or efficientN (checkpoint every N-th layer), "
+                     f"got {mode!r}")
+
+
+def _profile(call, title: str, path: str, device: str) -> None:
+    """Append torch.profiler's top operators of one call (by device time, then by CPU time) to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        call()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    avg = prof.key_averages()
+    with open(path, "a") as f:
+        f.write(f"\n===== {title} =====\n")
+        if device.startswith("cuda"):
+            f.write(avg.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+
+
 def ratios(results: list[dict]) -> list[dict]:
     """DP overhead and framework overhead from configurations measured in this run."""
     by = {(r["quant"], r["dp"], r["mode"], r["impl"]): r for r in results}
@@ -134,8 +169,12 @@ def ratios(results: list[dict]) -> list[dict]:
             out.append({"ratio": "dp_overhead", "quant": q, "mode": mode, "impl": impl,
                         "value": round(r["step_s_median"] / by[(q, False, mode, impl)]["step_s_median"], 3)})
         if impl == "fedtune" and (q, dp, "plain", "bare") in by:
+            bare = by[(q, dp, "plain", "bare")]
             out.append({"ratio": "framework_overhead", "quant": q, "dp": dp, "mode": mode,
-                        "value": round(r["step_s_median"] / by[(q, dp, "plain", "bare")]["step_s_median"] - 1, 3)})
+                        "value": round(r["step_s_median"] / bare["step_s_median"] - 1, 3)})
+            out.append({"ratio": "tokens_per_s_vs_bare", "quant": q, "dp": dp, "mode": mode,
+                        "value": round(r["tokens_per_s"] / bare["tokens_per_s"], 3),
+                        "peak_gib": r.get("peak_gpu_gib"), "bare_peak_gib": bare.get("peak_gpu_gib")})
         if mode != "plain" and (q, dp, "plain", impl) in by:
             p = by[(q, dp, "plain", impl)]
             out.append({"ratio": f"{mode}_vs_plain_tokens_per_s", "quant": q, "dp": dp, "impl": impl,
@@ -155,16 +194,21 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--mode", default="plain", help="plain,fused,efficient")
-    p.add_argument("--impl", default="fedtune", help="fedtune,bare")
+    p.add_argument("--impl", default="fedtune", help="fedtune,bare,bare-ghost (opacus' ghost clipping)")
+    p.add_argument("--profile", default=None, help="append a torch.profiler table of each configuration here")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the fused loss (efficient)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--sdpa", default="auto", choices=["auto", "no-cudnn"],
+                   help="no-cudnn: keep SDPA off cuDNN attention (its ~1-2 ms of CPU a call bounds small steps)")
     args = p.parse_args()
+    if args.sdpa == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     args.targets = ALL_LINEARS if args.targets == "all" else args.targets.split(",")
     results = []
     combos = itertools.product(args.quant.split(","), args.dp.split(","), args.mode.split(","), args.impl.split(","))
     for quant, dp, mode, impl in combos:
-        if impl == "bare" and mode != "plain":
+        if impl.startswith("bare") and (mode != "plain" or (impl == "bare-ghost" and dp != "on")):
             continue
         try:
             r = bench_one(args.shape, quant, dp == "on", args, mode, impl)

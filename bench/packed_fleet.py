@@ -122,6 +122,20 @@ def bench_quant(quant: str, args) -> list[dict]:
                     "peak_gpu_gib": _peak(device)})
     print(json.dumps(results[-1]), flush=True)
     for k in args.devices:
+        if args.bare:  # one bare non-private peft model at the same total batch: the GPU-speed reference
+            from bench.bare_loop import bare_train
+
+            _peak_reset(device)
+            train = torch.cat([d.train for d in datas[:k]])  # [k * n, T]
+            bare_train(model, train, 1, k * args.batch, 1e-3, False, seed=0)
+            times = [_timed(lambda: bare_train(model, train, args.steps, k * args.batch, 1e-3, False, seed=r),
+                            device) / args.steps for r in range(args.repeats)]
+            bare_tps = k * args.batch * args.seq / statistics.median(times)
+            results.append({"mode": "bare-nonprivate", "quant": quant, "devices": k, "dp": False,
+                            "client_steps_per_s": round(k / statistics.median(times), 2),
+                            "tokens_per_s": round(bare_tps, 1), "step_s_all": [round(x, 4) for x in times],
+                            "peak_gpu_gib": _peak(device)})
+            print(json.dumps(results[-1]), flush=True)
         _peak_reset(device)
         times, packed_updates = [], None
         for rep in range(args.repeats + 1):
@@ -132,6 +146,10 @@ def bench_quant(quant: str, args) -> list[dict]:
                 packed_updates = train_packed(model, states[:k], datas[:k], ts, cfg.privacy, led,
                                               micro_batch=args.micro_batch)
 
+            if rep == 1 and args.profile:
+                from bench.client_step import _profile
+
+                _profile(run_packed, f"packed K={k} {quant} dp={dp}", args.profile, device)
             t = _timed(run_packed, device)
             if rep > 0:
                 times.append(t)
@@ -139,6 +157,10 @@ def bench_quant(quant: str, args) -> list[dict]:
         row = {"mode": "packed", "quant": quant, "devices": k, "dp": dp, "client_steps_per_s": round(rate, 2),
                "speedup_vs_one_at_a_time": round(rate / solo_rate, 2), "round_s_all": [round(x, 3) for x in times],
                "peak_gpu_gib": _peak(device)}
+        row["tokens_per_s"] = round(rate * args.batch * args.seq, 1)  # expected batch x T per client-step
+        bare = [r for r in results if r["mode"] == "bare-nonprivate" and r["devices"] == k]
+        if bare:
+            row["tokens_per_s_vs_bare_nonprivate"] = round(row["tokens_per_s"] / bare[0]["tokens_per_s"], 3)
         if args.check:  # the last repeat's seeds are the same on both sides
             row.update(_compare(packed_updates, solo_updates, states, min(k, solo_k)))
         results.append(row)
@@ -163,21 +185,27 @@ def main() -> None:
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per packed forward/backward")
     p.add_argument("--check", action="store_true")
+    p.add_argument("--bare", action="store_true", help="also time one bare non-private model at batch K x batch")
+    p.add_argument("--profile", default=None, help="append a torch.profiler table of one packed round here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--sdpa", default="auto", choices=["auto", "no-cudnn"],
+                   help="no-cudnn: keep SDPA off cuDNN attention (its ~1-2 ms of CPU a call bounds small steps)")
     args = p.parse_args()
+    if args.sdpa == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     args.targets = args.targets.split(",")
     args.devices = [int(x) for x in args.devices.split(",")]
     results = []
     for quant in args.quant.split(","):
         results += bench_quant(quant, args)
     if args.device.startswith("cuda"):
-        env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+        env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "sdpa": args.sdpa}
     else:
         env = {"threads": torch.get_num_threads(), "torch": torch.__version__}
-    print(f"\n{env}\n{'mode':>14} {'quant':>5} {'K':>4} {'client-steps/s':>15} {'x solo':>7} {'peak GiB':>9} {'rel diff':>10}")
+    print(f"\n{env}\n{'mode':>15} {'quant':>5} {'K':>4} {'client-steps/s':>15} {'x solo':>7} {'peak GiB':>9} {'rel diff':>10}")
     for r in results:
-        print(f"{r['mode']:>14} {r['quant']:>5} {r['devices']:>4} {r['client_steps_per_s']:>15} "
+        print(f"{r['mode']:>15} {r['quant']:>5} {r['devices']:>4} {r['client_steps_per_s']:>15} "
               f"{r.get('speedup_vs_one_at_a_time', 1.0):>7} {str(r['peak_gpu_gib']):>9} "
               f"{round(r.get('rel_l2_diff_vs_update', 0.0), 6):>10}")
     if args.json:

@@ -13,11 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.config import ConfigError, dump_config, load_config, with_absolute_paths
+from fedtune.cli_errors import new_app
+from fedtune.config import dump_config, load_config, with_absolute_paths
+from fedtune.errors import UserError
 from fedtune.report import COLUMNS, fmt
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="fedtune: federated DP fine-tuning of quantized language models through Flower.")
+app = new_app(help="fedtune: federated DP fine-tuning of quantized language models through Flower.")
 console = Console(highlight=False, width=None if os.isatty(1) else 120, soft_wrap=not os.isatty(1))
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
@@ -27,11 +28,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FLWR_TELEMET
 
 
 def _load_or_exit(config: Path, overrides: list[str]):
-    try:
-        return load_config(config, overrides)
-    except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+    return load_config(config, overrides)  # a ConfigError reaches the top-level handler: exit 2
 
 
 @app.command()
@@ -95,6 +92,19 @@ class _Progress:
             self.n_events += 1
 
 
+def _check_context(cfg, model_dir) -> None:
+    """data.seq_len must fit the base model's context (the tiny model's is checked with the config)."""
+    import json
+
+    config = Path(model_dir) / "config.json"
+    if cfg.model.source == "tiny" or not config.is_file():
+        return
+    limit = json.loads(config.read_text()).get("max_position_embeddings")
+    if isinstance(limit, int) and cfg.data.seq_len > limit:
+        raise UserError(f"data.seq_len: {cfg.data.seq_len} is longer than the model's context ({limit} tokens, "
+                        f"{config}); lower data.seq_len")
+
+
 @app.command()
 def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
              set_: list[str] = typer.Option([], "--set", help="override, e.g. federation.rounds=5"),
@@ -111,44 +121,39 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
 
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
-    from fedtune.data import build_client_data, save_client_data
+    from fedtune.data import prepare_client_data, save_client_data
     from fedtune.flower.simulation import SimulationFailed, run_simulation
     from fedtune.models import load_encoder, resolve_model_dir
-    from fedtune.report import write_fleet_plots, write_plots, write_report
-    from fedtune.workspace import RunDir
+    from fedtune.report import epsilon_warnings, write_fleet_plots, write_plots, write_report
+    from fedtune.workspace import RunDir, check_run_root
 
     cfg = with_absolute_paths(cfg)
-    root = out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if resume and out is None:
-        console.print("[red]error:[/red] --resume needs --out RUN_DIR (the run to continue)")
-        raise typer.Exit(2)
-    if (root / "checkpoint.json").is_file() and not resume:
-        console.print(f"[red]error:[/red] {root} already holds a run (checkpoint.json); pass --resume to continue "
-                      "it, or choose another --out")
-        raise typer.Exit(2)
-    run = RunDir.create(root)
-    if resume and run.config.is_file():
-        before = load_config(run.config).to_dict()
+        raise UserError("--resume needs --out RUN_DIR (the run to continue)")
+    root = out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    check_run_root(root, resume)
+    if resume and (root / "config.yaml").is_file():
+        before = load_config(root / "config.yaml").to_dict()
         now = cfg.to_dict()
         before["federation"].pop("rounds")
         now["federation"].pop("rounds")  # a resumed run may go on for more rounds; nothing else may change
         if before != now:
-            console.print(f"[red]error:[/red] the config differs from the one {root} was started with "
-                          f"({run.config}) in more than federation.rounds; resume with the same config")
-            raise typer.Exit(2)
-    dump_config(cfg, run.config)
+            raise UserError(f"--resume: the config differs from the one {root} was started with "
+                            f"({root / 'config.yaml'}) in more than federation.rounds; resume with the same config")
     t0 = time.monotonic()
-    console.print(f"run directory: {run.root}" + (" (resuming)" if resume else ""))
     console.print(f"model: {cfg.model.source}:{cfg.model.name} ({cfg.model.quantization}) "
                   "- converting to the local cache if this is the first use")
-    resolve_model_dir(cfg.model)
-    clients = build_client_data(cfg.data, load_encoder(cfg.model), cfg.seed)
-    if not (resume and (run.data / "index.json").is_file()):
-        save_client_data(clients, run.data)
-    n_train = sum(c.num_train for c in clients)
-    console.print(f"data: {cfg.data.source}, {len(clients)} users, {n_train} training chunks of "
-                  f"{cfg.data.seq_len} tokens ({time.monotonic() - t0:.0f}s)")
+    _check_context(cfg, resolve_model_dir(cfg.model))
+    prepared = prepare_client_data(cfg.data, load_encoder(cfg.model), cfg.seed)
+    clients = prepared.clients
     n_devices = (cfg.fleet.population or len(clients)) if cfg.fleet.enabled else len(clients)
+    if cfg.federation.min_clients > n_devices:
+        source = "fleet.population" if cfg.fleet.enabled and cfg.fleet.population else "users in the data"
+        dropped = f"; {prepared.dropped_note()}" if prepared.dropped else ""
+        raise UserError(f"federation.min_clients: {cfg.federation.min_clients} is more than the {n_devices} devices "
+                        f"there are ({source}{dropped}); every round would be skipped: lower "
+                        f"federation.min_clients to at most {n_devices}")
+    plan = None
     if cfg.privacy.user_level.enabled:  # calibrate and check the budget before any training starts
         from fedtune.privacy.dp_fedavg import plan_user_level
 
@@ -156,8 +161,22 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
             plan = plan_user_level(cfg.privacy.user_level, n_devices, cfg.federation.clients_per_round,
                                    cfg.federation.rounds)
         except ValueError as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(2) from None
+            raise UserError(f"privacy.user_level: {err}") from None
+    # every check passed: only now is anything written
+    run = RunDir.create(root)
+    dump_config(cfg, run.config)
+    console.print(f"run directory: {run.root}" + (" (resuming)" if resume else ""))
+    if prepared.dropped:
+        console.print(f"[yellow]warning:[/yellow] {prepared.dropped_note()}")
+    if not (resume and (run.data / "index.json").is_file()):
+        save_client_data(clients, run.data)
+        if prepared.dropped:  # recorded once, with the data it describes
+            run.append_event({"event": "users_dropped", "users": list(prepared.dropped),
+                              "seq_len": cfg.data.seq_len, "reason": "no full training chunk"})
+    n_train = sum(c.num_train for c in clients)
+    console.print(f"data: {cfg.data.source}, {len(clients)} users, {n_train} training chunks of "
+                  f"{cfg.data.seq_len} tokens ({time.monotonic() - t0:.0f}s)")
+    if plan is not None:
         console.print(f"user-level DP: noise multiplier {plan.noise_multiplier:.4g}, devices sampled with "
                       f"q={plan.sample_rate:.4g}, ε={plan.planned_epsilon:.3f} at δ={plan.delta:.3g} after "
                       f"{plan.rounds} rounds" + ("" if plan.rounds == cfg.federation.rounds else
@@ -175,6 +194,8 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     write_plots(run, records)
     write_fleet_plots(run, records)
     report = write_report(run, cfg, records, time.monotonic() - t0)
+    for warning in epsilon_warnings(cfg, records):
+        console.print(f"[yellow]{warning}[/yellow]")
     first, last = records[0], records[-1]
     console.print(f"done in {time.monotonic() - t0:.0f}s (Flower run {handle.run_id}): held-out perplexity "
                   f"{first['eval_perplexity']:.3f} -> {last['eval_perplexity']:.3f}; report: {report}")
@@ -199,6 +220,10 @@ from fedtune.cli_deploy import certs_app, device_join, server_app  # noqa: E402
 device_app.command("join")(device_join)
 app.add_typer(server_app, name="server")
 app.add_typer(certs_app, name="certs")
+
+from fedtune.cli_serve import serve_cmd  # noqa: E402
+
+app.command("serve")(serve_cmd)
 
 
 if __name__ == "__main__":

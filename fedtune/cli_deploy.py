@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import logging
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
+from fedtune.cli_errors import new_app
+
 console = Console(highlight=False, soft_wrap=True)
-server_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                         help="Run the federated server for real devices (Flower SuperLink, TLS, node auth).")
-certs_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Make a local CA, a SuperLink certificate and SuperNode keys (for tests and trials).")
+server_app = new_app(help="Run the federated server for real devices (Flower SuperLink, TLS, node auth).")
+certs_app = new_app(help="Make a local CA, a SuperLink certificate and SuperNode keys (for tests and trials).")
 
 
 def _fail(message: str) -> None:
@@ -86,7 +83,7 @@ def server_start(config: Path = typer.Argument(..., help="experiment YAML"),
     from fedtune.deploy.certs import CertPaths
     from fedtune.deploy.server import ServerFailed, authorized_keys as read_keys, prepare_data, start_server
     from fedtune.deploy.superlink import SuperLinkSpec
-    from fedtune.workspace import RunDir
+    from fedtune.workspace import RunDir, check_run_root
 
     cfg = _config(config, set_)
     from fedtune.federation.capabilities import refusals
@@ -102,19 +99,25 @@ def server_start(config: Path = typer.Argument(..., help="experiment YAML"),
         keys = read_keys(authorized_keys)
     except ServerFailed as err:
         _fail(str(err))
-    run = RunDir.create(out)
-    resuming = (run.root / "checkpoint.json").is_file()
-    if resuming and run.config.is_file():
-        before, now = load_config(run.config).to_dict(), cfg.to_dict()
+    check_run_root(out, resume=True)  # the same --out resumes; anything else there is refused
+    resuming = (out / "checkpoint.json").is_file()
+    if (out / "config.yaml").is_file():
+        before, now = load_config(out / "config.yaml").to_dict(), cfg.to_dict()
         before["federation"].pop("rounds"), now["federation"].pop("rounds")
         if before != now:
-            _fail(f"{config}: differs from the config {out} was started with ({run.config}) in more than "
+            _fail(f"{config}: differs from the config {out} was started with ({out / 'config.yaml'}) in more than "
                   "federation.rounds; restart with the same config or choose another --out")
+    prepared = None if (out / "data" / "index.json").is_file() else prepare_data(cfg)  # refuses bad data
+    run = RunDir.create(out)  # every check passed: only now is anything written
     dump_config(cfg, run.config)
-    try:
-        prepare_data(cfg, run)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(f"data: {err}")
+    if prepared is not None:
+        from fedtune.data import save_client_data
+
+        save_client_data(prepared.clients, run.data)
+        if prepared.dropped:
+            console.print(f"[yellow]warning:[/yellow] server evaluation data: {prepared.dropped_note()}")
+            run.append_event({"event": "users_dropped", "users": list(prepared.dropped),
+                              "seq_len": cfg.data.seq_len, "reason": "no full training chunk"})
     # the SuperLink's state (registered keys, node ids) survives a restart: devices keep their node ids
     spec = SuperLinkSpec(host=host, port=port, certs=paths, auth=bool(keys), database=run.flower / "superlink.db")
     nodes = min_nodes or cfg.federation.clients_per_round
@@ -147,60 +150,30 @@ def device_join(superlink: str = typer.Option(..., "--superlink", help="the Supe
                                                      "memory:GB, never; combine with +"),
                 device_id: str = typer.Option("", "--device-id", help="stable name (its privacy ledger's key)"),
                 state_dir: Path = typer.Option(Path.home() / ".fedtune" / "device", "--state-dir"),
-                insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback trials only)")) -> None:
-    """Join the federation as a Flower SuperNode; trains in the rounds it is picked for while eligible."""
-    from fedtune.deploy.processes import flower_env
-    from fedtune.deploy.supernode import DeviceJoin, join_problems, supernode_command
+                insecure: bool = typer.Option(False, "--insecure", help="no TLS (loopback trials only)"),
+                warm: bool = typer.Option(True, "--warm/--no-warm",
+                                          help="one long-lived ClientApp process for all rounds (the model loads "
+                                               "once) / Flower's fresh process per round")) -> None:
+    """Join the federation as a Flower SuperNode; trains in the rounds it is picked for while eligible.
+
+    By default one long-lived ClientApp process serves every round (the base model loads once per device);
+    --no-warm falls back to Flower's fresh ClientApp process per round."""
+    from fedtune.deploy.device_runner import DeviceRunner, checked_join
+    from fedtune.deploy.supernode import DeviceJoin
 
     if not insecure and root_certificates is None:
         _fail("--root-certificates: TLS needs the CA certificate (ca.crt from the server operator), or pass "
               "--insecure for a loopback trial")
-    join = DeviceJoin(superlink=superlink, data_path=data, profile=profile, root_certificates=root_certificates,
-                      auth_key=auth_key, eligibility=eligibility, device_id=device_id or data.stem,
-                      state_dir=state_dir, insecure=insecure)
-    problems = join_problems(join)
-    if problems:
-        _fail(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    state_dir.mkdir(parents=True, exist_ok=True)
-    log_path = state_dir / "supernode.log"
-    env = flower_env(state_dir / "flwr-home")
-    console.print(f"joining {superlink} as {join.device_id} (profile {profile or '-'}, eligibility {eligibility}); "
-                  f"log: {log_path}")
-    stopping, proc = [], None
-
-    def stop(*_):
-        stopping.append(True)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-
-    signal.signal(signal.SIGTERM, stop)
-    backoff, refusals = 2.0, 0
-    while True:  # a device app keeps its SuperNode up: rejoin when the SuperLink restarts or drops it
-        start = log_path.stat().st_size if log_path.exists() else 0
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(supernode_command(join), env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            stop()
-            rc = proc.wait()
-        if stopping:
-            sys.exit(0)
-        with open(log_path, "rb") as f:
-            f.seek(start)
-            text = f.read().decode(errors="replace")
-        refused = "Exit Code: 305" in text or "[code: 2004]" in text
-        if refused and refusals < 2:  # the server may still be registering keys: ask again shortly
-            refusals += 1
-            time.sleep(5)
-            continue
-        if refused:
-            _fail(f"the SuperLink at {superlink} refused this device: its key is not registered there (node "
-                  f"authentication); give the operator {auth_key}.pub" if auth_key else
-                  f"the SuperLink at {superlink} refused this device: it requires node authentication (--auth-key)")
-        console.print(f"the SuperNode exited (code {rc}); rejoining in {backoff:.0f}s")
-        time.sleep(backoff)
-        backoff = min(backoff * 2, 60.0)
-        if stopping:
-            sys.exit(0)
-    sys.exit(0)
+    join = checked_join(DeviceJoin(superlink=superlink, data_path=data, profile=profile,
+                                   root_certificates=root_certificates, auth_key=auth_key, eligibility=eligibility,
+                                   device_id=device_id or data.stem, state_dir=state_dir, insecure=insecure,
+                                   warm=warm))
+    runner = DeviceRunner(join, on_status=console.print)
+    console.print(f"joining {superlink} as {join.device_id} (profile {profile or '-'}, eligibility {eligibility}, "
+                  f"{'one warm ClientApp process' if warm else 'a ClientApp process per round'}); log: "
+                  f"{runner.supernode_log}")
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    try:
+        runner.run()
+    except KeyboardInterrupt:
+        runner.stop()

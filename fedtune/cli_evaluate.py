@@ -10,6 +10,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from fedtune.errors import UserError
+
 
 def run_evaluation(console: Console, run_dir: Path, methods: list[str] | None = None,
                    overrides: dict | None = None) -> None:
@@ -25,8 +27,7 @@ def run_evaluation(console: Console, run_dir: Path, methods: list[str] | None = 
     try:
         _, summaries = evaluate_run(run_dir, methods=methods, progress=progress, overrides=overrides)
     except (RunNotEvaluable, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+        raise UserError(str(err)) from None
     console.print(format_table(summaries))
     best = best_personalized(summaries)
     if best is not None:
@@ -37,12 +38,19 @@ def run_evaluation(console: Console, run_dir: Path, methods: list[str] | None = 
 
 def evaluate(run_dir: Path = typer.Argument(..., help="a run directory written by `fedtune simulate`"),
              method: list[str] = typer.Option([], "--method", "-m",
-                                              help="base, global, finetune, split, local_only (default: config)"),
+                                              help="base, global, finetune, personalized, split, local_only "
+                                                   "(default: config)"),
              finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", min=1),
              local_only_steps: Optional[int] = typer.Option(None, "--local-only-steps", min=1)) -> None:
     """Evaluate every user of a run on their own held-out data; writes eval/per_user.csv, a summary and plots."""
     from fedtune.cli import console
+    from fedtune.personalization.evaluate import METHODS
 
+    unknown = [m for m in method if m not in METHODS]
+    if unknown:
+        raise UserError(f"--method: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: is a file; pass the --out directory of `fedtune simulate`")
     overrides = {k: v for k, v in {"finetune_steps": finetune_steps, "local_only_steps": local_only_steps}.items()
                  if v is not None}
     run_evaluation(console, run_dir, methods=method or None, overrides=overrides)

@@ -7,6 +7,7 @@ to the raw YAML before validation, so a bad override is reported like a bad file
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +81,8 @@ class TrainConfig(_Section):
     torch_threads: int | None = Field(None, gt=0)
     # memory: reentrant activation checkpointing of the decoder layers (opacus-safe; ~1 extra forward)
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing: checkpoint only every n-th layer (1: all); less recompute, more memory
+    checkpoint_every_n_layers: int = Field(1, gt=0)
     # memory: fused loss over this many tokens at a time, never the full [tokens, vocab] logits (None: off)
     loss_chunk_tokens: int | None = Field(1024, gt=0)
 
@@ -112,6 +115,9 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     # a device stops contributing once its own sample-level epsilon reaches this budget
     device_epsilon_budget: float | None = Field(None, gt=0)
+    # with target_epsilon: a device whose calibrated noise exceeds this many clip norms on its mean gradient
+    # (noise multiplier / expected batch) is too small to train within the budget and sits out
+    max_noise_to_batch: float = Field(0.5, gt=0)
     user_level: UserLevelPrivacyConfig = UserLevelPrivacyConfig()
 
 
@@ -185,9 +191,21 @@ class PersonalizationConfig(_Section):
     # chance of being sampled x local_steps) + finetune_steps, i.e. the same on-device work as global+FT
     local_only_steps: int | None = Field(None, gt=0)
     eval_max_chunks: int = Field(16, gt=0)  # held-out chunks per user
+    # per-user model selection ("personalized"; fedtune/personalization/select.py): a validation slice of each
+    # device's TRAINING chunks chooses among global, global + k local steps (k on the grid, early stopping)
+    # and alpha * fine-tuned + (1 - alpha) * global
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    validation_max_chunks: int = Field(8, gt=0)
+    finetune_grid: list[int] = Field([4, 8, 16], min_length=1)
+    alpha_grid: list[float] = [0.25, 0.5, 0.75]
+    # tuning users (hyperparameters are chosen on them) vs test users (reported): a fixed split by user-id hash
+    # (fedtune/personalization/users.py); per-user evaluation reports `eval_users` of them (all, test or tuning)
+    tuning_fraction: float = Field(0.3, ge=0, lt=1)
+    eval_users: Literal["all", "test", "tuning"] = "all"
+    eval_max_users: int | None = Field(None, gt=0)  # evaluate at most this many of them (a quick look)
     evaluate_at_end: bool = False  # `fedtune simulate` runs `fedtune evaluate` on the run when it ends
-    methods: list[Literal["base", "global", "finetune", "split", "local_only"]] = [
-        "base", "global", "finetune", "split", "local_only"]
+    methods: list[Literal["base", "global", "finetune", "personalized", "split", "local_only"]] = [
+        "base", "global", "finetune", "personalized", "split", "local_only"]
 
 
 class PublishConfig(_Section):
@@ -240,11 +258,14 @@ class ExperimentConfig(_Section):
         return self.model_dump(mode="json")
 
 
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 class ConfigError(ValueError):
     """All problems of one config, each naming its field."""
 
     def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
+        self.problems, self.source = problems, source
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source} has {len(problems)} error(s):\n{lines}")
 
@@ -253,6 +274,9 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     """Checks that span fields; pydantic already checked each field on its own."""
     p: list[str] = []
     pv, fed, data, model = cfg.privacy, cfg.federation, cfg.data, cfg.model
+    if not _RUN_NAME.fullmatch(cfg.name):
+        p.append(f"name: {cfg.name!r} is not a plain run name (runs/<name>-<time> must stay inside runs/); use "
+                 "letters, digits, '.', '_' and '-', starting with a letter or digit")
     if fed.min_clients > fed.clients_per_round:
         p.append(f"federation.min_clients: must be <= clients_per_round ({fed.clients_per_round}), "
                  f"got {fed.min_clients}")
@@ -290,12 +314,22 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if fed.aggregation == "trimmed_mean" and int(fed.trim_fraction * fed.min_clients) < 1:
         p.append(f"federation.trim_fraction: {fed.trim_fraction} of min_clients={fed.min_clients} trims nothing; "
                  f"raise it to at least {1 / fed.min_clients:.3g} or raise min_clients")
+    per = cfg.personalization
+    if any(k <= 0 for k in per.finetune_grid):
+        p.append(f"personalization.finetune_grid: step counts must be positive, got {per.finetune_grid}")
+    if any(not 0 < a < 1 for a in per.alpha_grid):
+        p.append(f"personalization.alpha_grid: mixing weights must lie strictly between 0 and 1, got {per.alpha_grid}")
     pub = cfg.publish
     if pub.registry and not pub.signing_key:
         p.append("publish.signing_key: publishing needs an ed25519 key; make one with `fedtune registry keygen`")
     if pub.signing_key and not Path(pub.signing_key).is_file():
         p.append(f"publish.signing_key: file not found: {pub.signing_key}")
     t = model.tiny
+    if model.source == "tiny" and t.vocab_size < 260:
+        p.append(f"model.tiny.vocab_size: the tiny model's byte tokenizer needs >= 260, got {t.vocab_size}")
+    if model.source == "tiny" and data.seq_len > t.max_position_embeddings:
+        p.append(f"data.seq_len: {data.seq_len} is longer than the model's context "
+                 f"(model.tiny.max_position_embeddings={t.max_position_embeddings}); lower data.seq_len")
     if model.source == "tiny" and t.hidden_size % t.num_attention_heads:
         p.append(f"model.tiny.hidden_size ({t.hidden_size}) must be divisible by "
                  f"num_attention_heads ({t.num_attention_heads})")
@@ -322,7 +356,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError([f"--set {item!r}: expected key=value, e.g. federation.rounds=3"], "--set")
     key, _, raw = item.partition("=")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = " ".join(str(getattr(err, "problem", "") or "invalid YAML").split())
+        raise ConfigError([f"--set {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                           f"{key.strip()}='\"...\"'"], "--set") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -373,12 +413,20 @@ def _drop_bad(raw: dict[str, Any], err: ValidationError) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([f"{path} is a directory; give the experiment's YAML file"], str(path))
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"not UTF-8 text (byte 0x{err.object[err.start:err.start + 1].hex()} at offset "
+                           f"{err.start}); save the file as UTF-8"], str(path)) from None
     except yaml.YAMLError as err:
-        raise ConfigError([f"not valid YAML: {err}"], str(path)) from None
+        raise ConfigError(["not valid YAML: " + " ".join(str(err).split())], str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level: expected a mapping of sections (model:, data:, ...), got "
+                           f"{type(raw).__name__}"], str(path))
     return config_from_dict(apply_overrides(raw, overrides or []), str(path))
 
 

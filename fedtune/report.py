@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedtune.workspace import RunDir
+from fedtune.workspace import RunDir, read_jsonl
 
 COLUMNS = ("round", "clients_succeeded", "train_loss", "eval_loss", "eval_perplexity", "epsilon",
            "upload_bytes", "wall_seconds")
@@ -94,6 +94,17 @@ def privacy_lines(records: list[dict]) -> list[str]:
     return [f"- privacy: {label}; randomness: {last['randomness']}"]
 
 
+def epsilon_warnings(cfg, records: list[dict]) -> list[str]:
+    """One line per round whose reported device ε exceeds the per-device target (privacy.target_epsilon,
+    else device_epsilon_budget); the CLI prints them and the report carries them."""
+    from fedtune.privacy.device_budget import over_target
+
+    p = cfg.privacy
+    target = p.device_epsilon_budget or p.target_epsilon
+    return [f"WARNING: round {r['round']}: a device reports epsilon {r['epsilon']:.2f}, above the per-device target "
+            f"{target:g}" for r in records if p.enabled and over_target(r.get("epsilon"), target)]
+
+
 def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
     lines = [
         f"# fedtune run: {cfg.name}",
@@ -101,7 +112,10 @@ def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
         f"- model: {cfg.model.source}:{cfg.model.name} ({cfg.model.quantization}), adapter: {cfg.adapter.method}",
         f"- data: {cfg.data.source}, rounds: {cfg.federation.rounds}, clients/round: {cfg.federation.clients_per_round}",
         f"- DP-SGD: {'on' if cfg.privacy.enabled else 'off'}"
-        + (f" (δ={cfg.privacy.delta}, clip={cfg.privacy.max_grad_norm})" if cfg.privacy.enabled else ""),
+        + (f" (δ={cfg.privacy.delta}, clip={cfg.privacy.max_grad_norm}"
+           + (f", each device's noise calibrated to ε ≤ {cfg.privacy.target_epsilon} from its own sampling rate"
+              if cfg.privacy.target_epsilon else f", noise multiplier {cfg.privacy.noise_multiplier}") + ")"
+           if cfg.privacy.enabled else ""),
         f"- wall time: {seconds:.0f} s",
         *privacy_lines(records),
         "",
@@ -110,6 +124,13 @@ def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
     ]
     for r in records:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |")
+    for ev in read_jsonl(run.events):
+        if ev.get("event") == "users_dropped":
+            lines += ["", f"Users left out ({len(ev['users'])}; their text gives no full chunk of {ev['seq_len']} "
+                          f"tokens): {', '.join(ev['users'])}."]
+    warnings = epsilon_warnings(cfg, records)
+    if warnings:
+        lines += [""] + [f"**{w}**" for w in warnings]
     totals = tier_totals(records)
     if totals:
         clock = records[-1].get("sim_clock_seconds", 0.0)

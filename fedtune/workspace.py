@@ -77,6 +77,29 @@ class RunDir:
         return read_jsonl(self.metrics)
 
 
+def check_run_root(root: str | Path, resume: bool, flag: str = "--out") -> None:
+    """Refuse a run directory that would overwrite something: it must be new, empty, or a fedtune run
+    (config.yaml / checkpoint.json) that is being resumed. Raises UserError; writes nothing."""
+    from fedtune.errors import UserError
+
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{flag} {root}: is a file, not a directory; choose a new directory for the run")
+    if not root.exists() or not any(root.iterdir()):
+        return
+    is_run = (root / "checkpoint.json").is_file() or (root / "config.yaml").is_file()
+    if resume and is_run:
+        return
+    if (root / "checkpoint.json").is_file():
+        raise UserError(f"{flag} {root}: already holds a run (checkpoint.json); pass --resume to continue it, or "
+                        f"choose another {flag}")
+    if is_run:
+        raise UserError(f"{flag} {root}: already holds a run that never checkpointed (config.yaml); pass --resume to "
+                        f"start it over in place, or choose another {flag}")
+    raise UserError(f"{flag} {root}: the directory is not empty and is not a fedtune run; choose a new or empty "
+                    "directory (nothing was written)")
+
+
 def safe_filename(key: str) -> str:
     """A device or user id as a file name: anything but letters, digits, '-', '_' and '.' becomes '_'."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)

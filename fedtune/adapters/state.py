@@ -7,9 +7,15 @@ every party rebuilds it identically from the run seed (see ``fedtune.adapters.ff
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from fedtune.types import AdapterState
+
+# model -> (its trainable parameters' (name, id, storage), {state key: parameter name}): peft's key
+# mapping walks the whole model (~15 ms for a 30-layer model), every device call needs it twice
+_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _unwrap(model):
@@ -28,7 +34,12 @@ def _trainable_adapter_tensors(inner) -> dict[str, torch.Tensor]:
     """
     from peft import get_peft_model_state_dict
 
-    trainable = {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
+    params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
+    signature = tuple((n, id(p), p.data_ptr()) for n, p in params.items())
+    cached = _KEYS.get(inner)
+    if cached is not None and cached[0] == signature:  # same trainable parameters: peft's key mapping holds
+        return {k: params[n].detach() for k, n in cached[1].items()}
+    trainable = {n: p.detach() for n, p in params.items()}
     state = get_peft_model_state_dict(inner, state_dict=trainable)
     n_state = sum(t.numel() for t in state.values())
     n_trainable = sum(t.numel() for t in trainable.values())
@@ -38,6 +49,10 @@ def _trainable_adapter_tensors(inner) -> dict[str, torch.Tensor]:
             f"outside the adapter ({sorted(trainable)[:5]}...) would never be uploaded; freeze base-model "
             "parameters (only adapter tensors may have requires_grad)"
         )
+    by_storage = {(p.data_ptr(), tuple(p.shape)): n for n, p in params.items()}
+    names = {k: by_storage.get((v.data_ptr(), tuple(v.shape))) for k, v in state.items()}
+    if all(names.values()) and len(set(names.values())) == len(names):  # live views (not prompt learning)
+        _KEYS[inner] = (signature, names)
     return state
 
 
@@ -45,6 +60,12 @@ def get_adapter_state(model) -> AdapterState:
     """Detached CPU fp32 copies of the trainable adapter tensors, keyed as peft saves them."""
     state = _trainable_adapter_tensors(_unwrap(model))
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+def _is_whole(t: torch.Tensor, p: torch.nn.Parameter | None) -> bool:
+    """``t`` is all of parameter ``p`` (same storage, offset, shape and strides)."""
+    return (p is not None and t.shape == p.shape and t.stride() == p.stride()
+            and t.storage_offset() == p.storage_offset())
 
 
 def set_adapter_state(model, state: AdapterState) -> None:
@@ -69,7 +90,14 @@ def set_adapter_state(model, state: AdapterState) -> None:
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"adapter tensor {k}: expected shape {tuple(expected[k].shape)}, got {tuple(v.shape)}")
-    set_peft_model_state_dict(inner, state)
+    params = {p.data_ptr(): p for p in inner.parameters() if p.requires_grad}
+    live = {k: expected[k] for k in state if _is_whole(expected[k], params.get(expected[k].data_ptr()))}
+    if len(live) == len(state):  # LoRA & co: the keys name live parameters, a copy into each is the load
+        with torch.no_grad():
+            for k, v in state.items():
+                live[k].copy_(v)
+        return
+    set_peft_model_state_dict(inner, state)  # prompt learning: peft maps the saved embedding back
     loaded = _trainable_adapter_tensors(inner)
     wrong = [k for k in state if not torch.equal(loaded[k].to("cpu", state[k].dtype), state[k].to("cpu"))]
     if wrong:

@@ -7,6 +7,8 @@ a worker serving partition i reads ``clients/<i>.safetensors`` from the run's da
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +17,10 @@ from safetensors.torch import load_file, save_file
 from fedtune.config import DataConfig
 from fedtune.data.sources import load_user_texts
 from fedtune.data.tokenize import chunk_tokens
+from fedtune.errors import UserError
 from fedtune.types import ClientData
+
+log = logging.getLogger(__name__)
 
 
 def split_heldout(chunks: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,9 +34,27 @@ def split_heldout(chunks: torch.Tensor, fraction: float, seed: int) -> tuple[tor
     return chunks[perm[n_held:]], chunks[perm[:n_held]]
 
 
-def build_client_data(cfg: DataConfig, encoder, seed: int = 0) -> list[ClientData]:
-    """All users' data, in the source's order (partition id i = i-th user)."""
-    out = []
+@dataclass(frozen=True)
+class PreparedData:
+    """Every user's ClientData (partition id i = i-th user), and the users left out for too little text."""
+
+    clients: list[ClientData]
+    dropped: tuple[str, ...] = ()  # users whose text gives no full training chunk of seq_len tokens
+    seq_len: int = 0
+
+    def dropped_note(self, limit: int = 10) -> str:
+        """One line naming the dropped users (empty when none were)."""
+        if not self.dropped:
+            return ""
+        names = ", ".join(self.dropped[:limit]) + (f" and {len(self.dropped) - limit} more"
+                                                   if len(self.dropped) > limit else "")
+        return (f"{len(self.dropped)} user(s) left out: their text gives no full chunk of {self.seq_len} tokens "
+                f"({names}); give them more text or lower data.seq_len")
+
+
+def prepare_client_data(cfg: DataConfig, encoder, seed: int = 0) -> PreparedData:
+    """All users' data, in the source's order, and who was dropped; refuses data where nobody is left."""
+    out, dropped = [], []
     for i, (user, docs) in enumerate(load_user_texts(cfg, seed).items()):
         chunks = chunk_tokens(docs, encoder, cfg.seq_len)
         train, held = split_heldout(chunks, cfg.heldout_fraction, seed * 100_003 + i)
@@ -40,11 +63,21 @@ def build_client_data(cfg: DataConfig, encoder, seed: int = 0) -> list[ClientDat
         if cfg.max_heldout_chunks is not None:
             held = held[: cfg.max_heldout_chunks]
         if train.shape[0] == 0:
+            dropped.append(user)
             continue
         out.append(ClientData(user_id=user, train=train.contiguous(), heldout=held.contiguous()))
     if not out:
-        raise ValueError(f"no user has at least one chunk of {cfg.seq_len} tokens; lower data.seq_len")
-    return out
+        raise UserError(f"data.seq_len: no user has at least one chunk of {cfg.seq_len} tokens "
+                        f"({len(dropped)} users, all too short); lower data.seq_len or add text")
+    prepared = PreparedData(out, tuple(dropped), cfg.seq_len)
+    if dropped:
+        log.info(prepared.dropped_note())
+    return prepared
+
+
+def build_client_data(cfg: DataConfig, encoder, seed: int = 0) -> list[ClientData]:
+    """All users' data, in the source's order (partition id i = i-th user); dropped users are logged."""
+    return prepare_client_data(cfg, encoder, seed).clients
 
 
 def save_client_data(clients: list[ClientData], directory: str | Path) -> Path:

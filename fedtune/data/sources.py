@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedtune.config import DataConfig
+from fedtune.errors import UserError
 
 UserTexts = dict[str, list[str]]
 _SOURCES: dict[str, Callable[[DataConfig, int], UserTexts]] = {}
@@ -34,11 +35,12 @@ def available_sources() -> list[str]:
 
 def load_user_texts(cfg: DataConfig, seed: int = 0) -> UserTexts:
     if cfg.source not in _SOURCES:
-        raise ValueError(f"unknown data source {cfg.source!r}; available: {available_sources()}")
+        raise UserError(f"data.source: unknown data source {cfg.source!r}; choose one of {available_sources()}")
     users = _SOURCES[cfg.source](cfg, seed)
     users = {u: t for u, t in users.items() if any(s.strip() for s in t)}
     if not users:
-        raise ValueError(f"data source {cfg.source!r} produced no users with text")
+        raise UserError(f"data.source {cfg.source!r}" + (f" ({cfg.path})" if cfg.path else "") + ": no user has any "
+                        f"text in {cfg.text_column!r}; check data.text_column and the file's contents")
     if cfg.max_users is not None:
         users = dict(list(users.items())[: cfg.max_users])
     return users
@@ -57,37 +59,26 @@ def _sotu(cfg: DataConfig, seed: int) -> UserTexts:
     return users
 
 
-def _read_table(path: Path):
-    import pandas as pd
-
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return pd.read_json(path, lines=True)
-    if suffix == ".csv":
-        return pd.read_csv(path)
-    if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    raise ValueError(f"data.path {path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
-
-
 @register_source("files")
 def _files(cfg: DataConfig, seed: int) -> UserTexts:
+    """One user per distinct user id, read as a string exactly as written; rows without one are refused."""
+    from fedtune.data.tables import read_table, require_columns, user_key
+
     if not cfg.path:
-        raise ValueError("data.path is required for data.source 'files'")
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.path: file not found: {path}")
-    df = _read_table(path)
-    missing = [c for c in (cfg.user_column, cfg.text_column) if c not in df.columns]
+        raise UserError("data.path: required for data.source 'files' (a .jsonl, .csv or .parquet file)")
+    cols = read_table(cfg.path)
+    require_columns(cols, cfg.path, {"data.user_column": cfg.user_column, "data.text_column": cfg.text_column})
+    keys = [user_key(v) for v in cols[cfg.user_column]]
+    missing = [i for i, k in enumerate(keys) if k is None]
     if missing:
-        raise ValueError(
-            f"data.path {path}: missing column(s) {missing}; found {list(df.columns)}. "
-            "Set data.user_column / data.text_column to the names your file uses."
-        )
+        raise UserError(
+            f"data.path {cfg.path}: {len(missing)} of {len(keys)} rows have no {cfg.user_column!r} (first: row "
+            f"{missing[0] + 1}); every row must name its user (one user is one device, the unit user-level DP "
+            "protects): fill in the user ids or drop those rows")
     users: UserTexts = {}
-    for user, text in zip(df[cfg.user_column], df[cfg.text_column]):
+    for user, text in zip(keys, cols[cfg.text_column]):
         if isinstance(text, str):
-            users.setdefault(str(user), []).append(text)
+            users.setdefault(user, []).append(text)
     return users
 
 

@@ -15,6 +15,7 @@ A node config without ``data-path`` is a simulation's virtual node (``partition-
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,8 @@ def device_profile(name: str, catalog: str) -> DeviceProfile | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _device_data(path: str, data_json: str, model_json: str, seed: int, user_id: str) -> ClientData:
+def _device_data(path: str, data_json: str, model_json: str, seed: int, user_id: str, version: tuple = ()
+                 ) -> ClientData:
     from fedtune.config import DataConfig, ModelConfig
     from fedtune.data.local_file import load_device_data
     from fedtune.models import load_encoder
@@ -74,9 +76,15 @@ def _device_data(path: str, data_json: str, model_json: str, seed: int, user_id:
 
 
 def device_data(cfg, settings: DeviceSettings) -> ClientData:
-    """The device's own file, tokenized once per process."""
+    """The device's own file, tokenized once per process and again when the file changes (a warm ClientApp
+    process serves many rounds: fedtune/flower/warm_runtime.py)."""
+    try:
+        st = os.stat(settings.data_path)
+        version = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        version = ()  # load_device_data names the missing file
     return _device_data(settings.data_path, cfg.data.model_dump_json(), cfg.model.model_dump_json(), cfg.seed,
-                        settings.device_id)
+                        settings.device_id, version)
 
 
 def device_task(task, cfg, settings: DeviceSettings):

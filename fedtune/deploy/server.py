@@ -56,11 +56,18 @@ def authorized_keys(path: Path | None) -> list[Path]:
     return keys
 
 
-def prepare_data(cfg: ExperimentConfig, run: RunDir) -> None:
-    """The server's own held-out evaluation set (the config's data), tokenized once."""
-    from fedtune.data.partition import ensure_client_data
+def prepare_data(cfg: ExperimentConfig, run: RunDir | None = None):
+    """The server's own held-out evaluation set (the config's data), tokenized once: returns the PreparedData
+    (None when ``run`` already holds it); saved into ``run`` when one is given."""
+    if run is not None and (run.data / "index.json").is_file():
+        return None
+    from fedtune.data import prepare_client_data, save_client_data
+    from fedtune.models import load_encoder
 
-    ensure_client_data(cfg, run.data)
+    prepared = prepare_client_data(cfg.data, load_encoder(cfg.model), cfg.seed)
+    if run is not None:
+        save_client_data(prepared.clients, run.data)
+    return prepared
 
 
 def start_server(cfg: ExperimentConfig, run: RunDir, spec: SuperLinkSpec, *, keys: list[Path], min_nodes: int,

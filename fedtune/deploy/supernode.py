@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.deploy.eligibility import create_policy
+from fedtune.data.tables import SUFFIXES as DATA_SUFFIXES
 from fedtune.deploy.processes import flower_exe, reachable, split_address
-
-DATA_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".parquet", ".pq")
-
 
 @dataclass(frozen=True)
 class DeviceJoin:
@@ -33,6 +32,9 @@ class DeviceJoin:
     state_dir: Path | None = None
     insecure: bool = False
     runtime_port: int = 0  # 0: a free one
+    # one long-lived ClientApp process for every round (the base model loads once; Flower's --isolation
+    # process + fedtune.flower.warm_runtime) instead of Flower's fresh flwr-clientapp process per round
+    warm: bool = True
 
     def node_config(self) -> str:
         items = {"data-path": str(Path(self.data_path).absolute()), "profile": self.profile,
@@ -53,7 +55,9 @@ def join_problems(join: DeviceJoin, catalog: Path | None = None, check_reachable
 
     p: list[str] = []
     data = Path(join.data_path)
-    if not data.is_file():
+    if data.is_dir():
+        p.append(f"--data: {data} is a directory; give this device's .jsonl, .csv or .parquet file")
+    elif not data.is_file():
         p.append(f"--data: file not found: {data}")
     elif data.suffix.lower() not in DATA_SUFFIXES:
         p.append(f"--data: {data.name} is not a .jsonl, .csv or .parquet file")
@@ -85,6 +89,8 @@ def join_problems(join: DeviceJoin, catalog: Path | None = None, check_reachable
 def supernode_command(join: DeviceJoin) -> list[str]:
     cmd = [flower_exe("flower-supernode"), "--superlink", join.superlink, "--node-config", join.node_config(),
            "--port", str(join.runtime_port or _free_port()), "--max-retries", "20", "--max-wait-time", "600"]
+    if join.warm:
+        cmd += ["--isolation", "process"]  # the SuperNode serves its Runtime API; warm_runtime runs the tasks
     if join.insecure:
         cmd.append("--insecure")
     elif join.root_certificates:
@@ -92,3 +98,19 @@ def supernode_command(join: DeviceJoin) -> list[str]:
     if join.auth_key:
         cmd += ["--auth-supernode-private-key", str(join.auth_key)]
     return cmd
+
+
+def with_runtime_port(join: DeviceJoin) -> DeviceJoin:
+    """The join with its SuperNode's Runtime API port fixed (kept across SuperNode restarts, so the warm
+    runtime that polls it keeps running, and its model stays loaded, while the SuperNode rejoins)."""
+    import dataclasses
+
+    return join if join.runtime_port else dataclasses.replace(join, runtime_port=_free_port())
+
+
+def warm_runtime_command(join: DeviceJoin, parent_pid: int) -> list[str]:
+    """The device's long-lived ClientApp process (fedtune/flower/warm_runtime.py) for its SuperNode."""
+    if not join.runtime_port:
+        raise ValueError("fix the Runtime API port first (with_runtime_port)")
+    return [sys.executable, "-m", "fedtune.flower.warm_runtime", "--runtime-api-address",
+            f"127.0.0.1:{join.runtime_port}", "--parent-pid", str(parent_pid)]

@@ -136,7 +136,7 @@ def train_one(model, state: DeviceState, cfg, incoming: AdapterState, data: Clie
     update = device_round(model, incoming, data, state.training_task(plan, device), cfg.privacy, ledger,
                           split=cfg.personalization.split, store=state.private, device_key=key,
                           loss_chunk_tokens=t.loss_chunk_tokens, gradient_checkpointing=t.gradient_checkpointing,
-                          **_train_kwargs(cfg))
+                          checkpoint_every_n_layers=t.checkpoint_every_n_layers, **_train_kwargs(cfg))
     if ledger is not None:
         state.ledgers.save(ledger)
     return Trained(key, update, state.encode(key, update.adapter, incoming, cfg.federation.upload))

@@ -4,7 +4,8 @@ The launcher stages a tiny Flower app in the run directory (a pyproject.toml who
 ``fedtune.flower.apps:server_app`` / ``:client_app``), points a private FLWR_HOME at a private
 SuperLink port, submits the run, follows it until Flower reports it finished, and then stops the
 detached SuperLink it started, by PID. ``flwr run`` exits 0 even when a run fails, so the run's
-status is read back with ``flwr ls`` and a failure raises ``SimulationFailed`` with Flower's reason.
+status is read back with ``flwr ls`` (once the ``flwr log`` stream ends, not every poll) and a failure
+raises ``SimulationFailed`` with Flower's reason.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class SimulationHandle:
     status: str
     details: str
     seconds: float
+    status_calls: int = 0  # `flwr ls` processes spawned to follow the run
+    status_cpu_seconds: float = 0.0  # their CPU time
 
 
 def _free_port() -> int:
@@ -161,11 +164,41 @@ def stop_superlink(port: int, timeout: float = 15.0) -> None:
                 pass
 
 
+@dataclass
+class _PollCost:
+    """What following a run cost this process: status queries spawned and their CPU seconds."""
+
+    status_calls: int = 0
+    status_cpu_seconds: float = 0.0
+
+    def status(self, run_id: str, env: dict, cwd: Path) -> tuple[str, str]:
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        try:
+            return run_status(run_id, env, cwd)
+        finally:
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the reaped `flwr ls` child
+            self.status_calls += 1
+            self.status_cpu_seconds += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _start_follower(run_id: str, env: dict, cwd: Path, log_file) -> subprocess.Popen:
+    """``flwr log RUN_ID``: streams the run's log into ``log_file`` and exits when the run finishes."""
+    return subprocess.Popen([str(Path(sys.executable).with_name("flwr")), "log", run_id],
+                            env=env, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT)
+
+
 def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
                    on_poll: Callable[[], None] | None = None, poll_seconds: float = 1.0,
-                   timeout: float = 6 * 3600, clientapp: str = CLIENT_APP) -> SimulationHandle:
+                   timeout: float = 6 * 3600, clientapp: str = CLIENT_APP,
+                   status_seconds: float = 60.0) -> SimulationHandle:
     """Submit the run, follow it to the end, stop the SuperLink; raise SimulationFailed on failure.
 
+    Following costs no process per poll: the ``flwr log`` stream (one process for the whole run) ends
+    when the run finishes, and only then is the status read with ``flwr ls`` (a Python process that
+    imports flwr, ~2.4 s of CPU). ``on_poll`` runs in this process every ``poll_seconds``; the status is
+    also read every ``status_seconds`` in case the stream broke off, and a broken stream is restarted.
     ``clientapp`` names another ClientApp object (``module:attr``) for benchmarks against a baseline."""
     port = _free_port()
     env = flower_env(run, port, cfg.simulation.ray_address)
@@ -173,6 +206,7 @@ def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
     start = time.monotonic()
     log_file = open(run.flower / "flower.log", "w")
     follower = None
+    cost = _PollCost()
     try:
         out = flwr(["run", str(app), "--format", "json", "--federation-config",
                      federation_config(cfg, num_nodes)], env, run.root)
@@ -180,28 +214,45 @@ def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
             run_id = str(json.loads(out.stdout)["run-id"])
         except (ValueError, KeyError):
             raise SimulationFailed(f"flwr run did not start the run:\n{(out.stdout + out.stderr)[-2000:]}") from None
-        follower = subprocess.Popen([str(Path(sys.executable).with_name("flwr")), "log", run_id],
-                                    env=env, cwd=run.root, stdout=log_file, stderr=subprocess.STDOUT)
+        follower = _start_follower(run_id, env, run.root, log_file)
         status, details = "pending", ""
+        last_status, end_gap = time.monotonic(), 0.0  # the stream's first end is checked at once
         while not status.startswith("finished"):
             if time.monotonic() - start > timeout:
                 flwr(["stop", run_id], env, run.root)
                 raise SimulationFailed(f"run {run_id} exceeded {timeout:.0f}s and was stopped")
-            time.sleep(poll_seconds)
+            try:  # wakes as soon as the stream ends (the run finished), else after poll_seconds
+                follower.wait(poll_seconds)
+            except subprocess.TimeoutExpired:
+                pass
             if on_poll:
                 on_poll()
-            status, details = run_status(run_id, env, run.root)
+            ended = follower.poll() is not None
+            since = time.monotonic() - last_status
+            if (ended and since >= end_gap) or since >= status_seconds:
+                status, details = cost.status(run_id, env, run.root)
+                last_status = time.monotonic()
+                if ended and not status.startswith("finished"):
+                    log.warning("the log stream of run %s ended while the run is %s; following it again",
+                                run_id, status)
+                    end_gap = min(5.0, status_seconds)  # a stream that keeps breaking: one query per 5 s
+                    follower = _start_follower(run_id, env, run.root, log_file)
         if on_poll:
             on_poll()
-        handle = SimulationHandle(run_id, status, details, time.monotonic() - start)
+        handle = SimulationHandle(run_id, status, details, time.monotonic() - start,
+                                  cost.status_calls, cost.status_cpu_seconds)
+        log.info("followed run %s with %d status queries (%.1f s CPU)", run_id, cost.status_calls,
+                 cost.status_cpu_seconds)
         if status != "finished:completed":
             raise SimulationFailed(f"Flower run {run_id} ended {status}: {details}\n"
                                    f"(full log: {run.flower / 'flower.log'})")
         return handle
     finally:
         if follower is not None:
-            time.sleep(0.5)
-            follower.terminate()
+            try:
+                follower.wait(0.5)
+            except subprocess.TimeoutExpired:
+                follower.terminate()
             try:
                 follower.wait(5)
             except subprocess.TimeoutExpired:

@@ -30,6 +30,7 @@ from fedtune.packed.model import PackedModel, packed_lora
 from fedtune.packed.sampling import DeviceBatches
 from fedtune.privacy.dpsgd import resolve_noise
 from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.training.attention import training_attention
 from fedtune.types import AdapterState, ClientData, ClientTask, ClientUpdate
 
 
@@ -64,7 +65,8 @@ def _forward_backward(pm: PackedModel, x: torch.Tensor, dev: torch.Tensor, weigh
     losses = []
     for s in range(0, n, step):
         pm.batch.dev = dev[s:s + step]
-        loss = _per_sample_loss(pm.lm, x[s:s + step])  # [n_mb]
+        with training_attention(x.device):
+            loss = _per_sample_loss(pm.lm, x[s:s + step])  # [n_mb]
         (loss * weight[s:s + step]).sum().backward()
         losses.append(loss.detach())
     pm.batch.dev = None
@@ -81,8 +83,11 @@ def train_packed(
     planned_steps: int | None = None,
     weight_decay: float = 0.0,
     micro_batch: int | None = None,
+    noise_multipliers: Sequence[float] | None = None,
 ) -> list[ClientUpdate]:
-    """Train K devices packed on ``model`` (the worker's peft LoRA model); one ClientUpdate per device."""
+    """Train K devices packed on ``model`` (the worker's peft LoRA model); one ClientUpdate per device.
+    ``noise_multipliers`` (one per device) replace ``privacy``'s noise when each device was calibrated apart
+    (``fedtune.personalization.select``: what is left of each device's own budget)."""
     dp = privacy is not None and privacy.enabled
     _check_group(adapters, datas, tasks, dp, ledgers)
     if micro_batch is not None and micro_batch < 1:
@@ -100,10 +105,11 @@ def train_packed(
         if dp:
             from opacus.accountants import create_accountant
 
-            for s, t, ledger in zip(streams, tasks, ledgers):
+            for k, (s, t, ledger) in enumerate(zip(streams, tasks, ledgers)):
                 gen = torch.Generator(device=device)
                 gen.manual_seed(t.noise_seed)  # the noise stream, apart from the sampler's
-                sigma = resolve_noise(privacy, s.sample_rate, planned_steps or steps)
+                sigma = (float(noise_multipliers[k]) if noise_multipliers is not None
+                         else resolve_noise(privacy, s.sample_rate, planned_steps or steps))
                 noise.append(DeviceNoise(sigma, s.expected_batch_size, gen))
                 acc = create_accountant(privacy.accountant)
                 acc.history = [tuple(h) for h in ledger.history]

@@ -57,8 +57,17 @@ class PackedModel:
 
     def states(self) -> list[AdapterState]:
         """Every device's adapter: detached CPU fp32 copies, as ``get_adapter_state`` returns them."""
-        host = [(key, p.detach().to("cpu", torch.float32)) for key, p in self.params_in_order()]  # [K, ...] each
-        return [{key: t[k].clone() for key, t in host} for k in range(self.num_devices)]
+        params = self.params_in_order()
+        k_dev = self.num_devices
+        # one device-to-host copy of [K, P] (P: one device's adapter size), then per device one clone of
+        # its row, split into views: K copies instead of K x (number of tensors), each state in its own storage
+        flat = torch.cat([p.detach().reshape(k_dev, -1) for _, p in params], dim=1).to("cpu", torch.float32)
+        sizes = [p[0].numel() for _, p in params]
+        states = []
+        for k in range(k_dev):
+            parts = flat[k].clone().split(sizes)
+            states.append({key: t.view(p.shape[1:]) for (key, p), t in zip(params, parts)})
+        return states
 
 
 def _lora_modules(peft_model) -> list[tuple[str, torch.nn.Module]]:

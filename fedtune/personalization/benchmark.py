@@ -3,8 +3,13 @@
 For each setting (DP off, DP on with the config's noise), on the same users and the same base model:
   1. a FedAvg federation (``split=none``) gives the global adapter;
   2. a FedSA-LoRA federation (``split=fedsa``) gives the shared A and each device's private B;
-  3. every user is evaluated on their own held-out data: base, global, global+FT and local-only from run 1,
-     split from run 2 (``fedtune.personalization.evaluate``).
+  3. every TEST user (``personalization.eval_users``: users are split once, by id hash, into tuning users,
+     on which hyperparameters are chosen, and test users, on which results are reported;
+     ``fedtune.personalization.users``) is evaluated on their own held-out data: base, global, global+FT, the
+     device's own selected model (personalized) and local-only from run 1, split from run 2
+     (``fedtune.personalization.evaluate``).
+Every device's DP-SGD noise is calibrated to ``privacy.target_epsilon`` from its own sampling rate; a device
+too small to train within it sits out and is named; any ε above the target is flagged in the report.
 Both federations run in this process (``federate``), so the recipe also runs where Ray does not (the GPU
 machine); the run directories it writes are ordinary runs that ``fedtune evaluate`` reads.
 
@@ -25,6 +30,8 @@ from fedtune.adapters import get_adapter_state
 from fedtune.config import ExperimentConfig
 from fedtune.personalization.evaluate import evaluate_users
 from fedtune.federation.inprocess import run_inprocess as federate
+from fedtune.personalization.users import select_users
+from fedtune.privacy.device_budget import budget_warning, over_target, sit_out_reason
 from fedtune.personalization.run_eval import load_model, sources_for
 from fedtune.personalization.summary import best_personalized, format_table, write_outputs
 from fedtune.types import ClientData
@@ -40,33 +47,80 @@ def _with(cfg: ExperimentConfig, dp: bool, split: str) -> ExperimentConfig:
     })
 
 
+def sit_outs(cfg: ExperimentConfig, clients: list[ClientData]) -> dict[str, str]:
+    """{user: why} for the devices too small to train within their per-device DP budget
+    (``fedtune.privacy.device_budget``): they sit out of the federation and keep the global model."""
+    p = cfg.privacy
+    if not p.enabled:
+        return {}
+    planned = cfg.federation.rounds * cfg.train.local_steps
+    out = {}
+    for c in clients:
+        why = sit_out_reason(c.num_train, cfg.train.batch_size, planned, p.target_epsilon, p.delta, p.accountant,
+                             p.max_noise_to_batch)
+        if why:
+            log.warning("device %s sits out: %s", c.user_id, why)
+            out[c.user_id] = why
+    return out
+
+
 def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp: bool, device: str,
-                progress=None, pack: int = 1) -> dict:
+                progress=None, pack: int = 1, initial=None) -> dict:
+    """One privacy setting. ``initial``: the seeded starting adapter (the cached model keeps whatever the
+    previous setting left on it, so ``run_benchmark`` takes it once, before any training)."""
     model = load_model(cfg, device)
-    initial = get_adapter_state(model)  # loaded fresh by load_model's cache: the seeded init
+    initial = initial if initial is not None else get_adapter_state(model)
     t0 = time.perf_counter()
+    sat_out = sit_outs(_with(cfg, dp, "none"), clients)
+    trainable = [c for c in clients if c.user_id not in sat_out]
     runs = {}
-    for split in ("none", "fedsa"):
+    for split in ("none", "fedsa") if "split" in cfg.personalization.methods else ("none",):
         run = RunDir.create(out / ("fedavg" if split == "none" else "fedsa"))
-        records = federate(_with(cfg, dp, split), model, clients, run, initial=initial, pack=pack,
+        records = federate(_with(cfg, dp, split), model, trainable, run, initial=initial, pack=pack,
                            progress=(lambda r, u, upd, s=split: progress(f"{s} round {r}: {u} loss "
                                                                           f"{upd.train_loss:.3f}")) if progress else None)
         runs[split] = (run, records)
     fed_seconds = time.perf_counter() - t0
     avg_cfg, sa_cfg = _with(cfg, dp, "none"), _with(cfg, dp, "fedsa")
     src_avg = sources_for(runs["none"][0], avg_cfg, initial)
-    src_sa = sources_for(runs["fedsa"][0], sa_cfg, initial)
+    src_sa = sources_for(runs["fedsa"][0], sa_cfg, initial) if "fedsa" in runs else None
     methods = [m for m in cfg.personalization.methods if m != "split"]
+    per = cfg.personalization
+    wanted = set(select_users([c.user_id for c in clients], per.eval_users, per.tuning_fraction, per.eval_max_users))
+    evaluated = [c for c in clients if c.user_id in wanted]
     t1 = time.perf_counter()
     user_progress = (lambda d, n, u: progress(f"evaluated {u} ({d}/{n})")) if progress else None
-    results = evaluate_users(model, clients, src_avg, avg_cfg, methods, progress=user_progress, pack=pack)
+    results = evaluate_users(model, evaluated, src_avg, avg_cfg, methods, progress=user_progress, pack=pack)
     if "split" in cfg.personalization.methods:
-        results += evaluate_users(model, clients, src_sa, sa_cfg, ["split"])
+        results += evaluate_users(model, evaluated, src_sa, sa_cfg, ["split"])
+    target = (cfg.privacy.device_epsilon_budget or cfg.privacy.target_epsilon) if dp else None
+    warnings = [budget_warning(f"{r.user} ({r.method})", r.epsilon, target) for r in results
+                if over_target(r.epsilon, target)]
+    for w in warnings:
+        log.warning(w)
+        if progress:
+            progress(w)
+    (out / "sat_out.json").write_text(json.dumps(sat_out, indent=1))
     summaries = write_outputs(results, out / "eval", title=f"{cfg.name}, DP {'on' if dp else 'off'}")
     best = best_personalized(summaries)
     by = {s.method: s for s in summaries}
+    pers = by.get("personalized")
     return {
         "dp": dp,
+        "target_epsilon": target,
+        "epsilon_warnings": warnings,
+        "sat_out": sat_out,
+        "users_evaluated": [c.user_id for c in evaluated],
+        "user_split": per.eval_users,
+        "personalized_targets": None if pers is None else {
+            "at_least_as_good_as_global": pers.not_worse_than_global,
+            "better_than_global": pers.improved_over_global,
+            "median_change_vs_global": pers.median_change_vs_global,
+            "better_than_local_only": pers.improved_over_local,
+            "met": bool(pers.not_worse_than_global is not None and pers.not_worse_than_global >= 0.95
+                        and (pers.improved_over_global or 0) >= 0.90 and (pers.median_change_vs_global or 0) <= -0.03
+                        and (pers.improved_over_local is None or pers.improved_over_local >= 0.90)),
+        },
         "noise_multiplier": cfg.privacy.noise_multiplier if dp else None,
         "delta": cfg.privacy.delta if dp else None,
         "methods": [s.row() for s in summaries],
@@ -88,9 +142,10 @@ def run_benchmark(cfg: ExperimentConfig, clients: list[ClientData], out: str | P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"name": cfg.name, "users": len(clients), "device": device, "pack": pack, "settings": []}
+    initial = get_adapter_state(load_model(cfg, device))  # the seeded init, before any setting trains
     for dp in settings:
         report["settings"].append(run_setting(cfg, clients, out / ("dp-on" if dp else "dp-off"), dp, device,
-                                              progress, pack))
+                                              progress, pack, initial))
     (out / "benchmark.json").write_text(json.dumps(report, indent=1))
     (out / "benchmark.md").write_text(format_report(report))
     return report
@@ -100,12 +155,26 @@ def format_report(report: dict) -> str:
     lines = [f"# Personalization benchmark: {report['name']} ({report['users']} users, {report['device']})", ""]
     for s in report["settings"]:
         eps = max((m["max_epsilon"] or 0) for m in s["methods"]) if s["dp"] else None
-        head = (f"## DP-SGD on (noise multiplier {s['noise_multiplier']}, δ={s['delta']}, max device ε {eps:.2f})"
-                if s["dp"] else "## DP off")
+        sigma = (f"per-device noise calibrated to a device budget of ε ≤ {s['target_epsilon']}"
+                 if s.get("target_epsilon")
+                 else f"noise multiplier {s['noise_multiplier']}")
+        head = (f"## DP-SGD on ({sigma}, δ={s['delta']}, max device ε {eps:.2f})" if s["dp"] else "## DP off")
         verdict = (f"best personalized method: **{s['best_personalized']}**, better than the global adapter for "
                    f"{100 * (s['best_beats_global_share'] or 0):.0f}% of users; beats local-only on mean "
                    f"perplexity: {'yes' if s['best_beats_local_only_mean'] else 'no'}")
-        lines += [head, "", s["table"], "", verdict,
+        t = s.get("personalized_targets")
+        targets = [] if not t else [
+            "personalized vs targets: at least as good as global for "
+            f"{100 * (t['at_least_as_good_as_global'] or 0):.0f}% "
+            f"(target 95%), strictly better for {100 * (t['better_than_global'] or 0):.0f}% (90%), median perplexity "
+            f"change {100 * (t['median_change_vs_global'] or 0):+.1f}% (≤ -3%), better than local-only for "
+            f"{100 * (t['better_than_local_only'] or 0):.0f}% (90%): **{'met' if t['met'] else 'not met'}**"]
+        extra = [f"users evaluated: {len(s.get('users_evaluated', []))} ({s.get('user_split', 'all')} users)"]
+        if s.get("sat_out"):
+            extra.append(f"devices that sat out (too small for the budget): {len(s['sat_out'])}: "
+                         + ", ".join(sorted(s["sat_out"])))
+        extra += [f"**{w}**" for w in s.get("epsilon_warnings", [])]
+        lines += [head, "", s["table"], "", verdict, *targets, *extra,
                   f"(federations {s['federation_seconds']} s, evaluation {s['evaluation_seconds']} s; global "
                   f"perplexity by round {[round(x, 2) for x in s['global_perplexity_by_round']]})", ""]
     return "\n".join(lines)

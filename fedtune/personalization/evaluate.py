@@ -4,6 +4,8 @@
     global      the federation's final global adapter, as is
     finetune    the global adapter fine-tuned on the user's own training data for ``finetune_steps``
                 (DP-SGD with the run's privacy settings, continuing the device's own privacy ledger)
+    personalized  the model the device selected on a validation slice of its own training chunks: global,
+                global + k local steps or a global/fine-tuned mix (``fedtune.personalization.select``)
     split       the split run's shared part + the device's private part (``personalization.split``)
     local_only  a fresh adapter trained only on the user's data (no federation), the baseline
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from fedtune.adapters import get_adapter_state, set_adapter_state
@@ -25,7 +27,7 @@ from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.training import evaluate_chunks, train_local
 from fedtune.types import AdapterState, ClientData, ClientTask
 
-METHODS = ("base", "global", "finetune", "split", "local_only")
+METHODS = ("base", "global", "finetune", "personalized", "split", "local_only")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class UserResult:
     tokens: int
     train_steps: int  # local steps this method spent on the user's device at evaluation time
     epsilon: float | None  # the device's sample-level epsilon under this method (None without DP)
+    choice: str = ""  # personalized: the selected candidate (e.g. finetune@8, mix@0.5/k8, global)
 
     def row(self) -> dict:
         return asdict(self)
@@ -54,6 +57,7 @@ class Sources:
     split_name: str = "none"
     private_for: Callable[[str], AdapterState | None] = lambda user: None
     ledger_for: Callable[[str], PrivacyLedger | None] = lambda user: None
+    choices: object | None = None  # a SelectionStore: where each device keeps its selected model's choice
 
 
 def _seed(cfg: ExperimentConfig, user: str, method: str) -> int:
@@ -90,9 +94,30 @@ def _start(method: str, data: ClientData, src: Sources, cfg: ExperimentConfig):
     return src.initial, local_only_steps(cfg, src.n_users), fresh
 
 
+def _privacy(cfg: ExperimentConfig, data: ClientData, steps: int, ledger: PrivacyLedger | None):
+    """The device's DP-SGD setting for ``steps`` personal steps within its budget, or None if it cannot train
+    (too small, or its budget is spent: it keeps what it has; ``fedtune.personalization.select``)."""
+    from fedtune.personalization.select import personal_privacy
+    from fedtune.privacy.device_budget import DeviceTooSmall
+
+    try:
+        return personal_privacy(cfg, data, steps, ledger)
+    except DeviceTooSmall:
+        return None
+
+
+def _spent_by(ledger: PrivacyLedger | None, cfg: ExperimentConfig) -> float | None:
+    return (ledger.epsilon(cfg.privacy.delta) if ledger is not None and ledger.history else 0.0) \
+        if cfg.privacy.enabled else None
+
+
 def _train(model, data: ClientData, cfg: ExperimentConfig, method: str, src: Sources) -> tuple[int, float | None]:
     start, steps, ledger = _start(method, data, src, cfg)
-    update = train_local(model, start, data, _task(cfg, data, method, steps), cfg.privacy, ledger,
+    privacy = _privacy(cfg, data, steps, ledger)
+    if privacy is None:
+        set_adapter_state(model, start)
+        return 0, _spent_by(ledger, cfg)
+    update = train_local(model, start, data, _task(cfg, data, method, steps), privacy, ledger,
                          planned_steps=steps, weight_decay=cfg.train.weight_decay)
     set_adapter_state(model, update.adapter)
     return steps, update.epsilon
@@ -104,20 +129,30 @@ def train_packed_methods(model, clients: list[ClientData], src: Sources, cfg: Ex
     {(user, method): (adapter, steps, epsilon)}, the same as training each user alone."""
     from fedtune.packed import train_packed
 
+    dp = cfg.privacy.enabled
     out = {}
     for method in [m for m in ("finetune", "local_only") if m in methods]:
         if method == "finetune" and src.global_state is None:
             continue
-        users = [c for c in clients if c.heldout.shape[0] > 0]
+        users = []
+        for d in [c for c in clients if c.heldout.shape[0] > 0]:
+            start, steps, ledger = _start(method, d, src, cfg)
+            privacy = _privacy(cfg, d, steps, ledger)
+            if privacy is None:  # cannot train within its budget: keeps its starting adapter
+                out[d.user_id, method] = (start, 0, _spent_by(ledger, cfg))
+            else:
+                users.append((d, start, steps, ledger, privacy))
         for i in range(0, len(users), pack):
             group = users[i:i + pack]
-            starts = [_start(method, d, src, cfg) for d in group]
-            steps = starts[0][1]
-            ledgers = [s[2] for s in starts] if cfg.privacy.enabled else None
-            updates = train_packed(model, [s[0] for s in starts], group, [_task(cfg, d, method, steps) for d in group],
-                                   cfg.privacy, ledgers, planned_steps=steps, weight_decay=cfg.train.weight_decay)
-            for d, u in zip(group, updates):
-                out[d.user_id, method] = (u.adapter, steps, u.epsilon)
+            steps = group[0][2]
+            updates = train_packed(model, [g[1] for g in group], [g[0] for g in group],
+                                   [_task(cfg, g[0], method, steps) for g in group],
+                                   cfg.privacy.model_copy(update={"target_epsilon": None}),
+                                   [g[3] for g in group] if dp else None, planned_steps=steps,
+                                   weight_decay=cfg.train.weight_decay,
+                                   noise_multipliers=[g[4].noise_multiplier for g in group] if dp else None)
+            for g, u in zip(group, updates):
+                out[g[0].user_id, method] = (u.adapter, steps, u.epsilon)
     return out
 
 
@@ -146,6 +181,16 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
         set_adapter_state(model, merge(src.split_shared, private if private is not None
                                        else initial_private(src.initial, src.split_name)))
         epsilon = _spent(data, src, cfg)
+    elif method == "personalized":
+        if src.global_state is None:
+            return None
+        if trained is not None and (data.user_id, method) in trained:
+            adapter, steps, epsilon, choice = trained[data.user_id, method]
+        else:
+            adapter, steps, epsilon, choice = personalize(model, data, src, cfg, src.choices)
+        set_adapter_state(model, adapter)
+        res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
+        return replace(_result(data, method, res, steps, epsilon), choice=choice)
     elif method in ("finetune", "local_only"):
         if method == "finetune" and src.global_state is None:
             return None
@@ -158,6 +203,40 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
         raise ValueError(f"unknown personalization method {method!r}; expected one of {METHODS}")
     res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
     return _result(data, method, res, steps, epsilon)
+
+
+def _ledger_copy(data: ClientData, src: Sources, cfg: ExperimentConfig) -> PrivacyLedger | None:
+    if not cfg.privacy.enabled:
+        return None
+    own = src.ledger_for(data.user_id)
+    return copy.deepcopy(own) if own is not None else PrivacyLedger(data.user_id, cfg.privacy.accountant)
+
+
+def personalize_all(model, clients: list[ClientData], src: Sources, cfg: ExperimentConfig, pack: int) -> dict:
+    """``personalize`` for every user, the fine-tuning segments ``pack`` users at a time (packed engine):
+    {(user, "personalized"): (adapter, steps, epsilon, choice label)}."""
+    from fedtune.personalization.select import select_models
+
+    picked = select_models(model, src.global_state, clients, cfg, [_ledger_copy(c, src, cfg) for c in clients],
+                           [_seed(cfg, c.user_id, "select") for c in clients], pack=pack)
+    out = {}
+    for c, (adapter, choice) in zip(clients, picked):
+        if src.choices is not None:
+            src.choices.save(choice)
+        out[c.user_id, "personalized"] = (adapter, choice.steps, choice.epsilon, choice.label)
+    return out
+
+
+def personalize(model, data: ClientData, src: Sources, cfg: ExperimentConfig, store=None):
+    """The device's own model selection (``fedtune.personalization.select``), continuing a copy of its ledger:
+    (adapter, steps, epsilon, choice label); the choice is saved to ``store`` (device-local) when given."""
+    from fedtune.personalization.select import select_model
+
+    adapter, choice = select_model(model, src.global_state, data, cfg, _ledger_copy(data, src, cfg),
+                                   _seed(cfg, data.user_id, "select"))
+    if store is not None:
+        store.save(choice)
+    return adapter, choice.steps, choice.epsilon, choice.label
 
 
 def _spent(data: ClientData, src: Sources, cfg: ExperimentConfig) -> float | None:
@@ -184,6 +263,8 @@ def evaluate_users(model, clients: list[ClientData], src: Sources, cfg: Experime
     out: list[UserResult] = []
     try:
         trained = train_packed_methods(model, clients, src, cfg, methods, pack) if pack > 1 else None
+        if pack > 1 and "personalized" in methods and src.global_state is not None:
+            trained.update(personalize_all(model, [c for c in clients if c.heldout.shape[0] > 0], src, cfg, pack))
         for i, data in enumerate(clients):
             for method in methods:
                 r = evaluate_user(model, data, method, src, cfg, trained)

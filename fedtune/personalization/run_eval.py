@@ -18,7 +18,9 @@ from fedtune.adapters.split import merge, initial_private, shared_part
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.data.partition import load_client_data, read_index
 from fedtune.personalization.evaluate import Sources, UserResult, evaluate_users
+from fedtune.personalization.select import SelectionStore
 from fedtune.personalization.store import PrivateStateStore
+from fedtune.personalization.users import select_users
 from fedtune.personalization.summary import MethodSummary, write_outputs
 from fedtune.privacy.ledger import LedgerStore
 from fedtune.types import AdapterState
@@ -63,7 +65,8 @@ def sources_for(run: RunDir, cfg: ExperimentConfig, template: AdapterState) -> S
     store = PrivateStateStore(run.private)
     ledgers = LedgerStore(run.ledgers)
     src = Sources(initial=initial, split_name=split, n_users=len(read_index(run.data)),
-                  ledger_for=lambda user: ledgers.load(user, cfg.privacy.accountant) if cfg.privacy.enabled else None)
+                  ledger_for=lambda user: ledgers.load(user, cfg.privacy.accountant) if cfg.privacy.enabled else None,
+                  choices=SelectionStore(run.root / "state" / "selection"))
     if split == "none":
         src.global_state = final
     else:  # the global model of a split run is the shared part with the private part at its init
@@ -98,7 +101,10 @@ def evaluate_run(run_dir: str | Path, methods: list[str] | None = None, device: 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(cfg, device)
     src = sources_for(run, cfg, get_adapter_state(model))
-    clients = [load_client_data(run.data, i) for i in range(len(index))]
+    per = cfg.personalization
+    users = select_users([row["user_id"] for row in index], per.eval_users, per.tuning_fraction, per.eval_max_users)
+    wanted = set(users)
+    clients = [load_client_data(run.data, i) for i, row in enumerate(index) if row["user_id"] in wanted]
     chosen = list(methods or cfg.personalization.methods)
     results = evaluate_users(model, clients, src, cfg, chosen, progress=progress)
     summaries = write_outputs(results, run.eval, title=cfg.name)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fedtune.personalization.evaluate import METHODS, UserResult
 
-PERSONALIZED = ("finetune", "split")
+PERSONALIZED = ("personalized", "finetune", "split")
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class MethodSummary:
     improved_over_global: float | None  # share of users, None if there is no global result
     improved_over_local: float | None
     max_epsilon: float | None
+    not_worse_than_global: float | None = None  # share of users with perplexity <= global's
+    median_change_vs_global: float | None = None  # median over users of ppl / global ppl - 1 (negative: better)
 
     def row(self) -> dict:
         return dict(self.__dict__)
@@ -49,6 +51,16 @@ def _share_better(mine: dict[str, UserResult], other: dict[str, UserResult] | No
     return sum(mine[u].perplexity < other[u].perplexity for u in users) / len(users) if users else None
 
 
+def _share_not_worse(mine: dict[str, UserResult], other: dict[str, UserResult] | None) -> float | None:
+    users = [u for u in mine if other and u in other]
+    return sum(mine[u].perplexity <= other[u].perplexity for u in users) / len(users) if users else None
+
+
+def _median_change(mine: dict[str, UserResult], other: dict[str, UserResult] | None) -> float | None:
+    users = [u for u in mine if other and u in other]
+    return statistics.median(mine[u].perplexity / other[u].perplexity - 1 for u in users) if users else None
+
+
 def summarize(results: list[UserResult]) -> list[MethodSummary]:
     by = _by(results)
     out = []
@@ -64,12 +76,14 @@ def summarize(results: list[UserResult]) -> list[MethodSummary]:
             improved_over_global=_share_better(rows, by.get("global")) if method != "global" else None,
             improved_over_local=_share_better(rows, by.get("local_only")) if method != "local_only" else None,
             max_epsilon=max(eps) if eps else None,
+            not_worse_than_global=_share_not_worse(rows, by.get("global")) if method != "global" else None,
+            median_change_vs_global=_median_change(rows, by.get("global")) if method != "global" else None,
         ))
     return out
 
 
 def best_personalized(summaries: list[MethodSummary]) -> MethodSummary | None:
-    """The personalized method (finetune or split) with the lowest mean perplexity."""
+    """The personalized method (personalized, finetune or split) with the lowest mean perplexity."""
     cands = [s for s in summaries if s.method in PERSONALIZED]
     return min(cands, key=lambda s: s.mean_perplexity) if cands else None
 
@@ -82,11 +96,14 @@ def _fmt(x, pct: bool = False) -> str:
 
 def format_table(summaries: list[MethodSummary]) -> str:
     head = ("| method | users | mean ppl | median ppl | worst 10% ppl | mean acc | better than global "
-            "| better than local-only | max ε |\n|---|---|---|---|---|---|---|---|---|")
+            "| at least as good as global | median change vs global | better than local-only | max ε |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for s in summaries:
+        change = "-" if s.median_change_vs_global is None else f"{100 * s.median_change_vs_global:+.1f}%"
         lines.append(f"| {s.method} | {s.users} | {_fmt(s.mean_perplexity)} | {_fmt(s.median_perplexity)} | "
                      f"{_fmt(s.worst10_perplexity)} | {_fmt(s.mean_accuracy)} | {_fmt(s.improved_over_global, True)} "
+                     f"| {_fmt(s.not_worse_than_global, True)} | {change} "
                      f"| {_fmt(s.improved_over_local, True)} | {_fmt(s.max_epsilon)} |")
     return "\n".join(lines)
 

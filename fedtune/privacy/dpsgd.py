@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.config import PrivacyConfig
-from fedtune.privacy.accounting import noise_for_target_epsilon
+from fedtune.privacy.device_budget import calibrate, check_trainable
 from fedtune.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,18 @@ class PrivateTraining:
         self.module._close()  # removes hooks and grad_sample attributes; the model is reused
 
 
-def resolve_noise(cfg: PrivacyConfig, sample_rate: float, planned_steps: int) -> float:
+def resolve_noise(cfg: PrivacyConfig, sample_rate: float, planned_steps: int, num_examples: int | None = None) -> float:
+    """The configured noise multiplier, or, with ``target_epsilon``, this device's own σ calibrated at its
+    ``sample_rate`` so that its ε after ``planned_steps`` steps is at most the target
+    (``fedtune.privacy.device_budget``). With ``num_examples``, raises ``DeviceTooSmall`` when that noise
+    would swamp the device's gradient (the device sits out)."""
     if cfg.target_epsilon is None:
         return float(cfg.noise_multiplier)
-    return noise_for_target_epsilon(cfg.target_epsilon, cfg.delta, sample_rate, planned_steps, cfg.accountant)
+    sigma = calibrate(sample_rate, planned_steps, cfg.target_epsilon, cfg.delta, cfg.accountant)
+    if num_examples is not None:
+        check_trainable(num_examples, sample_rate, sigma, cfg.max_noise_to_batch,
+                        f"epsilon <= {cfg.target_epsilon} over {planned_steps} steps")
+    return sigma
 
 
 def make_private(
@@ -51,7 +59,7 @@ def make_private(
     from fedtune.privacy.noise import use_flat_noise
 
     sample_rate = 1.0 / len(loader)
-    noise = resolve_noise(cfg, sample_rate, planned_steps)
+    noise = resolve_noise(cfg, sample_rate, planned_steps, len(loader.dataset))
     engine = PrivacyEngine(accountant=cfg.accountant)
     engine.accountant.history = [tuple(h) for h in ledger.history]
     noise_gen = torch.Generator(device=next(p.device for p in model.parameters() if p.requires_grad))

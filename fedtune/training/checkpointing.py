@@ -17,17 +17,33 @@ def _causal(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def set_gradient_checkpointing(model, enabled: bool) -> None:
-    """Turn reentrant checkpointing of the decoder layers on or off (idempotent; the model is cached)."""
+def _layers(causal) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in causal.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_gradient_checkpointing(model, enabled: bool, every_n_layers: int = 1) -> None:
+    """Turn reentrant checkpointing of the decoder layers on or off (idempotent; the model is cached).
+
+    ``every_n_layers`` > 1 checkpoints only layers 0, n, 2n, ...: the others keep their activations, so
+    the step recomputes 1/n of the forward instead of all of it, for n-1/n of the memory saved."""
+    if every_n_layers < 1:
+        raise ValueError(f"train.checkpoint_every_n_layers must be >= 1, got {every_n_layers}")
     causal = _causal(model)
-    on = getattr(causal, "is_activation_checkpointing", None)  # transformers >= 5.2x; earlier: is_gradient_...
-    if enabled == bool(on if on is not None else getattr(causal, "is_gradient_checkpointing", False)):
+    layers = _layers(causal)
+    want = [enabled and i % every_n_layers == 0 for i in range(len(layers))]
+    if [bool(getattr(m, "gradient_checkpointing", False)) for m in layers] == want and (
+            enabled == (getattr(causal, "_require_grads_hook", None) is not None)):
         return
     if not getattr(causal, "supports_gradient_checkpointing", False):
         raise ValueError(f"train.gradient_checkpointing: {type(causal).__name__} does not support it; "
                          "set train.gradient_checkpointing=false")
     if enabled:
-        causal.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        if getattr(causal, "_require_grads_hook", None) is not None:  # re-enabling adds its own: one only
+            causal.disable_input_require_grads()
+        causal.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True},
+                                             every_n_layers=every_n_layers)
         if getattr(causal, "_require_grads_hook", None) is None:
             causal.enable_input_require_grads()
     else:

@@ -14,8 +14,10 @@ import torch
 from fedtune.adapters import get_adapter_state, set_adapter_state
 from fedtune.config import PrivacyConfig
 from fedtune.privacy.dpsgd import make_private
+from fedtune.training.attention import training_attention
 from fedtune.training.checkpointing import set_gradient_checkpointing
 from fedtune.training.loss import causal_lm_loss
+from fedtune.training.memory import release_freed_heap
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.types import AdapterState, ClientData, ClientTask, ClientUpdate
 
@@ -52,11 +54,13 @@ def train_local(
     weight_decay: float = 0.0,
     loss_chunk_tokens: int | None = None,
     gradient_checkpointing: bool = False,
+    checkpoint_every_n_layers: int = 1,
 ) -> ClientUpdate:
     """Train the adapter for ``task.local_steps`` steps; with ``privacy.enabled``, by DP-SGD.
 
     ``loss_chunk_tokens`` and ``gradient_checkpointing`` trade nothing / one extra forward for memory
     (``fedtune.training.loss``, ``fedtune.training.checkpointing``); the result is the same.
+    ``checkpoint_every_n_layers`` > 1 checkpoints only every n-th decoder layer (less recompute, more memory).
     """
     if data.num_train == 0:
         raise ValueError(f"client {data.user_id} has no training chunks")
@@ -67,7 +71,7 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable adapter parameters")
-    set_gradient_checkpointing(model, gradient_checkpointing)
+    set_gradient_checkpointing(model, gradient_checkpointing, checkpoint_every_n_layers)
     model.train()
     optimizer = torch.optim.AdamW(params, lr=task.lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(task.seed)
@@ -89,16 +93,19 @@ def train_local(
                 _noise_only_step(optimizer, params)
                 continue
             x = x.to(device)  # [B, T]
-            loss = causal_lm_loss(model, x, loss_chunk_tokens)  # opacus' hooks sit on model's layers
+            with training_attention(device):
+                loss = causal_lm_loss(model, x, loss_chunk_tokens)  # opacus' hooks sit on model's layers
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss.detach())  # read back once at the end: no device sync per step
             tokens += x.numel()
     finally:
         if private is not None:
             private.close(ledger, task.server_round)
-    train_loss = sum(losses) / len(losses) if losses else math.nan
+    train_loss = torch.stack(losses).double().mean().item() if losses else math.nan
+    if device.type == "cpu":  # a long-lived worker would otherwise keep this call's peak heap for good
+        release_freed_heap()
     epsilon = ledger.epsilon(privacy.delta) if dp else None
     metrics = {"noise_multiplier": private.noise_multiplier, "sample_rate": private.sample_rate} if dp else {}
     return ClientUpdate(

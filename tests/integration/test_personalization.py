@@ -30,7 +30,7 @@ def test_fedsa_run_through_flower_then_per_user_evaluation(tmp_path):
         assert r["clients_succeeded"] == 4 and r["upload_bytes"] == 4 * (a_bytes + 128 * len(a_keys))
         assert r["upload_bytes"] < 4 * r["adapter_bytes"]
     rows = list(csv.DictReader(open(out / "eval" / "per_user.csv")))
-    assert {r["method"] for r in rows} == {"base", "global", "finetune", "split", "local_only"}
+    assert {r["method"] for r in rows} == {"base", "global", "finetune", "personalized", "split", "local_only"}
     assert {r["user"] for r in rows} == set(users)
     assert "best personalized method" in proc.stdout
     assert (out / "eval" / "summary.md").is_file() and (out / "eval" / "per_user_distribution.png").is_file()

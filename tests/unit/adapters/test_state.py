@@ -64,3 +64,24 @@ def test_prompt_tuning_state_is_the_prompt_embedding():
 def test_unknown_target_module_is_explained():
     with pytest.raises(ValueError, match="not modules of this model"):
         _model(target_modules=["query"])
+
+
+def test_cached_key_mapping_follows_a_change_of_trainable_parameters():
+    """The state-key mapping is cached per model; freezing a factor must change the state, not reuse it."""
+    model, _ = _model()
+    state = get_adapter_state(model)
+    frozen = next(k for k in state if "lora_A" in k)
+    param = next(p for n, p in model.named_parameters() if n.startswith(frozen.rsplit(".weight", 1)[0]))
+    param.requires_grad_(False)
+    assert frozen not in get_adapter_state(model)
+    with pytest.raises(ValueError, match="unexpected"):
+        set_adapter_state(model, state)
+    param.requires_grad_(True)
+    assert set(get_adapter_state(model)) == set(state)
+
+
+def test_prompt_tuning_state_loads_through_peft():
+    model, _ = _model(method="prompt_tuning", num_virtual_tokens=5)
+    new = {k: torch.randn_like(v) for k, v in get_adapter_state(model).items()}
+    set_adapter_state(model, new)
+    assert torch.equal(get_adapter_state(model)["prompt_embeddings"], new["prompt_embeddings"])

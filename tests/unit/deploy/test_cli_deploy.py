@@ -49,6 +49,21 @@ def test_bad_config_is_one_line(tmp_path, certs):
     _one_line_error(proc, "federation.rounds", "federation.aggregation: user-dp cannot be combined with robust")
 
 
+def test_server_refuses_a_foreign_out_dir_and_bad_data_before_writing(tmp_path, certs):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    proc = _cli("server", "start", "configs/deploy-smoke.yaml", "--out", str(mine), "--certs", str(certs))
+    _one_line_error(proc, "not empty and is not a fedtune run")
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user_id": "a", "text": "x"}\n{"text": "no user"}\n')
+    proc = _cli("server", "start", "configs/deploy-smoke.yaml", "--out", str(tmp_path / "run"), "--certs",
+                str(certs), "--set", "data.source=files", "--set", f"data.path={bad}")
+    _one_line_error(proc, "1 of 2 rows have no 'user_id'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_server_without_certificates_is_one_line(tmp_path):
     proc = _cli("server", "start", "configs/deploy-smoke.yaml", "--out", str(tmp_path / "run"))
     _one_line_error(proc, "--certs", "fedtune certs ca")

@@ -60,3 +60,22 @@ def test_two_supernodes_on_one_host_get_their_own_runtime_ports(tmp_path):
     a, b = supernode_command(join), supernode_command(join)
     assert a[a.index("--port") + 1] != b[b.index("--port") + 1]
     assert "--insecure" in a
+
+
+def test_a_warm_device_runs_its_supernode_in_process_isolation(tmp_path):
+    from fedtune.deploy.supernode import warm_runtime_command, with_runtime_port
+
+    join = DeviceJoin(superlink="127.0.0.1:1", data_path=tmp_path / "d.jsonl", insecure=True)
+    cmd = supernode_command(join)
+    assert cmd[cmd.index("--isolation") + 1] == "process"  # the SuperNode launches no flwr-clientapp itself
+    cold = supernode_command(DeviceJoin(superlink="127.0.0.1:1", data_path=tmp_path / "d.jsonl", insecure=True,
+                                        warm=False))
+    assert "--isolation" not in cold  # Flower's default: a fresh ClientApp process per round
+    with pytest.raises(ValueError, match="port"):
+        warm_runtime_command(join, 1)
+    fixed = with_runtime_port(join)
+    assert with_runtime_port(fixed) is fixed  # the port survives SuperNode restarts
+    runtime = warm_runtime_command(fixed, 4242)
+    snode = supernode_command(fixed)
+    assert runtime[runtime.index("--runtime-api-address") + 1] == f"127.0.0.1:{snode[snode.index('--port') + 1]}"
+    assert runtime[runtime.index("--parent-pid") + 1] == "4242" and "fedtune.flower.warm_runtime" in runtime

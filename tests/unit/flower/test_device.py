@@ -126,3 +126,23 @@ def test_a_device_that_cannot_read_the_servers_files_uses_the_shipped_config(tmp
     assert ctx.cfg == cfg and ctx.cfg.train.local_steps == 7
     assert str(ctx.run.root).startswith(str(tmp_path / "device" / "runs"))
     assert not __import__("pathlib").Path("/srv/nowhere").exists()
+
+
+def test_a_warm_process_rereads_a_changed_data_file(tmp_path):
+    """One ClientApp process serves every round of a device: new rows in its file are seen next round."""
+    import json
+    import os
+
+    from fedtune.flower.device import DeviceSettings, device_data
+    from tests.conftest import make_config
+
+    cfg = make_config()
+    path = tmp_path / "me.jsonl"
+    path.write_text(json.dumps({"text": "alpha bravo " * 60}) + "\n")
+    settings = DeviceSettings(data_path=str(path), profile="", eligibility="always", device_id="me",
+                              state_dir=str(tmp_path / "state"))
+    first = device_data(cfg, settings)
+    assert device_data(cfg, settings) is first  # cached while the file is unchanged
+    path.write_text(path.read_text() + json.dumps({"text": "charlie delta " * 120}) + "\n")
+    os.utime(path, ns=(1, 1))
+    assert device_data(cfg, settings).num_train > first.num_train

@@ -20,7 +20,9 @@ def _tiny_recipe_config(tmp_path) -> Path:
     raw["data"].update(seq_len=32, max_train_chunks=8, max_heldout_chunks=4)
     raw["train"].update(lr=0.02, eval_max_chunks=8)
     raw["federation"].update(rounds=2, clients_per_round=2, min_clients=1)
-    raw["personalization"].update(finetune_steps=2, eval_max_chunks=4)
+    raw["personalization"].update(finetune_steps=2, eval_max_chunks=4, finetune_grid=[2, 4], alpha_grid=[0.5],
+                                  eval_users="all", validation_max_chunks=2)
+    raw["privacy"].update(max_noise_to_batch=10.0)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -62,13 +64,17 @@ def test_recipe_runs_the_table_on_own_data(tmp_path):
     (setting,) = report["settings"]
     assert setting["dp"] is True
     methods = {m["method"]: m for m in setting["methods"]}
-    assert set(methods) == {"base", "global", "finetune", "split", "local_only"}
+    assert set(methods) == {"base", "global", "finetune", "personalized", "local_only"}
     assert all(m["users"] == 3 for m in methods.values())
-    assert methods["finetune"]["max_epsilon"] > 0
+    # every device's epsilon stays within its budget, so the report carries no warning
+    assert 0 < methods["personalized"]["max_epsilon"] <= 8.0 and setting["epsilon_warnings"] == []
+    assert setting["personalized_targets"]["better_than_global"] is not None
     saved = json.loads((out / "benchmark.json").read_text())
-    assert saved["settings"][0]["best_personalized"] in ("finetune", "split")
+    assert saved["settings"][0]["best_personalized"] in ("personalized", "finetune")
     md = (out / "benchmark.md").read_text()
-    assert "| local_only | 3 |" in md and "DP-SGD on" in md
+    assert "| local_only | 3 |" in md and "DP-SGD on" in md and "personalized vs targets" in md
+    choices = list((out / "dp-on" / "fedavg" / "state" / "selection").glob("*.json"))
+    assert len(choices) == 3  # each device's choice stays in its own state
     assert (out / "dp-on" / "eval" / "per_user.csv").is_file()
 
 

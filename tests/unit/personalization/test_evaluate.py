@@ -131,3 +131,18 @@ def test_packed_engine_gives_the_same_federation_and_evaluation(tmp_path):
     for user in priv1:
         for k in priv1[user]:
             torch.testing.assert_close(priv3[user][k], priv1[user][k], atol=1e-5, rtol=1e-4)
+
+
+def test_personalized_runs_from_the_run_dir_on_test_users_only(tmp_path):
+    from fedtune.personalization.users import split_users
+
+    cfg = _cfg(finetune_grid=[2], alpha_grid=[0.5], validation_max_chunks=2, eval_users="test",
+               tuning_fraction=0.34, eval_max_users=2)
+    run = _run(tmp_path, "p", cfg)
+    rows, summaries = evaluate_run(run.root, methods=["global", "personalized"])
+    users = {r.user for r in rows}
+    all_users = [json_row["user_id"] for json_row in __import__("json").loads((run.data / "index.json").read_text())]
+    assert users and users == set(split_users(all_users, 0.34).test[:2])
+    chosen = {r.user: r.choice for r in rows if r.method == "personalized"}
+    assert all(c for c in chosen.values())
+    assert {p.stem for p in (run.root / "state" / "selection").glob("*.json")} == users

@@ -1,0 +1,234 @@
+"""Per-user model selection on the device's own data: which model should THIS user run?
+
+Each device, after the federation, without touching its test chunks:
+  1. holds out a validation slice of its *training* chunks (the tail of its already shuffled chunks);
+     a device with too few chunks for a slice keeps the global adapter (``Choice.reason`` says why);
+  2. scores the global adapter on that slice;
+  3. fine-tunes the global adapter on the rest of its training chunks in segments up to each k of
+     ``personalization.finetune_grid`` (DP-SGD continuing its own ledger, noise calibrated to what is left of
+     its budget: ``fedtune.privacy.device_budget``), scoring after each k and stopping early once the score
+     gets worse;
+  4. scores interpolations α·personal + (1-α)·global of the best fine-tuned adapter and the global one, for α
+     in ``personalization.alpha_grid`` (weight-space mixing of the two adapters, WiSE-FT style);
+  5. keeps the candidate with the lowest validation loss (ties go to the global adapter).
+The choice and its score are the device's own state (``SelectionStore``); nothing is sent to the server.
+Selection reads only the device's training data and the model stays on the device, so it releases nothing
+beyond the DP-SGD steps its ledger already counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from fedtune.adapters import set_adapter_state
+from fedtune.config import ExperimentConfig, PrivacyConfig
+from fedtune.privacy.device_budget import (
+    BudgetExceeded,
+    DeviceTooSmall,
+    calibrate,
+    check_trainable,
+    loader_sample_rate,
+)
+from fedtune.privacy.ledger import PrivacyLedger
+from fedtune.training import evaluate_chunks, train_local
+from fedtune.types import AdapterState, ClientData, ClientTask
+from fedtune.workspace import safe_filename
+
+MIN_FIT_CHUNKS = 2  # DP-SGD needs at least two examples to train on
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One device's selected model and how it was chosen (device-local state)."""
+
+    user: str
+    candidate: str  # "global", "finetune" or "mix"
+    steps: int  # local fine-tuning steps behind the chosen adapter (0 for global)
+    alpha: float  # weight of the fine-tuned adapter (0 = global, 1 = fine-tuned)
+    val_loss: float | None  # the chosen model's validation loss; None without a validation slice
+    global_val_loss: float | None
+    validation_chunks: int
+    scores: dict  # candidate label -> validation loss
+    epsilon: float | None  # the device's ε after selection (None without DP)
+    reason: str = ""  # why the global adapter was kept without a search, if it was
+
+    @property
+    def label(self) -> str:
+        return {"global": "global", "finetune": f"finetune@{self.steps}",
+                "mix": f"mix@{self.alpha:g}/k{self.steps}"}[self.candidate]
+
+
+def split_validation(data: ClientData, fraction: float, max_chunks: int) -> tuple[ClientData, torch.Tensor] | None:
+    """(data to fit on, validation chunks) from the TRAINING chunks only; None if too small for a slice."""
+    n = data.num_train
+    v = min(max_chunks, max(1, round(n * fraction)))
+    if n - v < MIN_FIT_CHUNKS:
+        return None
+    fit = ClientData(user_id=data.user_id, train=data.train[: n - v], heldout=data.heldout[:0])
+    return fit, data.train[n - v:]
+
+
+def mix(personal: AdapterState, global_state: AdapterState, alpha: float) -> AdapterState:
+    """α·personal + (1-α)·global, tensor by tensor."""
+    return {k: alpha * personal[k] + (1 - alpha) * global_state[k] for k in global_state}
+
+
+def personal_privacy(cfg: ExperimentConfig, fit: ClientData, steps: int, ledger: PrivacyLedger | None) -> PrivacyConfig:
+    """The DP-SGD setting of this device's personal steps: noise calibrated so that the ledger's history plus
+    ``steps`` more steps stays within the device's budget (``privacy.device_epsilon_budget``, else
+    ``privacy.target_epsilon``; the federation's noise is calibrated to ``target_epsilon`` over all rounds, so
+    a budget above it is what is left for personalization). Raises ``DeviceTooSmall``."""
+    p = cfg.privacy
+    budget = p.device_epsilon_budget or p.target_epsilon
+    if not p.enabled or budget is None:
+        return p
+    q = loader_sample_rate(fit.num_train, cfg.train.batch_size)
+    history = tuple(ledger.history) if ledger is not None else ()
+    try:
+        sigma = calibrate(q, steps, budget, p.delta, p.accountant, history)
+    except BudgetExceeded as err:
+        raise DeviceTooSmall(str(err)) from None
+    check_trainable(fit.num_train, q, sigma, p.max_noise_to_batch, f"epsilon <= {budget} with "
+                    f"{steps} personal steps after the federation")
+    return p.model_copy(update={"noise_multiplier": sigma, "target_epsilon": None})
+
+
+def _val(model, adapter: AdapterState, val: torch.Tensor, batch: int) -> float:
+    set_adapter_state(model, adapter)
+    return evaluate_chunks(model, val, batch).loss
+
+
+@dataclass
+class _Device:
+    """One device's selection in progress."""
+
+    data: ClientData
+    ledger: PrivacyLedger | None
+    seed: int
+    keep: Choice
+    fit: ClientData | None = None
+    val: torch.Tensor | None = None
+    privacy: PrivacyConfig | None = None
+    state: AdapterState | None = None
+    prev: float = math.inf
+    best: tuple[float, int, AdapterState] | None = None  # (validation loss, steps, adapter) of the best FT
+    active: bool = True
+
+
+def _train_group(model, devs: list[_Device], steps: int, segment: int, cfg: ExperimentConfig, total: int,
+                 pack: int) -> None:
+    """``steps`` more DP-SGD steps for every device in ``devs`` (packed ``pack`` at a time), in place."""
+    lr = cfg.personalization.finetune_lr or cfg.train.lr
+    tasks = [ClientTask(server_round=0, local_steps=steps, batch_size=cfg.train.batch_size, lr=lr,
+                        seed=(d.seed + 7919 * segment) % (2**31)) for d in devs]
+    if pack <= 1:
+        for d, task in zip(devs, tasks):
+            d.state = train_local(model, d.state, d.fit, task, d.privacy, d.ledger, planned_steps=total,
+                                  weight_decay=cfg.train.weight_decay).adapter
+        return
+    from fedtune.packed import train_packed
+
+    dp = cfg.privacy.enabled
+    for i in range(0, len(devs), pack):
+        group = devs[i:i + pack]
+        updates = train_packed(model, [d.state for d in group], [d.fit for d in group], tasks[i:i + pack],
+                               cfg.privacy.model_copy(update={"target_epsilon": None}) if dp else cfg.privacy,
+                               [d.ledger for d in group] if dp else None, planned_steps=total,
+                               weight_decay=cfg.train.weight_decay,
+                               noise_multipliers=[d.privacy.noise_multiplier for d in group] if dp else None)
+        for d, u in zip(group, updates):
+            d.state = u.adapter
+
+
+def select_models(model, global_state: AdapterState, datas: list[ClientData], cfg: ExperimentConfig,
+                  ledgers: list[PrivacyLedger | None], seeds: list[int], pack: int = 1
+                  ) -> list[tuple[AdapterState, Choice]]:
+    """Steps 1-5 of the module docstring for each device (the k-step segments trained ``pack`` devices at a
+    time on the packed engine when ``pack`` > 1; each device's result is its own either way)."""
+    per, dp, bs = cfg.personalization, cfg.privacy.enabled, cfg.train.eval_batch_size
+    grid = sorted(set(per.finetune_grid))
+    devs = []
+    for data, ledger, seed in zip(datas, ledgers, seeds):
+        eps = (ledger.epsilon(cfg.privacy.delta) if ledger is not None and ledger.history else 0.0) if dp else None
+        keep = Choice(user=data.user_id, candidate="global", steps=0, alpha=0.0, val_loss=None,
+                      global_val_loss=None, validation_chunks=0, scores={}, epsilon=eps)
+        d = _Device(data, ledger, seed, keep, state=global_state)
+        devs.append(d)
+        split = split_validation(data, per.validation_fraction, per.validation_max_chunks)
+        if split is None:
+            d.keep, d.active = replace(keep, reason=f"{data.num_train} training chunks: too few to hold out a "
+                                                    f"validation slice and keep {MIN_FIT_CHUNKS} to train on"), False
+            continue
+        d.fit, d.val = split
+        d.prev = _val(model, global_state, d.val, bs)
+        d.keep = replace(keep, val_loss=d.prev, global_val_loss=d.prev, validation_chunks=int(d.val.shape[0]),
+                         scores={"global": d.prev})
+        try:
+            d.privacy = personal_privacy(cfg, d.fit, grid[-1], ledger)
+        except DeviceTooSmall as err:
+            d.keep, d.active = replace(d.keep, reason=str(err)), False
+    done = 0
+    for i, k in enumerate(grid):
+        active = [d for d in devs if d.active]
+        if not active:
+            break
+        _train_group(model, active, k - done, i, cfg, grid[-1], pack)
+        done = k
+        for d in active:
+            loss = _val(model, d.state, d.val, bs)
+            d.keep.scores[f"finetune@{k}"] = loss
+            if d.best is None or loss < d.best[0]:
+                d.best = (loss, k, d.state)
+            if loss > d.prev:  # early stopping: the validation loss got worse
+                d.active = False
+            d.prev = loss
+    return [_choose(model, d, global_state, cfg) for d in devs]
+
+
+def _choose(model, d: _Device, global_state: AdapterState, cfg: ExperimentConfig) -> tuple[AdapterState, Choice]:
+    if d.best is None:  # no search: the device keeps the global adapter (``Choice.reason`` says why)
+        return global_state, d.keep
+    ft_loss, ft_steps, ft_state = d.best
+    scores = d.keep.scores
+    cands = [(scores["global"], 0, "global", 0.0, global_state), (ft_loss, 1, "finetune", 1.0, ft_state)]
+    for a in sorted(set(cfg.personalization.alpha_grid)):
+        mixed = mix(ft_state, global_state, a)
+        loss = _val(model, mixed, d.val, cfg.train.eval_batch_size)
+        scores[f"mix@{a:g}"] = loss
+        cands.append((loss, 2, "mix", a, mixed))
+    loss, _, cand, alpha, chosen = min(cands, key=lambda c: (c[0], c[1]))
+    eps = d.ledger.epsilon(cfg.privacy.delta) if cfg.privacy.enabled and d.ledger is not None else None
+    return chosen, replace(d.keep, candidate=cand, steps=0 if cand == "global" else ft_steps, alpha=alpha,
+                           val_loss=loss, scores=scores, epsilon=eps)
+
+
+def select_model(model, global_state: AdapterState, data: ClientData, cfg: ExperimentConfig,
+                 ledger: PrivacyLedger | None, seed: int) -> tuple[AdapterState, Choice]:
+    """One device's selection (``select_models`` for a fleet of one)."""
+    return select_models(model, global_state, [data], cfg, [ledger], [seed])[0]
+
+
+class SelectionStore:
+    """Each device's ``Choice``, one JSON file per device in its own state directory (never sent)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def save(self, choice: Choice) -> None:
+        path = self.directory / f"{safe_filename(choice.user)}.json"
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(choice), f)
+        os.replace(tmp, path)
+
+    def load(self, user: str) -> Choice | None:
+        path = self.directory / f"{safe_filename(user)}.json"
+        return Choice(**json.loads(path.read_text())) if path.is_file() else None
