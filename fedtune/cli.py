@@ -120,8 +120,7 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     if cfg.privacy.secure_aggregation.enabled:
         from fedtune.flower.server_app import SECURE_AGGREGATION_NOT_ON_FLOWER
 
-        console.print(f"[red]error:[/red] {SECURE_AGGREGATION_NOT_ON_FLOWER}")
-        raise typer.Exit(2)
+        raise UserError(SECURE_AGGREGATION_NOT_ON_FLOWER)
     import transformers
 
     transformers.logging.disable_progress_bar()

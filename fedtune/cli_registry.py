@@ -100,8 +100,13 @@ def publish(source: Path = typer.Argument(..., help="run directory (or one adapt
     with _errors():
         if not source.exists():
             raise InputError(f"{source}: no such run or adapter directory")
-        reg, signing = _registry(registry, create=True), load_signing_key(key)
-        if (source / "adapter_config.json").is_file():
+        is_adapter = (source / "adapter_config.json").is_file()
+        if not is_adapter and not any((source / "adapters").glob("round-*/fedtune.json")):
+            raise InputError(f"{source}: no adapters/round-N/fedtune.json; pass the --out directory of a "
+                             f"`fedtune simulate` run that finished at least one round, or one adapters/round-N")
+        signing = load_signing_key(key)  # checked before the registry is created: a refusal writes nothing
+        reg = _registry(registry, create=True)
+        if is_adapter:
             run_name = source.parent.parent.name if source.parent.name == "adapters" else source.name
             signed = reg.publish(source, artifact_info(source, run_name, name=name, metrics=metric or ()), signing)
         else:

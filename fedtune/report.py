@@ -83,6 +83,17 @@ def write_fleet_plots(run: RunDir, records: list[dict]) -> Path | None:
     return out
 
 
+def privacy_lines(records: list[dict]) -> list[str]:
+    """What the run's last record says ran: the privacy label and the randomness of the seeds that ran
+    (``simulated``: reproducible from ``seed``; ``secret``: OS randomness), never the config's plan."""
+    if not records or "randomness" not in records[-1]:
+        return []
+    last = records[-1]
+    level, eps = last.get("privacy_level", "none"), last.get("epsilon")
+    label = level if eps is None else f"{level}-level, ε={eps:.3g}, δ={last.get('delta')}"
+    return [f"- privacy: {label}; randomness: {last['randomness']}"]
+
+
 def epsilon_warnings(cfg, records: list[dict]) -> list[str]:
     """One line per round whose reported device ε exceeds the per-device target (privacy.target_epsilon,
     else device_epsilon_budget); the CLI prints them and the report carries them."""
@@ -106,6 +117,7 @@ def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
               if cfg.privacy.target_epsilon else f", noise multiplier {cfg.privacy.noise_multiplier}") + ")"
            if cfg.privacy.enabled else ""),
         f"- wall time: {seconds:.0f} s",
+        *privacy_lines(records),
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -92,6 +92,16 @@ def save_client_data(clients: list[ClientData], directory: str | Path) -> Path:
     return directory
 
 
+def ensure_client_data(cfg, directory: str | Path) -> list[dict]:
+    """The index of a run's prepared data; tokenizes and partitions ``cfg.data`` once if nobody has yet
+    (``flwr run .`` straight from a checkout, a deployed server's own evaluation set)."""
+    if not (Path(directory) / "index.json").is_file():
+        from fedtune.models import load_encoder
+
+        save_client_data(build_client_data(cfg.data, load_encoder(cfg.model), cfg.seed), directory)
+    return read_index(directory)
+
+
 def read_index(directory: str | Path) -> list[dict]:
     path = Path(directory) / "index.json"
     if not path.is_file():

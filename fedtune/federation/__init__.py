@@ -21,5 +21,9 @@ One round, whichever backend carries the messages:
      mechanisms and the replies' own ledgers; the global adapter is evaluated, saved with that label
      (``fedtune.json``), one record goes to metrics.jsonl and the checkpoint is written.
 
+Before round 1, ``server.build_server`` sets up seeds, population, sampler, user-level plan, fleet
+coordinator, rule and reply limits for either backend (resumed from a checkpoint where there is one);
+``virtual_device`` maps a simulated device to its data user and ledger key.
+
 Import the submodules directly; this package imports nothing, so any layer may use ``federation.seeds``.
 """

@@ -121,3 +121,9 @@ class FleetCoordinator:
         stats.sim_round_seconds = duration
         self.clock.advance(duration)
         return [d for _, d in keep]
+
+    def round_record(self, server_round: int) -> dict:
+        """The round's fleet figures for metrics.jsonl (tiers, simulated round time, the clock)."""
+        stats = self.stats.get(server_round)
+        return dict(stats.record() if stats else {"sim_round_seconds": 0.0},
+                    sim_clock_seconds=round(self.clock.seconds, 3))

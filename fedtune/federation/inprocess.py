@@ -28,28 +28,17 @@ from fedtune.adapters import get_adapter_state
 from fedtune.adapters.split import initial_private, shared_part
 from fedtune.aggregation import UpdateRejected
 from fedtune.config import ExperimentConfig, dump_config
-from fedtune.federation.aggregate import Pipeline, UserLevelDP, build_rule
 from fedtune.federation.device_round import DeviceBudgetSpent, DeviceState, train_group, train_one
+from fedtune.federation.heldout import pooled_heldout
 from fedtune.federation.recorder import Recorder, RoundStats, new_trail
-from fedtune.federation.replies import ReplyLimits, accept_reply
-from fedtune.federation.sampler import create_sampler
-from fedtune.federation.seeds import Seeds
+from fedtune.federation.replies import accept_reply
+from fedtune.federation.server import build_server
 from fedtune.federation.task import plan_task
+from fedtune.federation.virtual_device import ledger_key, partition_of
 from fedtune.types import ClientData
 from fedtune.workspace import RunDir
 
 log = logging.getLogger(__name__)
-
-
-def pooled_heldout(clients: list[ClientData], limit: int):
-    """Round-robin over users' held-out chunks, capped: a fixed, user-balanced evaluation set."""
-    import torch
-
-    chunks, depth = [], 0
-    while len(chunks) < limit and any(depth < c.heldout.shape[0] for c in clients):
-        chunks += [c.heldout[depth] for c in clients if depth < c.heldout.shape[0]]
-        depth += 1
-    return torch.stack(chunks[:limit])
 
 
 def _groups(members: list[int], size: int) -> list[list[int]]:
@@ -99,8 +88,8 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
                 continue
             group, plans, devs, fdevs = ([x[k] for k in keep] for x in (group, plans, devs, fdevs))
             model = model_for(plans[0])
-            datas = [clients[d % len(clients)] for d in devs]
-            keys = [c.user_id if d < len(clients) else f"device-{d}" for c, d in zip(datas, devs)]
+            datas = [clients[partition_of(d, len(clients))] for d in devs]
+            keys = [ledger_key(d, partition_of(d, len(clients)), c.user_id) for c, d in zip(datas, devs)]
             sent = [cohort.sent[j] for j in group]
             if pack > 1:
                 results = train_group(model, state, cfg, sent, datas, plans, keys, devs)
@@ -114,7 +103,7 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
                     stats.failed += 1
                     continue
                 stats.upload_bytes += _bytes(res.payload)
-                metrics = _metrics(cfg, res.update, d, plan.rank or cfg.adapter.rank, d % len(clients))
+                metrics = _metrics(cfg, res.update, d, plan.rank or cfg.adapter.rank, partition_of(d, len(clients)))
                 try:
                     reply = accept_reply(res.payload, metrics, sent=cohort.sent[j], reference=cohort.references[j],
                                          limits=limits, device=d)
@@ -160,38 +149,21 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
     pack = cfg.simulation.packed_group_size if pack is None else pack
     dump_config(cfg, run.config)
     save_client_data(clients, run.data)
-    seeds = Seeds.simulated(cfg.seed)
     state = DeviceState.simulated(run.root / "state", cfg.seed)
     split = cfg.personalization.split
     full = initial if initial is not None else get_adapter_state(model)
     shared, private_init = shared_part(full, split), initial_private(full, split)
-    coord = fleet = None
-    if cfg.fleet.enabled:
-        from fedtune.adapters import adapter_bytes
-        from fedtune.federation.fleet import FleetCoordinator
+    params = cfg.fleet.simulated_params or sum(p.numel() for p in model.parameters())
+    setup = build_server(cfg, shared, users=len(clients), max_train=max(c.num_train for c in clients), params=params)
+    seeds, population, sampler, coord, limits = setup.seeds, setup.population, setup.sampler, setup.coord, setup.limits
+    pipeline = setup.pipeline(cfg.federation.min_clients)
+    user_dp = pipeline.user_dp
+    fleet = None
+    if coord is not None:
         from fedtune.federation.fleet_device import fleet_device
         from fedtune.federation.fleet_server import FleetServer
 
-        params = cfg.fleet.simulated_params or sum(p.numel() for p in model.parameters())
-        coord = FleetCoordinator(cfg, len(clients), params, adapter_bytes(shared) // cfg.adapter.rank, seeds)
-        population = coord.population
-        sampler = coord.sampler
-        fleet = FleetServer(shared, build_rule(cfg, shared), cfg.fleet.rank_aggregation)
-        rule = fleet.rule
-    else:
-        population = len(clients)
-        sampler = create_sampler(cfg, seeds, population)
-        rule = build_rule(cfg, shared)
-    user_dp = None
-    if cfg.privacy.user_level.enabled:
-        from fedtune.privacy.dp_fedavg import DPFedAvg, plan_user_level
-
-        plan = plan_user_level(cfg.privacy.user_level, population, cfg.federation.clients_per_round,
-                               cfg.federation.rounds)
-        user_dp = UserLevelDP(DPFedAvg(cfg.privacy.user_level, plan, population, seeds), sampler_kind=sampler.kind)
-    pipeline = Pipeline(rule, cfg.federation.min_clients, user_dp)
-    limits = ReplyLimits(min(cfg.validation.max_examples, max(c.num_train for c in clients)),
-                         cfg.validation.max_update_norm, cfg.validation.max_train_loss)
+        fleet = FleetServer(shared, setup.rule, cfg.fleet.rank_aggregation)
     secure = None
     if cfg.privacy.secure_aggregation.enabled:  # devices mask; the pipeline sees only the unmasked sum
         from fedtune.federation.secure_round import SecureAggregation
@@ -210,7 +182,7 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
         return result.to_record()
 
     records = [record(0, shared, RoundStats())]
-    rounds = user_dp.dp.plan.rounds if user_dp else cfg.federation.rounds
+    rounds = setup.rounds
     model_for = _tier_models(cfg, model)
     for r in range(1, rounds + 1):
         stats = RoundStats()
@@ -231,7 +203,7 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
         if coord is not None:
             accepted = coord.settle(r, {d: s for d, (_, s) in done.items()}, dropped)
             good = [done[d][0] for d in accepted]
-            stats.extra = dict(coord.stats[r].record(), sim_clock_seconds=round(coord.clock.seconds, 3))
+            stats.extra = coord.round_record(r)
         else:
             good = [done[d][0] for d in devices if d in done]
         current = fleet.global_adapter() if fleet is not None else shared

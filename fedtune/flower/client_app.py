@@ -11,7 +11,6 @@ recycled worker or a client served by another worker never forgets its ε.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -23,6 +22,7 @@ from fedtune.data.partition import load_client_data
 from fedtune.federation.device_round import DeviceBudgetSpent, DeviceState, StaleRound, train_one  # noqa: F401
 from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
+from fedtune.federation.virtual_device import client_done, ledger_key, partition_of
 from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context
 from fedtune.flower.device import check_eligibility, decline, device_data, device_settings, device_task
@@ -73,7 +73,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             return decline(msg, "stale_round")
         plan = device_task(plan, cfg, deployed)
     # a population larger than the data reuses its users; a real device has only its own data
-    partition = device % len(ctx.data_index) if deployed is None else -1
+    partition = partition_of(device, len(ctx.data_index)) if deployed is None else -1
     start = time.perf_counter()
     model, info = ctx.model(quantization=plan.quantization, rank=plan.rank, alpha=plan.alpha)
     params = cfg.fleet.simulated_params or info["base_bytes_dense"] // 4
@@ -81,7 +81,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     if fleet is not None and fleet.drops_out(plan.server_round):
         raise DeviceDropout(f"device {device} ({fleet.profile.name}) dropped out in round {plan.server_round}")
     data = load_client_data(ctx.run.data, partition) if deployed is None else device_data(cfg, deployed)
-    key = deployed.device_id if deployed else data.user_id if device == partition else f"device-{device}"
+    key = deployed.device_id if deployed else ledger_key(device, partition, data.user_id)
     incoming = arrays_to_state(msg.content[ARRAYS_KEY])
     # with a split adapter the private part is restored from, and saved back to, the device's own state
     trained = train_one(model, state, cfg, incoming, data, plan, key, device)
@@ -89,10 +89,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     seconds = time.perf_counter() - start
     sim_seconds = fleet.seconds(plan.server_round, payload_bytes(msg.content[ARRAYS_KEY]), update.tokens,
                                 payload_bytes(arrays)) if fleet is not None else -1.0
-    ctx.run.append_event({"event": "client_done", "round": plan.server_round, "partition": partition,
-                          "device": device, "user": data.user_id, "seconds": round(seconds, 2),
-                          "train_loss": update.train_loss, "epsilon": update.epsilon, "pid": os.getpid(),
-                          "model_loads": load_count(), "sim_seconds": sim_seconds})
+    ctx.run.append_event(client_done(plan, partition=partition, device=device, user=data.user_id, seconds=seconds,
+                                     update=update, sim_seconds=sim_seconds, model_loads=load_count()))
     policy = resolve_figures(cfg.federation.reply_figures, deployed is not None)
     metrics = update_to_metrics(update, seconds, partition, device=device, rank=plan.rank or cfg.adapter.rank,
                                 sim_seconds=sim_seconds, policy=policy)

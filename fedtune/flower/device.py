@@ -1,96 +1,24 @@
-"""A real device's side of a round: its node config, its own data, its eligibility, a clean decline.
+"""A real device's Flower side: its settings from the node config, a clean decline, reading a decline back.
 
-A SuperNode started by ``fedtune device join`` carries in its node config:
-
-    data-path     the device's own JSONL / CSV / Parquet file (every row is this device's)
-    profile       a device profile name from the catalog (configs/devices); its batch size caps the task's
-    eligibility   an eligibility policy spec (fedtune/deploy/eligibility.py), default "always"
-    device-id     a stable name for this device (its privacy ledger's key), default the SuperNode's node id
-    state-dir     where the device keeps its privacy ledger (default: ~/.fedtune/device)
-
-A node config without ``data-path`` is a simulation's virtual node (``partition-id``) and none of this applies.
+The Flower-free part (settings, data, eligibility, the task's batch cap) is ``fedtune.deploy.device``.
 An ineligible device answers with a reply that holds only ``declined`` (a ConfigRecord with its reason);
 the strategy counts it per reason, apart from failures and rejections.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import zlib
-from dataclasses import dataclass
-from pathlib import Path
-
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedtune.deploy.eligibility import HostSignals, Verdict, create_policy
-from fedtune.fleet.profiles import DeviceProfile, load_catalog
-from fedtune.types import ClientData
+from fedtune.deploy.device import (  # noqa: F401 (re-exported: the ClientApp's device API)
+    DeviceSettings, check_eligibility, device_data, device_profile, device_task, settings_from_node_config,
+)
 
 DECLINED_KEY = "declined"
 
 
-@dataclass(frozen=True)
-class DeviceSettings:
-    data_path: str
-    profile: str
-    eligibility: str
-    device_id: str
-    state_dir: str
-
-    @property
-    def index(self) -> int:
-        """A stable integer for this device (its training seed stream and its ``device`` metric)."""
-        return zlib.crc32(self.device_id.encode()) % 2**31
-
-
 def device_settings(context: Context) -> DeviceSettings | None:
     """This SuperNode's deployment settings, or None for a simulation's virtual node."""
-    nc = context.node_config
-    if "data-path" not in nc:
-        return None
-    return DeviceSettings(
-        data_path=str(nc["data-path"]), profile=str(nc.get("profile", "")),
-        eligibility=str(nc.get("eligibility", "always")),
-        device_id=str(nc.get("device-id", "") or f"node-{context.node_id}"),
-        state_dir=str(nc.get("state-dir", "") or Path.home() / ".fedtune" / "device"))
-
-
-def check_eligibility(settings: DeviceSettings, signals=None) -> Verdict:
-    return create_policy(settings.eligibility)(signals or HostSignals())
-
-
-@functools.lru_cache(maxsize=4)
-def device_profile(name: str, catalog: str) -> DeviceProfile | None:
-    if not name:
-        return None
-    profiles = load_catalog(catalog)
-    if name not in profiles:
-        raise ValueError(f"device profile {name!r} is not in {catalog}; available: {sorted(profiles)}")
-    return profiles[name]
-
-
-@functools.lru_cache(maxsize=4)
-def _device_data(path: str, data_json: str, model_json: str, seed: int, user_id: str, version: tuple = ()
-                 ) -> ClientData:
-    from fedtune.config import DataConfig, ModelConfig
-    from fedtune.data.local_file import load_device_data
-    from fedtune.models import load_encoder
-
-    encoder = load_encoder(ModelConfig.model_validate_json(model_json))
-    return load_device_data(path, DataConfig.model_validate_json(data_json), encoder, seed, user_id)
-
-
-def device_data(cfg, settings: DeviceSettings) -> ClientData:
-    """The device's own file, tokenized once per process and again when the file changes (a warm ClientApp
-    process serves many rounds: fedtune/flower/warm_runtime.py)."""
-    try:
-        st = os.stat(settings.data_path)
-        version = (st.st_mtime_ns, st.st_size)
-    except OSError:
-        version = ()  # load_device_data names the missing file
-    return _device_data(settings.data_path, cfg.data.model_dump_json(), cfg.model.model_dump_json(), cfg.seed,
-                        settings.device_id, version)
+    return settings_from_node_config(context.node_config, context.node_id)
 
 
 def decline(msg: Message, reason: str) -> Message:
@@ -102,16 +30,3 @@ def declined_reason(msg: Message) -> str | None:
     if msg.has_error() or DECLINED_KEY not in msg.content.config_records:
         return None
     return str(msg.content.config_records[DECLINED_KEY].get("reason", "declined"))
-
-
-def device_task(task, cfg, settings: DeviceSettings):
-    """The server's task (a ``TaskPlan``), with the batch size capped by the device's profile (memory)."""
-    import dataclasses
-
-    from fedtune.fleet.profiles import DEFAULT_CATALOG_DIR
-
-    catalog = cfg.fleet.catalog if Path(cfg.fleet.catalog).is_dir() else str(DEFAULT_CATALOG_DIR)
-    profile = device_profile(settings.profile, catalog)
-    if profile is None or profile.batch_size >= task.batch_size:
-        return task
-    return dataclasses.replace(task, batch_size=profile.batch_size)

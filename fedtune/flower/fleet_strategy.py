@@ -31,9 +31,11 @@ class FleetFedAvg(AdapterFedAvg):
 
     def __init__(self, *, reference: AdapterState, coordinator: FleetCoordinator, rank_aggregation: str,
                  scale: float, min_clients: int, seed: int, max_examples: int | None = None,
-                 aggregation: str = "fedavg", trim_fraction: float = 0.1, seeds=None):
+                 aggregation: str = "fedavg", trim_fraction: float = 0.1, seeds=None, rule=None):
         self.r_max = rank_of(reference)
-        if aggregation == "fedavg":
+        if rule is not None:  # the engine's (``federation.aggregate.build_rule``)
+            pass
+        elif aggregation == "fedavg":
             rule = HeteroRule(rank_aggregation, FlexLoRAState.from_adapter(reference, scale)
                               if rank_aggregation == "flexlora" else reference)
         else:

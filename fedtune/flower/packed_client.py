@@ -9,7 +9,6 @@ parts, streams and upload encoding as one device at a time), and its results bec
 
 from __future__ import annotations
 
-import os
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -18,6 +17,7 @@ from fedtune.data.partition import load_client_data
 from fedtune.federation.device_round import DeviceBudgetSpent, DeviceState, train_group
 from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
+from fedtune.federation.virtual_device import client_done, ledger_key, partition_of
 from fedtune.flower.context import run_context
 from fedtune.flower.packed_grid import GROUP_KEY, part_key
 from fedtune.federation.fleet_device import fleet_device
@@ -36,10 +36,10 @@ def handle_train_group(msg: Message, context: Context) -> Message:
     for i in range(size):
         plan = TaskPlan.from_wire(msg.content[part_key(CONFIG_KEY, i)])
         device = plan.device if plan.device is not None else i
-        partition = device % len(ctx.data_index)
+        partition = partition_of(device, len(ctx.data_index))
         data = load_client_data(ctx.run.data, partition)
         plans.append(plan), devices.append(device), partitions.append(partition), datas.append(data)
-        keys.append(data.user_id if device == partition else f"device-{device}")
+        keys.append(ledger_key(device, partition, data.user_id))
         incoming.append(arrays_to_state(msg.content[part_key(ARRAYS_KEY, i)]))
     model, info = ctx.model(quantization=plans[0].quantization, rank=plans[0].rank, alpha=plans[0].alpha)
     reply = RecordDict()
@@ -68,8 +68,6 @@ def handle_train_group(msg: Message, context: Context) -> Message:
                                                             sim_seconds=sim_seconds,
                                                             policy=resolve_figures(cfg.federation.reply_figures,
                                                                                    False))
-        ctx.run.append_event({"event": "client_done", "round": plans[i].server_round, "partition": partitions[i],
-                              "device": devices[i], "user": datas[i].user_id, "seconds": round(seconds, 2),
-                              "train_loss": update.train_loss, "epsilon": update.epsilon, "pid": os.getpid(),
-                              "packed_group": size, "sim_seconds": sim_seconds})
+        ctx.run.append_event(client_done(plans[i], partition=partitions[i], device=devices[i], user=datas[i].user_id,
+                                         seconds=seconds, update=update, sim_seconds=sim_seconds, packed_group=size))
     return Message(content=reply, reply_to=msg)

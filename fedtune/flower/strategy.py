@@ -31,14 +31,15 @@ log = logging.getLogger(__name__)
 
 
 class AdapterFedAvg(FedAvg):
-    """``user_dp`` (a ``DPFedAvg``) wraps the pipeline in user-level DP-FedAvg over Poisson-sampled cohorts;
-    ``aggregator`` (a robust rule) replaces FedAvg. ``round_offset`` numbers rounds after a resumed
+    """Built from the engine's ``ServerSetup`` by ``fedtune.flower.server_app.strategy_for`` (or directly, in
+    tests): ``user_dp`` (a ``DPFedAvg``) wraps the pipeline in user-level DP-FedAvg over Poisson-sampled
+    cohorts; ``rule`` (or ``aggregator``, a robust rule) replaces FedAvg; ``sampler`` the default sampler. ``round_offset`` numbers rounds after a resumed
     checkpoint (Flower counts from 1 on every start). ``seeds``: the run's seeds (secret when deployed)."""
 
     def __init__(self, *, reference: AdapterState, clients_per_round: int, min_clients: int,
                  seed: int, max_examples: int | None = None, user_dp=None, round_offset: int = 0,
                  max_update_norm: float | None = None, max_train_loss: float | None = None, aggregator=None,
-                 seeds: Seeds | None = None, rule=None):
+                 seeds: Seeds | None = None, rule=None, sampler=None):
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients_per_round,
             min_available_nodes=clients_per_round, weighted_by_key="num-examples",
@@ -59,8 +60,10 @@ class AdapterFedAvg(FedAvg):
             rule = FedAvgRule() if aggregator is None else RobustRule(aggregator.name, impl=aggregator)
         wrapper = UserLevelDP(user_dp) if user_dp is not None else None
         self.pipeline = Pipeline(rule=rule, min_replies=min_clients, user_dp=wrapper)
-        self.sampler = (PoissonSampler(user_dp.seeds, user_dp.plan.sample_rate) if user_dp is not None
-                        else UniformSampler(self.seeds, clients_per_round))
+        if sampler is None:
+            sampler = (PoissonSampler(user_dp.seeds, user_dp.plan.sample_rate) if user_dp is not None
+                       else UniformSampler(self.seeds, clients_per_round))
+        self.sampler = sampler
         self.prior_totals: dict | None = None  # failed/rejected/declined counts before a resume (checkpoint)
 
     def sample(self, server_round: int, node_ids: list[int]) -> list[int]:

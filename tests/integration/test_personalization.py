@@ -47,5 +47,5 @@ def test_fedsa_run_through_flower_then_per_user_evaluation(tmp_path):
 def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "evaluate", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "not a fedtune run directory" in proc.stdout
+    assert proc.returncode == 2 and "not a fedtune run directory" in proc.stderr  # user errors go to stderr
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -72,6 +72,8 @@ def test_smoke_run_reports_progress_and_leaves_no_superlink(smoke_run):
     assert "round 1/2: training 4 clients" in stdout
     assert "held-out perplexity" in stdout
     assert (out / "report.md").is_file() and (out / "perplexity.png").is_file()
+    # the report names the label and the randomness of the seeds that ran (Seeds.simulated: no deployment)
+    assert "; randomness: simulated" in (out / "report.md").read_text()
     assert (out / "config.yaml").is_file()
     import psutil
 
@@ -115,7 +117,7 @@ def test_a_resumed_run_continues_every_ledger_where_it_stopped(smoke_run, tmp_pa
     assert first.returncode == 0, first.stdout[-3000:]
     assert json.loads((out / "checkpoint.json").read_text())["round"] == 1
     again = subprocess.run(base + ["--set", "federation.rounds=1"], cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 2 and "--resume" in again.stdout  # never overwrites a run by accident
+    assert again.returncode == 2 and "--resume" in again.stderr  # never overwrites a run by accident
     second = subprocess.run(base + ["--set", "federation.rounds=2", "--resume"], cwd=ROOT, capture_output=True,
                             text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:]
@@ -171,5 +173,5 @@ def test_an_impossible_user_level_target_is_refused_before_any_work(tmp_path):
            "--set", "privacy.user_level.target_epsilon=0.001", "--set", "privacy.user_level.delta=1e-5"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "error" in proc.stdout and "target" in proc.stdout.lower()
+    assert "error" in proc.stderr and "target" in proc.stderr.lower()  # user errors go to stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

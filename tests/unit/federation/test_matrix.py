@@ -45,11 +45,6 @@ def _config(pair):
     return config_from_dict(raw)
 
 
-def meta_secure(tmp_path):
-    return json.loads((tmp_path / "run" / "adapters" / "round-1" / "fedtune.json").read_text())["privacy"][
-        "secure_aggregation"]
-
-
 @pytest.mark.parametrize("pair", IN_PROCESS, ids="×".join)
 def test_allowed_pair_trains_and_is_labelled_by_what_ran(pair, tmp_path):
     cfg = _config(pair)
@@ -57,25 +52,31 @@ def test_allowed_pair_trains_and_is_labelled_by_what_ran(pair, tmp_path):
     model = create_adapter(base, cfg.adapter, cfg.seed)
     clients = build_client_data(cfg.data, ByteEncoder(), cfg.seed)
     records = run_inprocess(cfg, model, clients, RunDir.create(tmp_path / "run"))
-    last = records[-1]
+    meta = json.loads((tmp_path / "run" / "adapters" / "round-1" / "fedtune.json").read_text())
+    assert_labelled_by_what_ran(records[-1], meta, pair, cfg)
+    assert records[-1]["engine"] == "in-process"
+
+
+def assert_labelled_by_what_ran(last: dict, meta: dict, features, cfg) -> None:
+    """Round 1 trained, and its record and fedtune.json carry the label of the mechanisms that ran."""
     if cfg.fleet.enabled:  # some sampled devices may drop out; the ranks of those that count differ
         assert last["round"] == 1 and last["clients_succeeded"] >= 1 and last["clients_sampled"] >= 2
     else:
         assert last["round"] == 1 and last["clients_succeeded"] == last["clients_sampled"] == 2
     assert not last["round_skipped"]
-    expected = "user" if "user-dp" in pair else "sample" if "sample-dp" in pair else "none"
+    expected = "user" if "user-dp" in features else "sample" if "sample-dp" in features else "none"
     ran = last["aggregation"]
-    if "secure-agg" in pair:  # the pipeline got the masked sum, and the label says so
+    if "secure-agg" in features:  # the pipeline got the masked sum, and the label says so
         assert ran.startswith("secure_aggregation+") and last["secure_aggregation"] is True
-        assert meta_secure(tmp_path)["rounds"] == 1 and last["secagg_survivors"] == 2
+        assert meta["privacy"]["secure_aggregation"]["rounds"] == 1 and last["secagg_survivors"] == 2
         ran = ran.removeprefix("secure_aggregation+")
-    assert (ran == "user_level_dp") == ("user-dp" in pair)
-    fleet = next((p.split("-")[1] for p in pair if p.startswith("fleet-")), None)
-    assert ran == ("user_level_dp" if "user-dp" in pair else "median" if "robust" in pair else fleet or "fedavg")
+    assert (ran == "user_level_dp") == ("user-dp" in features)
+    fleet = next((p.split("-")[1] for p in features if p.startswith("fleet-")), None)
+    assert ran == ("user_level_dp" if "user-dp" in features else
+                   "median" if "robust" in features else fleet or "fedavg")
     if fleet:
         assert last["sim_round_seconds"] > 0 and "tiers" in last
     assert last["privacy_level"] == expected
-    meta = json.loads((tmp_path / "run" / "adapters" / "round-1" / "fedtune.json").read_text())
     assert meta["privacy"]["level"] == expected and meta["privacy"]["randomness"] == "simulated"
     if expected == "sample":
         assert meta["privacy"]["epsilon"] == last["epsilon"] > 0

@@ -75,7 +75,8 @@ def test_packed_replies_equal_unpacked_replies(tmp_path):
         assert set(p.content.keys()) == {"arrays", "metrics"} and set(p.content["metrics"]) == set(UPDATE_METRIC_KEYS)
         sa, sp = arrays_to_state(a.content["arrays"]), arrays_to_state(p.content["arrays"])
         assert set(sa) == set(sp)
-        assert max((sa[k] - sp[k]).abs().max().item() for k in sa) < 1e-5
+        # equal up to one fp16 rounding step of the upload (packed and one-at-a-time sum in another order)
+        assert all(((sa[k] - sp[k]).abs() <= 1e-5 + 2.0 ** -10 * sa[k].abs()).all() for k in sa)
         assert max((sa[k] - state[k]).abs().max().item() for k in sa) > 1e-4  # it trained
         for key in ("device", "num-examples", "epsilon", "steps", "tokens"):
             assert a.content["metrics"][key] == p.content["metrics"][key], key

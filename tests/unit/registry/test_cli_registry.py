@@ -159,3 +159,13 @@ def test_device_commands_refuse_a_state_dir_that_does_not_exist(tmp_path):
     assert not (tmp_path / "nowhere").exists()
     r = cli("device", "status", "--state", tmp_path, "--public-key", tmp_path / "missing.pub")
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_publish_of_a_directory_that_is_not_a_run_writes_nothing(tmp_path):
+    key = tmp_path / "signing.key"
+    assert cli("registry", "keygen", "--out", key).exit_code == 0
+    (tmp_path / "not-a-run").mkdir()
+    reg = tmp_path / "reg"
+    r = cli("registry", "publish", tmp_path / "not-a-run", "--registry", reg, "--key", key)
+    assert r.exit_code == 2 and "no adapters/round-N/fedtune.json" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not reg.exists()  # no empty registry left behind
