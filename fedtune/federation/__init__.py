@@ -17,6 +17,9 @@ One round, whichever backend carries the messages:
   6. Aggregate (``aggregate``): the pipeline applies user-level DP-FedAvg (clip, sum through a pluggable
      summer -- the secure-aggregation hook --, noise, fixed denominator; every round noised and charged)
      or the rule: FedAvg | median | trimmed mean | heterogeneous ranks. It reports the mechanisms applied.
+     With ``privacy.secure_aggregation`` (in-process backend; ``secure_round``) devices clip, quantize and
+     mask their uploads (SecAgg+), the pipeline gets tensor-free replies and only the cohort's unmasked
+     sum (``Pipeline.aggregate_secure``), and user-level noise goes on that sum.
   7. Label and record (``labels``; the backends' recorders): the privacy label comes from the applied
      mechanisms and the replies' own ledgers; the global adapter is evaluated, saved with that label
      (``fedtune.json``), one record goes to metrics.jsonl and the checkpoint is written.
