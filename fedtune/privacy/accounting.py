@@ -48,23 +48,12 @@ def compute_epsilon(history: History, delta: float, accountant: str = "rdp") -> 
     return float(acc.get_epsilon(delta=delta))
 
 
-@lru_cache(maxsize=1024)
 def noise_for_target_epsilon(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
     """Smallest noise multiplier that keeps ε <= target after ``steps`` steps at ``sample_rate``.
 
-    A pure function of its arguments, cached: opacus' search evaluates ε a few dozen times (seconds of
-    CPU), and every device call with the same rate and plan asks again."""
-    from opacus.accountants.utils import get_noise_multiplier
+    The one calibrator is ``fedtune.privacy.device_budget.calibrate`` (cached); this is its history-free form."""
+    from fedtune.privacy.device_budget import calibrate  # imported here: device_budget imports this module
 
-    try:
-        return float(get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-            steps=steps, accountant=accountant,
-        ))
-    except ValueError as err:
-        raise ValueError(
-            f"cannot reach target_epsilon={target_epsilon} at delta={delta} with sample rate "
-            f"{sample_rate:.4g} over {steps} steps ({err}); raise the target or take fewer steps"
-        ) from None
+    return calibrate(sample_rate, steps, target_epsilon, delta, accountant)
