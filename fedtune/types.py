@@ -31,6 +31,9 @@ class ClientTask:
     independent streams (``fedtune.federation.seeds``). A deployed device draws both from its own secret
     seeds; a simulation derives them from the run seed. Without ``noise_seed`` the noise stream is the
     named stream ``task.noise`` of ``Seeds.simulated(seed)``, never the sampler's own stream.
+    ``streams`` (a deployed device: ``fedtune.federation.seeds.task_streams``), when set, are the
+    (sampling, noise) CSPRNG streams (``fedtune.privacy.csprng.RandomStream``) training draws from instead
+    of torch generators seeded with ``seed`` / ``noise_seed``.
     """
 
     server_round: int
@@ -39,6 +42,7 @@ class ClientTask:
     lr: float
     seed: int
     noise_seed: int | None = None
+    streams: tuple | None = field(default=None, compare=False, repr=False)  # (sampling, noise) RandomStreams
 
     def __post_init__(self) -> None:
         if self.noise_seed is None:
@@ -59,6 +63,7 @@ class ClientUpdate:
     steps: int = 0
     tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    noise_generator: str | None = None  # the name of the stream DP-SGD's noise came from (None without DP)
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,8 @@ class UserLevelDP:
         return {"level": "user", "epsilon": ledger.epsilon(), "delta": plan.delta,
                 "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                 "clip_norm": cfg.clip_norm, "accountant": cfg.accountant, "rounds_charged": len(ledger.history),
-                "sampler": self.sampler_kind, "randomness": self.dp.seeds.mode}
+                "sampler": self.sampler_kind, "randomness": self.dp.seeds.mode,
+                "noise_generator": getattr(self.dp, "noise_generator", None)}
 
 
 @dataclass

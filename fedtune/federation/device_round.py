@@ -10,7 +10,8 @@
    fresh noise on the same data otherwise, and learn from the difference).
 3. ``train_one`` / ``train_group`` run ``device_round`` / ``device_round_group`` (the split adapter's
    private part is restored and kept on the device) with the device's two independent streams
-   (``task.sampling``, ``task.noise``), then save each ledger and encode each upload under
+   (``task.sampling``, ``task.noise``; AES-256-CTR CSPRNG streams on a deployed device,
+   ``fedtune.privacy.csprng``), then save each ledger and encode each upload under
    ``federation.upload`` (int8 keeps its error-feedback residual in the state).
 
 The plain and the packed ClientApps (``fedtune.flower``) and the in-process backend all call these.
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.federation.seeds import Seeds, task_seeds
+from fedtune.federation.seeds import Seeds, task_seeds, task_streams
 from fedtune.federation.task import TaskPlan
 from fedtune.types import AdapterState, ClientData, ClientUpdate
 
@@ -99,9 +100,10 @@ class DeviceState:
         return ledger
 
     def training_task(self, plan: TaskPlan, device: int | str):
-        """The plan with this device's own sampling and noise streams (never from the server)."""
+        """The plan with this device's own sampling and noise streams (never from the server): on a deployed
+        device the AES-CTR streams of its secret seeds, in a simulation seeds for torch generators."""
         sampling, noise = task_seeds(self.seeds, plan.server_round, device)
-        return plan.training_task(sampling, noise)
+        return plan.training_task(sampling, noise, task_streams(self.seeds, plan.server_round, device))
 
     # -- 3. encode -----------------------------------------------------------------------------------
     def encode(self, key: str, update: AdapterState, sent: AdapterState, scheme: str) -> dict:

@@ -117,7 +117,8 @@ class PrivacyTrail:
             return {"level": "user", "epsilon": u["epsilon"], "delta": u["delta"], "mechanism": USER_MECHANISM,
                     "accountant": u["accountant"], "rounds": server_round, "clip_norm": u["clip_norm"],
                     "noise_multiplier": u["noise_multiplier"], "sampler": u["sampler"],
-                    "sample_level": sample, "randomness": self.randomness}
+                    "noise_generator": u.get("noise_generator"), "sample_level": sample,
+                    "randomness": self.randomness}
         if level == "user":  # round 0 of a planned user-level run: nothing trained yet
             return {"level": "user", "epsilon": 0.0, "delta": self.sample_delta, "mechanism": USER_MECHANISM,
                     "rounds": 0, "sample_level": sample, "randomness": self.randomness}

@@ -17,9 +17,13 @@ Two modes:
 * ``secret``: streams are a keyed blake2b (a PRF) under 32 bytes from the OS CSPRNG (``os.urandom``) drawn
   when the object is made and never written anywhere. Deployed devices use one per round (noise and
   Poisson sampling from it; nothing the server sends enters it); a deployed server uses one for its
-  user-level noise and cohorts. The streams themselves are torch / Python generators seeded with 63
-  secret bits: the seed cannot be guessed or derived, and distinct names give independent seeds, so the
-  noise stream says nothing about the sampler's choices.
+  user-level noise and cohorts. Each named stream is a CSPRNG (``fedtune.privacy.csprng.AesCtrStream``:
+  AES-256-CTR under a 256-bit key, the keyed BLAKE2b of the name), so distinct names give independent
+  streams and the noise stream says nothing about the sampler's choices.
+
+``stream(name, ...)`` is what DP mechanisms draw from (a seeded ``torch.Generator`` when simulated, the
+AES-CTR stream when secret); ``rng(name, ...)`` a ``random.Random`` over the same kind of stream (cohorts).
+``derive`` / ``generator`` give integer seeds and torch generators, for what is not a privacy mechanism.
 """
 
 from __future__ import annotations
@@ -74,8 +78,25 @@ class Seeds:
             digest = hashlib.blake2b(f"fedtune:{self.root}:".encode() + label, digest_size=8).digest()
         return int.from_bytes(digest, "little") & _MASK63
 
+    def _stream_key(self, name: str, *parts: object) -> bytes:
+        label = ":".join([name, *(str(p) for p in parts)]).encode()
+        return hashlib.blake2b(label, key=self._key, digest_size=32, person=b"fedtune.stream").digest()
+
+    def stream(self, name: str, *parts: object, device: str | torch.device = "cpu"):
+        """The DP stream ``name`` at ``parts`` (``fedtune.privacy.csprng.RandomStream``): AES-256-CTR under a
+        secret 256-bit key when secret; a torch generator seeded with ``derive(name, *parts)`` when simulated."""
+        from fedtune.privacy.csprng import AesCtrStream, TorchStream
+
+        if self.mode == "secret":
+            return AesCtrStream(self._stream_key(name, *parts))
+        return TorchStream(self.generator(name, *parts, device=device))
+
     def rng(self, name: str, *parts: object) -> random.Random:
-        """A Python RNG for the stream (cohorts, skips)."""
+        """A Python RNG for the stream (cohorts, skips): over the AES-CTR stream when secret."""
+        if self.mode == "secret":
+            from fedtune.privacy.csprng import StreamRandom
+
+            return StreamRandom(self.stream(name, *parts))
         return random.Random(self.derive(name, *parts))
 
     def generator(self, name: str, *parts: object, device: str | torch.device = "cpu") -> torch.Generator:
@@ -93,3 +114,12 @@ class Seeds:
 def task_seeds(seeds: Seeds, server_round: int, device: int | str) -> tuple[int, int]:
     """(sampling seed, noise seed) of one device's round: two independent streams."""
     return seeds.derive("task.sampling", server_round, device), seeds.derive("task.noise", server_round, device)
+
+
+def task_streams(seeds: Seeds, server_round: int, device: int | str):
+    """(sampling stream, noise stream) of one device's round when its seeds are secret (the CSPRNG the
+    device's DP-SGD draws from); ``None`` when simulated (training seeds torch generators from
+    ``task_seeds``, reproducibly)."""
+    if seeds.mode != "secret":
+        return None
+    return seeds.stream("task.sampling", server_round, device), seeds.stream("task.noise", server_round, device)

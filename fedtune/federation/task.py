@@ -48,10 +48,11 @@ class TaskPlan:
             raise ValueError(f"the server's task lacks {err.args[0]!r}; expected server-round, local-steps, "
                              "batch-size and lr (is the server running another fedtune version?)") from None
 
-    def training_task(self, sampling_seed: int, noise_seed: int) -> ClientTask:
-        """The device's local training of this plan, with the device's own two random streams."""
+    def training_task(self, sampling_seed: int, noise_seed: int, streams: tuple | None = None) -> ClientTask:
+        """The device's local training of this plan, with the device's own two random streams (``streams``:
+        its secret (sampling, noise) CSPRNG streams on a deployed device)."""
         return ClientTask(server_round=self.server_round, local_steps=self.local_steps, batch_size=self.batch_size,
-                          lr=self.lr, seed=sampling_seed, noise_seed=noise_seed)
+                          lr=self.lr, seed=sampling_seed, noise_seed=noise_seed, streams=streams)
 
 
 def plan_task(cfg, server_round: int, device_plan=None, device: int | None = None) -> TaskPlan:

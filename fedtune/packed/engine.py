@@ -28,6 +28,7 @@ from fedtune.config import PrivacyConfig
 from fedtune.packed.grad_sample import DeviceNoise, clipped_sums, noised_grads
 from fedtune.packed.model import PackedModel, packed_lora
 from fedtune.packed.sampling import DeviceBatches
+from fedtune.privacy.csprng import as_stream
 from fedtune.privacy.dpsgd import resolve_noise
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.training.attention import training_attention
@@ -106,8 +107,11 @@ def train_packed(
             from opacus.accountants import create_accountant
 
             for k, (s, t, ledger) in enumerate(zip(streams, tasks, ledgers)):
-                gen = torch.Generator(device=device)
-                gen.manual_seed(t.noise_seed)  # the noise stream, apart from the sampler's
+                if t.streams is not None:  # a deployed device: its secret CSPRNG noise stream
+                    gen = t.streams[1]
+                else:  # a simulation: a torch generator, apart from the sampler's
+                    gen = torch.Generator(device=device)
+                    gen.manual_seed(t.noise_seed)
                 sigma = (float(noise_multipliers[k]) if noise_multipliers is not None
                          else resolve_noise(privacy, s.sample_rate, planned_steps or steps))
                 noise.append(DeviceNoise(sigma, s.expected_batch_size, gen))
@@ -149,7 +153,8 @@ def train_packed(
             metrics = {"noise_multiplier": noise[k].noise_multiplier, "sample_rate": streams[k].sample_rate}
         train_loss = float(loss_sum[k] / loss_steps[k]) if loss_steps[k] > 0 else math.nan
         updates.append(ClientUpdate(adapter=states[k], num_examples=datas[k].num_train, train_loss=train_loss,
-                                    epsilon=epsilon, delta=delta, steps=steps, tokens=tokens[k], metrics=metrics))
+                                    epsilon=epsilon, delta=delta, steps=steps, tokens=tokens[k], metrics=metrics,
+                                    noise_generator=as_stream(noise[k].generator).name if dp else None))
     return updates
 
 

@@ -22,11 +22,12 @@ from fedtune.privacy.noise import flat_noise
 
 @dataclass(frozen=True)
 class DeviceNoise:
-    """One device's DP-SGD constants for this round and its noise generator."""
+    """One device's DP-SGD constants for this round and its noise source (a torch generator in a
+    simulation, a ``fedtune.privacy.csprng.RandomStream`` such as a deployed device's AES-CTR stream)."""
 
     noise_multiplier: float
     expected_batch_size: int
-    generator: torch.Generator
+    generator: object
 
 
 def clipped_sums(grad_samples: list[tuple[torch.Tensor, ...]], num_devices: int,

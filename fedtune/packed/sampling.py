@@ -3,7 +3,8 @@
 Without DP: a shuffled loader of fixed batches (``drop_last``) over the device's chunks; with DP, opacus'
 Poisson loader built from it (rate q = 1 / len(loader)). Both draw from one generator seeded with the
 device's ``task.seed``, and the loader is cycled for ``local_steps`` batches, so a device's batches are the
-same whether it trains alone or packed with others.
+same whether it trains alone or packed with others. A deployed device's task carries its secret
+(sampling, noise) CSPRNG streams (``ClientTask.streams``): its Poisson batches draw from the first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class DeviceBatches:
             from opacus.data_loader import DPDataLoader
 
             loader = DPDataLoader.from_data_loader(loader)  # Poisson, same generator
+            if task.streams is not None:  # a deployed device: its secret CSPRNG sampling stream
+                from fedtune.privacy.poisson_batches import with_stream
+
+                loader = with_stream(loader, task.streams[0])
         self._it = self._cycle(loader, task.local_steps)
 
     @staticmethod

@@ -4,6 +4,8 @@ Per round: Poisson-sample devices at rate q = cohort / population; each returned
 into a delta from the global adapter and clipped to L2 norm C; the server adds N(0, (σC)²) to the sum
 and divides by the expected cohort qN (a fixed denominator keeps the sensitivity at C / qN); the
 server ledger records (σ, q) for the round. ε comes from opacus' accountant over that history.
+Noise and cohorts draw from the run's ``Seeds``: AES-256-CTR CSPRNG streams on a deployed server
+(``fedtune.privacy.csprng``), seeded torch / Python generators in a simulation.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class DPFedAvg:
         self.cfg, self.plan, self.population = cfg, plan, population
         self.ledger = ledger or UserLevelLedger(accountant=cfg.accountant, delta=plan.delta,
                                                 target_epsilon=plan.budget)
+        self.noise_generator: str | None = None  # the name of the stream the last round's noise came from
 
     def sample(self, server_round: int) -> list[int]:
         return poisson_cohort(self.population, self.plan.sample_rate, rng=self.seeds.rng("cohort", server_round))
@@ -84,7 +87,8 @@ class DPFedAvg:
             c, norm = clip_delta(delta, self.cfg.clip_norm)
             clipped.append(c)
             norms.append(norm)
-        gen = self.seeds.generator("user_noise", server_round)
+        gen = self.seeds.stream("user_noise", server_round)  # AES-CTR when secret, a torch generator when simulated
+        self.noise_generator = gen.name
         expected = self.plan.sample_rate * self.population
         if summer is None:
             mean = noisy_mean(clipped, self.cfg.clip_norm, self.plan.noise_multiplier, expected, gen,

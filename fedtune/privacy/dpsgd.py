@@ -22,6 +22,7 @@ class PrivateTraining:
     engine: object
     noise_multiplier: float
     sample_rate: float
+    noise_generator: str = ""  # the name of the stream the noise came from (fedtune.privacy.csprng)
 
     def close(self, ledger: PrivacyLedger, server_round: int) -> None:
         """Record this round's steps in the ledger and detach opacus from the (cached) model."""
@@ -52,11 +53,18 @@ def make_private(
     ledger: PrivacyLedger,
     planned_steps: int,
     seed: int,
+    streams: tuple | None = None,
 ) -> PrivateTraining:
-    """Wrap for DP-SGD with Poisson sampling; the accountant continues from ``ledger``."""
+    """Wrap for DP-SGD with Poisson sampling; the accountant continues from ``ledger``.
+
+    The noise comes from a torch generator seeded with ``seed`` and the batches from ``loader``'s own
+    generator (simulations); with ``streams`` = (sampling, noise) ``RandomStream`` s (a deployed device's
+    CSPRNG, ``fedtune.privacy.csprng``), from those two instead."""
     from opacus import PrivacyEngine
 
+    from fedtune.privacy.csprng import TorchStream
     from fedtune.privacy.noise import use_flat_noise
+    from fedtune.privacy.poisson_batches import with_stream
 
     sample_rate = 1.0 / len(loader)
     noise = resolve_noise(cfg, sample_rate, planned_steps, len(loader.dataset))
@@ -77,4 +85,9 @@ def make_private(
     # one flat noise draw per step (same distribution as opacus' per-parameter draws): a packed
     # fleet reproduces each device's noise stream exactly (fedtune.privacy.noise)
     use_flat_noise(opt)
-    return PrivateTraining(module, opt, dl, engine, noise, sample_rate)
+    source = TorchStream(noise_gen)
+    if streams is not None:
+        sampling, source = streams
+        opt.generator = source  # FlatNoiseDPOptimizer draws every step's noise from it
+        dl = with_stream(dl, sampling)
+    return PrivateTraining(module, opt, dl, engine, noise, sample_rate, source.name)

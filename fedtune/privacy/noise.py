@@ -7,6 +7,10 @@ fleet (``fedtune.packed``), which trains many devices in shared kernels, reprodu
 each device with one call per device and step instead of one per device and parameter.
 (On CPU, torch's normal sampler happens to give the same stream either way when every tensor's size is a
 multiple of 16; CUDA's Philox offsets do not, which is why the draw is defined flat.)
+
+The source is a ``fedtune.privacy.csprng.RandomStream``: a seeded torch generator in simulations, the
+device's AES-256-CTR CSPRNG stream on a deployed device (opacus' ``secure_mode`` is not used: the CSPRNG
+stream is this module's secure mode).
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from __future__ import annotations
 import torch
 from opacus.optimizers.optimizer import DPOptimizer, _check_processed_flag, _mark_as_processed
 
+from fedtune.privacy.csprng import as_stream
+
 
 def flat_noise(std: float, numel: int, generator, device, dtype) -> torch.Tensor:
-    """[numel] draws of N(0, std^2) from ``generator``, one call; zeros (no draw) when ``std`` is 0."""
+    """[numel] draws of N(0, std^2) from ``generator`` (a ``RandomStream`` or a ``torch.Generator``), one
+    call; zeros (no draw) when ``std`` is 0."""
     if std == 0:
         return torch.zeros(numel, device=device, dtype=dtype)
-    return torch.normal(0.0, std, size=(numel,), generator=generator, device=device, dtype=dtype)
+    return as_stream(generator).normal(std, numel, device, dtype)
 
 
 def flat_gaussian_noise(std: float, references: list[torch.Tensor], generator) -> list[torch.Tensor]:
@@ -55,7 +62,8 @@ def use_flat_noise(optimizer: DPOptimizer) -> DPOptimizer:
         raise TypeError(f"flat noise is defined for opacus' DPOptimizer, got {type(optimizer).__name__} "
                         "(per-layer clipping or distributed DP-SGD are not supported here)")
     if optimizer.secure_mode:
-        raise ValueError("flat noise uses a seeded generator; opacus' secure_mode is not supported")
+        raise ValueError("flat noise draws from its own stream; for secret noise pass a CSPRNG stream "
+                         "(fedtune.privacy.csprng.AesCtrStream) as the optimizer's generator, not opacus' secure_mode")
     optimizer.__class__ = FlatNoiseDPOptimizer
     return optimizer
 

@@ -22,6 +22,7 @@ import math
 import torch
 
 from fedtune.privacy.cohort import poisson_cohort
+from fedtune.privacy.csprng import as_stream
 from fedtune.privacy.user_level_accounting import (
     calibrate_noise,
     max_rounds_within_budget,
@@ -126,18 +127,24 @@ def noisy_mean(
     return noised_mean_of_sum(total, clip_norm, noise_multiplier, expected_cohort, generator)
 
 
+def _device_of(source) -> torch.device:
+    return source.device if isinstance(source, torch.Generator) else torch.device("cpu")
+
+
 def noised_mean_of_sum(total: AdapterState, clip_norm: float, noise_multiplier: float, expected_cohort: float,
-                       generator: torch.Generator) -> AdapterState:
+                       generator) -> AdapterState:
     """(total + N(0, (σ·C)² I)) / expected_cohort: the server's step once it holds the sum of clipped deltas
-    (from ``noisy_mean``'s own sum, or from a secure-aggregation masked sum). Keys in sorted order."""
+    (from ``noisy_mean``'s own sum, or from a secure-aggregation masked sum). Keys in sorted order.
+    ``generator``: a ``torch.Generator`` (simulations) or a ``fedtune.privacy.csprng.RandomStream`` (a
+    deployed server's AES-CTR stream)."""
     if not expected_cohort > 0:
         raise ValueError(f"noised_mean_of_sum: expected_cohort must be > 0, got {expected_cohort!r}")
     std = noise_multiplier * clip_norm
     out: AdapterState = {}
     for name in sorted(total):
         acc = total[name].to(torch.float32).clone()
-        if std > 0:
-            noise = torch.randn(acc.shape, generator=generator, dtype=torch.float32, device=generator.device)
-            acc += std * noise.to(acc.device)  # [*shape], N(0, (σC)²) per coordinate
+        if std > 0:  # a torch generator (simulation) draws exactly what torch.randn drew before streams
+            noise = as_stream(generator).normal(1.0, acc.numel(), _device_of(generator), torch.float32)
+            acc += std * noise.view(acc.shape).to(acc.device)  # [*shape], N(0, (σC)²) per coordinate
         out[name] = acc / expected_cohort
     return out

@@ -83,7 +83,7 @@ def train_local(
     private = None
     if dp:
         private = make_private(model, optimizer, loader, privacy, ledger,
-                               planned_steps or task.local_steps, task.noise_seed)
+                               planned_steps or task.local_steps, task.noise_seed, task.streams)
         optimizer, loader = private.optimizer, private.loader
     device = params[0].device
     losses, tokens = [], 0
@@ -117,4 +117,5 @@ def train_local(
         steps=task.local_steps,
         tokens=tokens,
         metrics=metrics,
+        noise_generator=private.noise_generator if dp else None,
     )

@@ -122,3 +122,63 @@ def test_server_user_level_noise_is_secret_outside_simulations():
     sim = [DPFedAvg(cfg, plan, 100, Seeds.simulated(0)).aggregate(g, [], 1)[0]["w"] for _ in range(2)]
     secret = DPFedAvg(cfg, plan, 100, Seeds.secret()).aggregate(g, [], 1)[0]["w"]
     assert torch.equal(sim[0], sim[1]) and not torch.equal(sim[0], secret)
+
+
+class _Spy:
+    """Counts the CSPRNG draws (``AesCtrStream.normal`` / ``uniform``) while the real code runs."""
+
+    def __init__(self, monkeypatch):
+        from fedtune.privacy.csprng import AesCtrStream
+
+        self.normal = self.uniform = 0
+        real_normal, real_uniform = AesCtrStream.normal, AesCtrStream.uniform
+
+        def normal(s, *a, **k):
+            self.normal += 1
+            return real_normal(s, *a, **k)
+
+        def uniform(s, *a, **k):
+            self.uniform += 1
+            return real_uniform(s, *a, **k)
+
+        monkeypatch.setattr(AesCtrStream, "normal", normal)
+        monkeypatch.setattr(AesCtrStream, "uniform", uniform)
+
+
+def test_a_deployed_device_draws_noise_and_batches_from_the_csprng_in_both_engines(tmp_path, monkeypatch):
+    from fedtune.federation.device_round import train_group
+    from fedtune.privacy.csprng import AesCtrStream
+
+    cfg, model, start, data = _setup()
+    spy = _Spy(monkeypatch)
+    sim = train_one(model, DeviceState.simulated(tmp_path / "sim", cfg.seed), cfg, start, data, PLAN, "u", 1)
+    assert (spy.normal, spy.uniform) == (0, 0) and "torch.Generator" in sim.update.noise_generator
+    dev = train_one(model, DeviceState.deployed_device(tmp_path / "dev"), cfg, start, data, PLAN, "u", 1)
+    assert spy.normal == PLAN.local_steps  # one flat noise draw per DP-SGD step
+    assert spy.uniform == PLAN.local_steps  # every Poisson batch (the noise draws its words apart)
+    assert dev.update.noise_generator == AesCtrStream.name
+    spy.normal = spy.uniform = 0
+    group = train_group(model, DeviceState.deployed_device(tmp_path / "grp"), cfg, [start] * 2, [data] * 2,
+                        [PLAN] * 2, ["a", "b"], [1, 2])
+    assert spy.normal == 2 * PLAN.local_steps and spy.uniform == 2 * PLAN.local_steps
+    assert all(t.update.noise_generator == AesCtrStream.name for t in group)
+
+
+def test_a_deployed_servers_user_noise_and_cohort_come_from_the_csprng(monkeypatch):
+    from fedtune.config import UserLevelPrivacyConfig
+    from fedtune.federation.aggregate import UserLevelDP
+    from fedtune.privacy.csprng import AesCtrStream, StreamRandom
+    from fedtune.privacy.dp_fedavg import DPFedAvg, plan_user_level
+
+    cfg = UserLevelPrivacyConfig(enabled=True, noise_multiplier=1.0, clip_norm=1.0)
+    plan = plan_user_level(cfg, 100, 10, 3)
+    spy = _Spy(monkeypatch)
+    sim = DPFedAvg(cfg, plan, 100, Seeds.simulated(0))
+    sim.aggregate({"w": torch.zeros(4)}, [], 1)
+    assert spy.normal == 0 and "torch.Generator" in UserLevelDP(sim).report()["noise_generator"]
+    dp = DPFedAvg(cfg, plan, 100, Seeds.secret())
+    dp.aggregate({"w": torch.zeros(4), "v": torch.zeros(2, 3)}, [], 1)
+    assert spy.normal == 2  # one draw per tensor
+    assert UserLevelDP(dp).report()["noise_generator"] == AesCtrStream.name
+    assert isinstance(dp.seeds.rng("cohort", 1), StreamRandom)
+    assert spy.uniform == 0 and len(dp.sample(1)) <= 100

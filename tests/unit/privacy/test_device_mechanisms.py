@@ -10,6 +10,7 @@ empty batches included (those are noise-only steps and never reach the model).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedtune.adapters import create_adapter, get_adapter_state
 from fedtune.data import build_client_data
+from fedtune.federation.seeds import Seeds, task_streams
 from fedtune.models import load_base_model
 from fedtune.models.tokenizer import ByteEncoder
 from fedtune.packed import train_packed
@@ -37,6 +39,16 @@ from tests.unit.privacy.stats import (
 )
 
 SIGMA, CLIP = 0.8, 0.5
+
+
+def _as(mode: str, task: ClientTask) -> ClientTask:
+    """The task as a simulation runs it, or as a deployed device does (its secret AES-CTR streams)."""
+    if mode == "simulated":
+        return task
+    return dataclasses.replace(task, streams=task_streams(Seeds.secret(), task.server_round, task.seed))
+
+
+MODES = pytest.mark.parametrize("mode", ["simulated", "deployed"])
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +91,14 @@ def _check_gaussian(x: np.ndarray, std: float, what: str) -> None:
     assert gaussian_shape_pvalue(x, std) > ALPHA, f"{what}: not Gaussian"
 
 
-def test_train_local_noise_is_sigma_c_over_expected_batch(setup):
+@MODES
+def test_train_local_noise_is_sigma_c_over_expected_batch(setup, mode):
     cfg, model, datas, zero = setup
     client, steps = datas[0], 5
     q, ebs = _rate_and_expected_batch(client.num_train, 4)
     with _AdamWGrads() as seen:
-        train_local(model, zero, client, ClientTask(1, steps, 4, 0.0, seed=3), cfg.privacy, PrivacyLedger("u"))
+        train_local(model, zero, client, _as(mode, ClientTask(1, steps, 4, 0.0, seed=3)), cfg.privacy,
+                    PrivacyLedger("u"))
     assert len(seen.steps) == steps  # every step is a DP step, empty Poisson batches too
     per_step = np.stack([torch.cat([g.flatten() for g in s]).double().numpy() for s in seen.steps])  # [S, P]
     assert per_step.shape[1] > 1000
@@ -93,10 +107,11 @@ def test_train_local_noise_is_sigma_c_over_expected_batch(setup):
     assert np.abs(corr).max() < 0.15  # a fresh draw each step (|r| ~ 0.024 for independent draws)
 
 
-def test_packed_noise_is_each_devices_sigma_c_over_its_expected_batch(setup):
+@MODES
+def test_packed_noise_is_each_devices_sigma_c_over_its_expected_batch(setup, mode):
     cfg, model, datas, zero = setup
     steps, sizes = 4, [1, 3, 5]
-    tasks = [ClientTask(1, steps, b, 0.0, seed=20 + i) for i, b in enumerate(sizes)]
+    tasks = [_as(mode, ClientTask(1, steps, b, 0.0, seed=20 + i)) for i, b in enumerate(sizes)]
     with _AdamWGrads() as seen:
         train_packed(model, [zero] * 3, datas, tasks, cfg.privacy, [PrivacyLedger(d.user_id) for d in datas])
     assert len(seen.steps) == steps
@@ -109,14 +124,16 @@ def test_packed_noise_is_each_devices_sigma_c_over_its_expected_batch(setup):
     assert np.abs(np.corrcoef(rows)[np.triu_indices(3, 1)]).max() < 0.05  # devices' noises are independent
 
 
-def test_train_local_batches_follow_binomial_n_q(setup):
+@MODES
+def test_train_local_batches_follow_binomial_n_q(setup, mode):
     cfg, model, datas, zero = setup
     client, steps, batch = datas[1], 80, 8  # q = 1/7: Binomial(50, 1/7), against fixed batches of 8 (and 2)
     q, _ = _rate_and_expected_batch(client.num_train, batch)
     seen: list[int] = []
     hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
-        train_local(model, zero, client, ClientTask(1, steps, batch, 0.0, seed=5), cfg.privacy, PrivacyLedger("u"))
+        train_local(model, zero, client, _as(mode, ClientTask(1, steps, batch, 0.0, seed=5)), cfg.privacy,
+                    PrivacyLedger("u"))
     finally:
         hook.remove()
     assert len(seen) <= steps and min(seen) > 0
@@ -127,12 +144,13 @@ def test_train_local_batches_follow_binomial_n_q(setup):
     assert max(seen) != min(seen)  # not fixed-size
 
 
+@MODES
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_packed_device_batches_follow_binomial_n_q(setup, batch_size):
+def test_packed_device_batches_follow_binomial_n_q(setup, batch_size, mode):
     _, _, datas, _ = setup
     data, draws = datas[0], 4000
     q, _ = _rate_and_expected_batch(data.num_train, batch_size)
-    stream = DeviceBatches(data, ClientTask(1, draws, batch_size, 0.0, seed=7), dp=True)
+    stream = DeviceBatches(data, _as(mode, ClientTask(1, draws, batch_size, 0.0, seed=7)), dp=True)
     sizes = [stream.next().shape[0] for _ in range(draws)]
     assert stream.sample_rate == pytest.approx(q)
     assert binomial_gof_pvalue(sizes, data.num_train, q) > ALPHA, np.bincount(sizes)
