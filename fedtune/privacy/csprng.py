@@ -45,8 +45,12 @@ class RandomStream(Protocol):
 
 def _open_uniform(words: torch.Tensor) -> torch.Tensor:
     """int64 words -> float64 uniforms (k + 1/2) * 2^-53 in (0, 1) from their low 53 bits (never 0 or 1)."""
-    k = words & _MASK53  # [n], 0 <= k < 2^53 (exact in float64)
-    return (k.double() + 0.5) * 2.0 ** -53
+    u = words.bitwise_and(_MASK53).double()  # [n], 0 <= k < 2^53 (exact in float64)
+    return u.add_(0.5).mul_(2.0 ** -53)
+
+
+_CHUNK = 1 << 20  # keystream bytes per OpenSSL call (a zero block of this size is reused)
+_ZEROS = bytes(_CHUNK)
 
 
 class AesCtrStream:
@@ -68,10 +72,14 @@ class AesCtrStream:
         return self._enc.update(bytes(n))
 
     def words(self, n: int) -> torch.Tensor:
-        """[n] int64 words of the keystream (uniform over all 64-bit patterns)."""
-        if n == 0:
-            return torch.zeros(0, dtype=torch.int64)
-        return torch.frombuffer(bytearray(self.bytes(8 * n)), dtype=torch.int64)  # [n]
+        """[n] int64 words of the keystream (uniform over all 64-bit patterns), written in place."""
+        total = 8 * n
+        buf = torch.empty(total + 15, dtype=torch.uint8)  # CTR writes len(data) bytes; OpenSSL asks for +15
+        view = memoryview(buf.numpy())
+        for off in range(0, total, _CHUNK):
+            m = min(_CHUNK, total - off)
+            self._enc.update_into(_ZEROS[:m] if m < _CHUNK else _ZEROS, view[off: off + m + 15])
+        return buf[:total].view(torch.int64)  # [n]
 
     def uniform(self, n: int) -> torch.Tensor:
         """[n] float64 uniforms in (0, 1) from 53-bit chunks: (k + 1/2) * 2^-53, never 0 or 1."""
@@ -82,10 +90,12 @@ class AesCtrStream:
         """[numel] N(0, std^2) by Box-Muller in float64, then cast to ``dtype`` on ``device``."""
         pairs = (numel + 1) // 2
         u = _open_uniform(self.words(2 * pairs))  # [2 * pairs]
-        radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))  # [pairs]
-        angle = _TWO_PI * u[pairs:]  # [pairs]
-        z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:numel]  # [numel]
-        return (z * float(std)).to(device=device, dtype=dtype)
+        radius = u[:pairs].log_().mul_(-2.0).sqrt_().mul_(float(std))  # [pairs], std * sqrt(-2 ln u1)
+        angle = u[pairs:].mul_(_TWO_PI)  # [pairs]
+        z = torch.empty(2 * pairs, dtype=torch.float64)
+        torch.mul(radius, torch.cos(angle), out=z[:pairs])
+        torch.mul(radius, angle.sin_(), out=z[pairs:])
+        return z[:numel].to(device=device, dtype=dtype)  # [numel]
 
 
 class TorchStream:
