@@ -7,6 +7,8 @@ For loopback tests and first trials only: production uses a real CA and keys mad
       server.crt, server.key         the SuperLink's TLS certificate, SANs: the given hosts + localhost
       supernodes/<name>              a SuperNode's private key (OpenSSH, EC P-384; `--auth-supernode-private-key`)
       supernodes/<name>.pub          its public key (OpenSSH; the SuperLink registers it)
+      identities/<name>              a device's ed25519 identity key (PEM; signs its SecAgg+ key adverts)
+      identities/<name>.pub          its public key (hex of the 32 raw bytes; registered beside the node key)
 
 Flower 1.41 wants the SuperNode keys as OpenSSH EC keys on a NIST curve (``load_ssh_private_key``,
 ``flwr supernode register`` refuses other key types).
@@ -51,6 +53,10 @@ class CertPaths:
 
     def supernode_public_keys(self) -> list[Path]:
         return sorted(self.supernodes.glob("*.pub")) if self.supernodes.is_dir() else []
+
+    @property
+    def identities(self) -> Path:
+        return self.root / "identities"
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -116,4 +122,20 @@ def make_supernode_key(root: str | Path, name: str) -> tuple[Path, Path]:
     public = private.with_name(name + ".pub")
     public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                      serialization.PublicFormat.OpenSSH) + b"\n")
+    return private, public
+
+
+def make_device_identity(root: str | Path, name: str) -> tuple[Path, Path]:
+    """A device's ed25519 identity key for signed SecAgg+ key adverts (``fedtune.privacy.secagg.identity``):
+    (private key path, public key path). Flower's node-auth keys are EC P-384, which ed25519 signatures cannot
+    reuse, so the identity is its own key pair, registered with the operator beside the node key."""
+    from fedtune.privacy.secagg.identity import DeviceIdentity
+
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"identity key name {name!r}: expected a plain file name, e.g. device-1")
+    identity = DeviceIdentity.generate()
+    private = CertPaths(Path(root)).identities / name
+    identity.save(private)
+    public = private.with_name(name + ".pub")
+    public.write_text(identity.public_bytes().hex() + "\n")
     return private, public

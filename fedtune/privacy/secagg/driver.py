@@ -68,15 +68,21 @@ def make_setup(cohort: Sequence[int], vector_length: int, clip_range: float, *, 
 
 def run_secure_aggregation(setup: SecAggSetup, updates: dict[int, np.ndarray], dropouts: Dropouts = Dropouts(),
                            rng: np.random.Generator | None = None,
-                           transport: Callable[[M], M] = _same) -> SecAggOutcome:
+                           transport: Callable[[M], M] = _same, auth=None) -> SecAggOutcome:
     """Run the four stages for ``updates`` (client id -> float vector); raises ``SecAggAbort`` when too many drop.
 
     ``transport`` carries every message (a KeyAdvert, a client's list of SealedShares, a MaskedInput, the
     UnmaskRequest, an UnmaskReply) from sender to receiver; the default hands it over as is, a Flower adapter
-    can encode it into a record and decode it back (``fedtune.flower.secagg_records``)."""
+    can encode it into a record and decode it back (``fedtune.flower.secagg_records``).
+
+    ``auth`` (``fedtune.privacy.secagg.identity.AdvertAuth``): each client signs its key advert with its
+    registered ed25519 identity key and verifies its neighbours' before sealing shares (a server that
+    substitutes a key makes the round abort with ``SecAggAbort``)."""
     costs = {s: StageCost() for s in STAGES}
     server = SecAggServer(setup)
     clients = {c: SecAggClient(c, setup) for c in setup.cohort}
+    if auth is not None:
+        clients = {c: auth.client(client) for c, client in clients.items()}
 
     def timed(stage: str, who: str, fn, *args):
         t0 = time.perf_counter()
