@@ -20,6 +20,7 @@ The plain and the packed ClientApps (``fedtune.flower``) and the in-process back
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from pathlib import Path
 from fedtune.federation.seeds import Seeds, task_seeds, task_streams
 from fedtune.federation.task import TaskPlan
 from fedtune.types import AdapterState, ClientData, ClientUpdate
+
+log = logging.getLogger(__name__)
 
 
 class DeviceBudgetSpent(RuntimeError):
@@ -141,6 +144,8 @@ def train_one(model, state: DeviceState, cfg, incoming: AdapterState, data: Clie
                           checkpoint_every_n_layers=t.checkpoint_every_n_layers, **_train_kwargs(cfg))
     if ledger is not None:
         state.ledgers.save(ledger)
+        log.info("device %s, round %d: DP-SGD noise and batches from %s", key, plan.server_round,
+                 update.noise_generator)
     return Trained(key, update, state.encode(key, update.adapter, incoming, cfg.federation.upload))
 
 
