@@ -217,6 +217,14 @@ class PersonalizationConfig(_Section):
     validation_max_chunks: int = Field(8, gt=0)
     finetune_grid: list[int] = Field([4, 8, 16], min_length=1)
     alpha_grid: list[float] = [0.25, 0.5, 0.75]
+    # FedDPA-style dual adapters as one more selection candidate (fedtune/personalization/dual.py): a private
+    # LoRA next to the frozen global one, outputs mixed as alpha * private + (1 - alpha) * global, the private
+    # one trained for `dual_steps` (default: the fine-tuning search's best k) at `dual_train_alpha`, alpha chosen
+    # on the validation slice from alpha_grid + dual_train_alpha. Under DP the device's personal budget is
+    # shared by the fine-tuning search and these steps (noise calibrated for both).
+    dual_adapters: bool = False
+    dual_train_alpha: float = Field(0.5, gt=0, le=1)
+    dual_steps: int | None = Field(None, gt=0)
     # tuning users (hyperparameters are chosen on them) vs test users (reported): a fixed split by user-id hash
     # (fedtune/personalization/users.py); per-user evaluation reports `eval_users` of them (all, test or tuning)
     tuning_fraction: float = Field(0.3, ge=0, lt=1)
