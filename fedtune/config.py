@@ -85,6 +85,10 @@ class TrainConfig(_Section):
     checkpoint_every_n_layers: int = Field(1, gt=0)
     # memory: fused loss over this many tokens at a time, never the full [tokens, vocab] logits (None: off)
     loss_chunk_tokens: int | None = Field(1024, gt=0)
+    # memory: process each logical batch (of expected size batch_size; Poisson under DP) in micro-batches of at
+    # most this many sequences, accumulating gradients; one optimizer step, and under DP one noise draw and one
+    # accountant step, per logical batch (None: the whole batch at once). Lets DP use large expected batches.
+    physical_batch_size: int | None = Field(None, gt=0)
 
 
 class UserLevelPrivacyConfig(_Section):
@@ -304,6 +308,12 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if not _RUN_NAME.fullmatch(cfg.name):
         p.append(f"name: {cfg.name!r} is not a plain run name (runs/<name>-<time> must stay inside runs/); use "
                  "letters, digits, '.', '_' and '-', starting with a letter or digit")
+    tr = cfg.train
+    if tr.physical_batch_size is not None and tr.physical_batch_size > tr.batch_size:
+        p.append(f"train.physical_batch_size: the micro-batch ({tr.physical_batch_size} sequences) is larger than "
+                 f"the logical batch train.batch_size ({tr.batch_size}); for a large DP batch set batch_size to the "
+                 "logical (expected) batch and physical_batch_size to what fits in memory, e.g. batch_size: 64, "
+                 "physical_batch_size: 8")
     if fed.min_clients > fed.clients_per_round:
         p.append(f"federation.min_clients: must be <= clients_per_round ({fed.clients_per_round}), "
                  f"got {fed.min_clients}")

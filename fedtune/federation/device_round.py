@@ -176,7 +176,8 @@ def train_one(model, state: DeviceState, cfg, incoming: AdapterState, data: Clie
     update = device_round(model, incoming, data, task, cfg.privacy, ledger,
                           split=cfg.personalization.split, store=state.private, device_key=key,
                           loss_chunk_tokens=t.loss_chunk_tokens, gradient_checkpointing=t.gradient_checkpointing,
-                          checkpoint_every_n_layers=t.checkpoint_every_n_layers, **_train_kwargs(cfg))
+                          checkpoint_every_n_layers=t.checkpoint_every_n_layers,
+                          physical_batch_size=t.physical_batch_size, **_train_kwargs(cfg))
     if ledger is not None:
         state.ledgers.save(ledger)
     return Trained(key, update, state.encode(key, update.adapter, incoming, cfg.federation.upload))
@@ -206,7 +207,10 @@ def train_group(model, state: DeviceState, cfg, incoming: Sequence[AdapterState]
         updates = device_round_group(  # one global adapter per group (the server groups same-rank devices)
             model, incoming[idx[0]], [datas[i] for i in idx], [state.training_task(plans[i], devices[i]) for i in idx],
             cfg.privacy, ledgers, split=cfg.personalization.split, store=state.private,
-            device_keys=[keys[i] for i in idx], micro_batch=cfg.simulation.packed_micro_batch, **_train_kwargs(cfg))
+            device_keys=[keys[i] for i in idx], **_train_kwargs(cfg),
+            # the packed engine's forward chunks (sequences of the whole group) bound memory the same way; it
+            # adds each device's noise once per step whatever the chunking
+            micro_batch=cfg.simulation.packed_micro_batch or cfg.train.physical_batch_size)
         for (i, ledger), update in zip(ready, updates):
             if ledger is not None:
                 state.ledgers.save(ledger)

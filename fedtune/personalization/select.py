@@ -134,7 +134,8 @@ def _train_group(model, devs: list[_Device], steps: int, segment: int, cfg: Expe
     if pack <= 1:
         for d, task in zip(devs, tasks):
             d.state = train_local(model, d.state, d.fit, task, d.privacy, d.ledger, planned_steps=total,
-                                  weight_decay=cfg.train.weight_decay).adapter
+                                  weight_decay=cfg.train.weight_decay,
+                                  physical_batch_size=cfg.train.physical_batch_size).adapter
         return
     from fedtune.packed import train_packed
 
@@ -213,7 +214,8 @@ def _dual_candidates(model, d: _Device, global_state: AdapterState, cfg: Experim
     task = ClientTask(server_round=0, local_steps=steps, batch_size=cfg.train.batch_size,
                       lr=per.finetune_lr or cfg.train.lr, seed=(d.seed + 104729) % (2**31))
     private = train_private(model, global_state, d.fit, task, d.privacy, d.ledger, per.dual_train_alpha,
-                            planned_steps=steps, weight_decay=cfg.train.weight_decay)
+                            planned_steps=steps, weight_decay=cfg.train.weight_decay,
+                            physical_batch_size=cfg.train.physical_batch_size)
     cands = []
     for a in sorted(set(per.alpha_grid) | {per.dual_train_alpha}):
         dual = DualAdapters(global_state, private, a)
