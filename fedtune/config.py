@@ -233,6 +233,10 @@ class PersonalizationConfig(_Section):
     # (fedtune/personalization/users.py); per-user evaluation reports `eval_users` of them (all, test or tuning)
     tuning_fraction: float = Field(0.3, ge=0, lt=1)
     eval_users: Literal["all", "test", "tuning"] = "all"
+    # the benchmark chooses the personal learning rate and the step grid on the TUNING users (median per-user
+    # change vs global) among these, then reports the test users (fedtune/personalization/tuning.py); empty: off
+    tune_finetune_lrs: list[float] = []
+    tune_finetune_grids: list[list[int]] = []
     eval_max_users: int | None = Field(None, gt=0)  # evaluate at most this many of them (a quick look)
     evaluate_at_end: bool = False  # `fedtune simulate` runs `fedtune evaluate` on the run when it ends
     methods: list[Literal["base", "global", "finetune", "personalized", "split", "local_only"]] = [
@@ -358,6 +362,15 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     per = cfg.personalization
     if any(k <= 0 for k in per.finetune_grid):
         p.append(f"personalization.finetune_grid: step counts must be positive, got {per.finetune_grid}")
+    if any(lr <= 0 for lr in per.tune_finetune_lrs):
+        p.append(f"personalization.tune_finetune_lrs: learning rates must be positive, got {per.tune_finetune_lrs}")
+    if any(not g or any(k <= 0 for k in g) for g in per.tune_finetune_grids):
+        p.append("personalization.tune_finetune_grids: each grid is a non-empty list of positive step counts, got "
+                 f"{per.tune_finetune_grids}")
+    if (per.tune_finetune_lrs or per.tune_finetune_grids) and per.eval_users != "test":
+        p.append(f"personalization.eval_users: hyperparameters tuned on the tuning users (tune_finetune_lrs / "
+                 f"tune_finetune_grids) must be reported on the other users; got eval_users {per.eval_users!r}, "
+                 "set it to test")
     if any(not 0 < a < 1 for a in per.alpha_grid):
         p.append(f"personalization.alpha_grid: mixing weights must lie strictly between 0 and 1, got {per.alpha_grid}")
     pub = cfg.publish
