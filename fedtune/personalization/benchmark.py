@@ -117,6 +117,10 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
     pers = by.get("personalized")
     return {
         "dp": dp,
+        # what the federation's records say ran (never the config): "user" under server-side DP-FedAvg
+        "privacy_level": runs["none"][1][-1].get("privacy_level"),
+        "federation_epsilon": runs["none"][1][-1].get("epsilon"),
+        "federation_delta": runs["none"][1][-1].get("delta"),
         "target_epsilon": target,
         "epsilon_warnings": warnings,
         "sat_out": sat_out,
@@ -170,6 +174,9 @@ def format_report(report: dict) -> str:
                  if s.get("target_epsilon")
                  else f"noise multiplier {s['noise_multiplier']}")
         head = (f"## DP-SGD on ({sigma}, δ={s['delta']}, max device ε {eps:.2f})" if s["dp"] else "## DP off")
+        if s.get("privacy_level") == "user":  # the label comes from the federation's records
+            head = (f"## User-level DP-FedAvg on the server (ε {s['federation_epsilon']:.2f}, "
+                    f"δ={s['federation_delta']:.3g}){'' if s['dp'] else '; no DP-SGD on devices'}")
         verdict = (f"best personalized method: **{s['best_personalized']}**, better than the global adapter for "
                    f"{100 * (s['best_beats_global_share'] or 0):.0f}% of users; beats local-only on mean "
                    f"perplexity: {'yes' if s['best_beats_local_only_mean'] else 'no'}")
