@@ -51,6 +51,9 @@ def test_in_process_round_counts_a_too_small_device_as_declined(tmp_path, pack):
     assert [(e["user"], e["reason"]) for e in events] == [(clients[1].user_id, "too_small")]
     assert not (run.ledgers / f"{clients[1].user_id}.json").exists()  # it never trained: nothing spent
     assert all((run.ledgers / f"{c.user_id}.json").exists() for c in (clients[0], clients[2]))
+    from fedtune.personalization.run_eval import sit_out_notes  # `fedtune evaluate`'s per-user summary
+
+    assert sit_out_notes(run) and clients[1].user_id in sit_out_notes(run)[0]
     report = write_report(run, cfg, records, 1.0).read_text()
     assert f"too small to train within their DP budget (1; they keep the global model): {clients[1].user_id}" \
         in report
