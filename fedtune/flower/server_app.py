@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.adapters import get_adapter_state
 from fedtune.adapters.split import initial_private, shared_part
-from fedtune.data.partition import ensure_client_data
+from fedtune.data.partition import prepare_run_data, read_index
 from fedtune.federation.heldout import heldout_from_disk
 from fedtune.federation.publishing import maybe_publish
 from fedtune.federation.recorder import Recorder as EngineRecorder
@@ -156,7 +156,8 @@ def strategy_for(cfg, setup: ServerSetup, initial: AdapterState) -> AdapterFedAv
 def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     ctx = run_context(context.run_config)
     cfg = ctx.cfg
-    index = ensure_client_data(cfg, ctx.run.data)
+    prepare_run_data(cfg, ctx.run.data)  # once, unless the launcher or CLI already did
+    index = read_index(ctx.run.data)
     model, info = ctx.model()
     split = cfg.personalization.split
     full = get_adapter_state(model)
