@@ -34,7 +34,7 @@ from fedtune.federation.recorder import (  # noqa: F401 (the checkpoint API, re-
 )
 from fedtune.federation.recorder import write_checkpoint as write_engine_checkpoint
 from fedtune.federation.server import ServerSetup, budget_event, build_server, cohort_size, resume, totals
-from fedtune.flower.context import RunContext, run_context
+from fedtune.flower.context import RunContext, run_context, simulated_params
 from fedtune.flower.fleet_strategy import FleetFedAvg
 from fedtune.flower.packed_grid import PackedGrid
 from fedtune.flower.records import arrays_to_state, state_to_arrays
@@ -165,7 +165,7 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     deployed = int(context.run_config.get("deployment-nodes", 0))  # `fedtune server start` sets it
     checkpoint = read_checkpoint(ctx.run)
     setup = build_server(cfg, initial, users=len(index), max_train=max(e["train"] for e in index),
-                         params=info["base_bytes_dense"] // 4, checkpoint=checkpoint, deployed=deployed)
+                         params=simulated_params(cfg, info), checkpoint=checkpoint, deployed=deployed)
     strategy = strategy_for(cfg, setup, initial)
     start_state, done = initial, 0
     if checkpoint:
