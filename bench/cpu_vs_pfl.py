@@ -11,6 +11,8 @@ AdamW, FedAvg of the adapters, no DP. Contenders, each in its own process (its t
 * ``flower``: ``fedtune simulate``'s path: Flower's simulation engine (Ray), fedtune's ServerApp and
   ClientApp (``simulation`` defaults: 1 CPU a client, 2 at once), fp32 uploads, the server's evaluation
   of 4 held-out chunks each round (fedtune cannot skip it; one forward of 4 x 128).
+* ``flower1``: the same with one ClientApp actor of 2 CPUs (``num_cpus_per_client: 2``,
+  ``max_concurrent_clients: 1``): 2 torch threads in one actor, as bare and pfl use.
 * ``inprocess``: fedtune's in-process backend, the same engine in one Python loop.
 * ``pfl``: pfl-research 0.6.0, PyTorch simulated FL: ``SimulatedBackend``, ``FederatedAveraging``,
   ``PyTorchModel`` over the same peft model (AdamW locally, central SGD lr=1), the same per-user tensors
@@ -50,7 +52,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 USERS_PER_ROUND, STEPS, BATCH, SEQ, LR, SEED = 10, 4, 4, 128, 3e-3, 0
 PFL_SITE = "/work/wt/perf-pflvenv/lib/python3.11/site-packages"
-CONTENDERS = ("bare", "flower", "inprocess", "pfl")
+CONTENDERS = ("bare", "flower", "flower1", "inprocess", "pfl")
 
 
 def workload(rounds: int) -> dict:
@@ -134,8 +136,14 @@ def worker_flower(raw: dict, rounds: int, out: Path) -> dict:
 
     res = simulate(raw, out / "run")
     return {"rounds": [{"round": r["round"], "updates": r["clients_succeeded"], "seconds": r["wall_seconds"],
-                        "device_steps_per_s": r.get("device_steps_per_s"), "tokens_per_s": r.get("tokens_per_s")}
+                        "device_steps_per_s": r.get("device_steps_per_s"), "tokens_per_s": r.get("tokens_per_s"),
+                        "device_train_seconds": [round(c["train-seconds"], 2) for c in r.get("clients", [])]}
                        for r in res["records"] if r["round"] > 0]}
+
+
+def worker_flower1(raw: dict, rounds: int, out: Path) -> dict:
+    """The Flower path with one ClientApp actor of 2 CPUs (2 torch threads) instead of 2 actors of 1."""
+    return worker_flower({**raw, "simulation": {"num_cpus_per_client": 2, "max_concurrent_clients": 1}}, rounds, out)
 
 
 def worker_inprocess(raw: dict, rounds: int, out: Path) -> dict:
@@ -148,7 +156,8 @@ def worker_inprocess(raw: dict, rounds: int, out: Path) -> dict:
     model = create_adapter(load_base_model(cfg.model)[0], cfg.adapter, cfg.seed)
     records = run_inprocess(cfg, model, clients, RunDir.create(out / "run"))
     return {"rounds": [{"round": r["round"], "updates": r["clients_succeeded"], "seconds": r["wall_seconds"],
-                        "device_steps_per_s": r.get("device_steps_per_s"), "tokens_per_s": r.get("tokens_per_s")}
+                        "device_steps_per_s": r.get("device_steps_per_s"), "tokens_per_s": r.get("tokens_per_s"),
+                        "device_train_seconds": [round(c["train-seconds"], 2) for c in r.get("clients", [])]}
                        for r in records if r["round"] > 0]}
 
 
@@ -192,11 +201,22 @@ def worker_pfl(raw: dict, rounds: int, out: Path, pfl_site: str) -> dict:
             self.t = now
             return False, Metrics()
 
-    torch.manual_seed(SEED)
-    np_seed = SEED
+    class TrainOnlyFedAvg(FederatedAveraging):
+        """pfl evaluates every user before and after training in iteration 0 (``0 % evaluation_frequency
+        == 0``); fedtune and bare do not, so neither does pfl here."""
+
+        def get_next_central_contexts(self, *a, **k):
+            contexts, model, metrics = super().get_next_central_contexts(*a, **k)
+            if contexts is not None:
+                contexts = tuple(dataclasses.replace(c, do_evaluation=False) for c in contexts)
+            return contexts, model, metrics
+
+    import dataclasses
+
     import numpy as np
 
-    np.random.seed(np_seed)
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)
     lm = LM(_peft_model(model_dir))
     params = [p for p in lm.parameters() if p.requires_grad]
     model = PyTorchModel(model=lm, local_optimizer_create=torch.optim.AdamW,
@@ -206,7 +226,7 @@ def worker_pfl(raw: dict, rounds: int, out: Path, pfl_site: str) -> dict:
                             get_user_sampler("random", users))
     backend = SimulatedBackend(training_data=data, val_data=None, postprocessors=[])
     timer = Timer()
-    FederatedAveraging().run(
+    TrainOnlyFedAvg().run(
         algorithm_params=NNAlgorithmParams(central_num_iterations=rounds, evaluation_frequency=10 ** 6,
                                            train_cohort_size=USERS_PER_ROUND, val_cohort_size=None),
         backend=backend, model=model,
@@ -301,7 +321,8 @@ def main() -> None:
     USERS_PER_ROUND, STEPS = args.users, args.steps
     if args.worker:
         out, raw = Path(args.out), workload(args.rounds)
-        fn = {"bare": worker_bare, "flower": worker_flower, "inprocess": worker_inprocess}.get(args.worker)
+        fn = {"bare": worker_bare, "flower": worker_flower, "flower1": worker_flower1,
+              "inprocess": worker_inprocess}.get(args.worker)
         res = fn(raw, args.rounds, out) if fn else worker_pfl(raw, args.rounds, out, args.pfl_site)
         (out / "result.json").write_text(json.dumps(res))
         return
@@ -316,15 +337,21 @@ def main() -> None:
         bad = [n for n in names if n not in CONTENDERS]
         if bad:
             sys.exit(f"--only: unknown contender(s) {bad}; expected some of {CONTENDERS}")
-        results, started = [], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        results, failed, started = [], [], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         with tempfile.TemporaryDirectory() as tmp:
             for rep in range(args.first_repeat, args.first_repeat + args.repeats):
                 order = names if rep % 2 == 0 else names[::-1]  # alternate the order: no contender always first
                 for name in order:
-                    r = {"repeat": rep, **run_contender(name, args.rounds, Path(tmp), args.pfl_site)}
+                    try:
+                        r = {"repeat": rep, **run_contender(name, args.rounds, Path(tmp), args.pfl_site)}
+                    except RuntimeError as err:  # the others still run; the report says what failed
+                        print(f"repeat {rep}: {err}", file=sys.stderr, flush=True)
+                        failed.append({"repeat": rep, "contender": name, "error": str(err)[-2000:]})
+                        continue
                     print(json.dumps({k: v for k, v in r.items() if k != "rounds"}), flush=True)
                     results.append(r)
-        report = {**_report(results, names, workload(args.rounds)), "started": started,
+        names = [n for n in names if any(r["contender"] == n for r in results)]
+        report = {**_report(results, names, workload(args.rounds)), "started": started, "failed": failed,
                   "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps({"summary": report["summary"], "ratios": report["ratios"]}, indent=1))
     if args.json:
@@ -338,7 +365,7 @@ def _report(results: list[dict], names: list[str], raw: dict) -> dict:
         summary[name] = {k: [r[k] for r in mine] for k in
                          ("updates_per_min", "steady_updates_per_min", "end_to_end_s", "peak_rss_gib", "peak_pss_gib")}
     ratios = {}
-    for a in ("flower", "inprocess"):
+    for a in ("flower", "flower1", "inprocess"):
         for b in ("bare", "pfl"):
             if a in names and b in names:  # per repeat (the same minutes), then listed
                 by_rep = {n: {r["repeat"]: r for r in results if r["contender"] == n} for n in (a, b)}
