@@ -35,14 +35,6 @@ def _batches(loader, steps: int):
                 return
 
 
-def _noise_only_step(optimizer, params) -> None:
-    """An empty Poisson batch is still a DP step: opacus adds noise to a zero gradient."""
-    for p in params:
-        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def train_local(
     model,
     adapter: AdapterState,
@@ -90,7 +82,7 @@ def train_local(
     try:
         for x in _batches(loader, task.local_steps):
             if x.shape[0] == 0:
-                _noise_only_step(optimizer, params)
+                private.noise_only_step()  # an empty Poisson batch is still a DP step: noise only
                 continue
             x = x.to(device)  # [B, T]
             with training_attention(device):
