@@ -103,3 +103,16 @@ def test_memory_and_upload_options_are_checked_and_named():
         config_from_dict({"federation": {"upload": "int4"}, "train": {"loss_chunk_tokens": 0}})
     text = str(err.value)
     assert "federation.upload" in text and "train.loss_chunk_tokens" in text
+
+
+def test_ghost_clipping_is_a_lora_one_device_option():
+    assert config_from_dict({}).privacy.clipping == "hooks"  # the default is unchanged
+    assert config_from_dict({"privacy": {"clipping": "ghost"}}).privacy.clipping == "ghost"
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({"privacy": {"clipping": "ghosts"}})
+    assert any(p.startswith("privacy.clipping") and "'hooks' or 'ghost'" in p for p in exc.value.problems)
+    for other in ({"adapter": {"method": "prompt_tuning"}}, {"simulation": {"packed_group_size": 4}}):
+        with pytest.raises(ConfigError) as exc:
+            config_from_dict({"privacy": {"clipping": "ghost"}, **other})
+        assert [p for p in exc.value.problems if p.startswith("privacy.clipping:") and "clipping=hooks" in p]
+    config_from_dict({"privacy": {"clipping": "ghost"}, "adapter": {"method": "ffa_lora", "dropout": 0.1}})
