@@ -5,13 +5,16 @@ trainable ``lora_A`` / ``lora_B`` ``nn.Linear`` keeps its input a [B, T, d] and 
 output that keeps the output gradient g [B, T, p] when the backward pass reaches it. So for lora_A,
 a = dropout(x) and g = the gradient of lora_B's input; for lora_B, a = x A^T (r-dim) and g = the layer's
 output gradient times ``scaling``: exactly the two factors whose product is each sample's weight gradient.
-After the backward pass, ``clipped_sums`` turns them into per-sample norms over every LoRA factor and
-the sum of clipped per-sample gradients (``fedtune.privacy.ghost.norms``); no per-sample gradient is
-stored and no second backward runs.
+When the output gradient arrives the hook keeps, per layer, whichever is smaller (``choose_storage``): the
+factors (a, g), or the per-sample gradient g_i^T a_i [B, p, d] (then a and g are let go). After the
+backward pass, ``clipped_sums`` turns them into per-sample norms over every LoRA factor (Gram or direct form
+for factors) and the sum of clipped per-sample gradients (``fedtune.privacy.ghost.norms``). No second
+backward runs, and no per-sample gradient larger than its layer's factors is ever held.
 
 With reentrant gradient checkpointing the first forward runs without grad (nothing is kept) and the
 recompute inside backward is what the hooks see. A module called twice in one forward contributes the
-concatenation of its calls along T, which is exact (g1^T a1 + g2^T a2 = [g1; g2]^T [a1; a2]).
+concatenation of its calls along T, which is exact (g1^T a1 + g2^T a2 = [g1; g2]^T [a1; a2]), or the sum
+of its calls' per-sample gradients.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedtune.privacy.ghost.norms import NormMode, clip_factors, clipped_weight_grad, per_sample_sq_norms
+from fedtune.privacy.ghost.norms import (
+    NormMode,
+    choose_storage,
+    clip_factors,
+    clipped_weight_grad,
+    per_sample_grads,
+    per_sample_sq_norms,
+)
 
 
 def lora_linears(model: nn.Module) -> list[nn.Linear]:
@@ -44,18 +54,33 @@ def lora_linears(model: nn.Module) -> list[nn.Linear]:
     return out
 
 
+class _Kept:
+    """What one LoRA factor's hooks kept this step: a summed per-sample gradient, and/or factor pairs."""
+
+    def __init__(self):
+        self.grad: torch.Tensor | None = None  # [B, p, d]
+        self.factors: list[tuple[torch.Tensor, torch.Tensor]] = []  # [(a [B, T, d], g [B, T, p])]
+
+    def batch(self) -> int | None:
+        return self.grad.shape[0] if self.grad is not None else self.factors[0][0].shape[0] if self.factors else None
+
+
 class GhostClipper:
     """Hooks on a LoRA model's trainable factors; clipped per-sample gradient sums after each backward.
 
     ``params`` fixes the order of the returned sums (the optimizer's order). ``loss_reduction`` "mean"
     means the loss was averaged over the batch, so each sample's gradient is B times what backward
-    delivers (as opacus does). ``mode`` forces the norm form (``auto``: the cheaper one per layer).
+    delivers (as opacus does). ``mode``: ``auto`` keeps the smaller of factors and per-sample gradient per
+    layer and takes the cheaper norm form; ``gram`` / ``direct`` keep factors and force that norm form;
+    ``per_sample`` keeps per-sample gradients everywhere (tests force each).
     """
 
     def __init__(self, model: nn.Module, params: list[torch.nn.Parameter], loss_reduction: str = "mean",
                  mode: NormMode = "auto"):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if mode not in ("auto", "gram", "direct", "per_sample"):
+            raise ValueError(f"mode must be 'auto', 'gram', 'direct' or 'per_sample', got {mode!r}")
         by_weight = {id(m.weight): m for m in lora_linears(model)}
         names = {id(p): n for n, p in model.named_parameters()}
         uncovered = [names.get(id(p), "?") for p in params if id(p) not in by_weight]
@@ -66,7 +91,7 @@ class GhostClipper:
         self.modules = [by_weight[id(p)] for p in params]
         self.loss_reduction = loss_reduction
         self.mode: NormMode = mode
-        self._records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in self.modules}
+        self._kept: dict[nn.Module, _Kept] = {m: _Kept() for m in self.modules}
         self._handles = [m.register_forward_hook(self._capture) for m in self.modules]
         self.last_norms: torch.Tensor | None = None  # [B] per-sample norms of the last clipped step
 
@@ -74,45 +99,69 @@ class GhostClipper:
         if not (torch.is_grad_enabled() and output.requires_grad):
             return  # evaluation, or the no-grad first pass of reentrant checkpointing
         a = args[0].detach()  # [B, T, d]
-        records = self._records[module]
-        output.register_hook(lambda g: records.append((a, g.detach())))  # g [B, T, p]
+        kept = self._kept[module]
 
-    def _factors(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-        records = self._records[module]
-        if not records:
-            return None
-        if len(records) == 1:
-            return records[0]
-        return torch.cat([a for a, _ in records], 1), torch.cat([g for _, g in records], 1)  # along T
+        def on_grad(g: torch.Tensor) -> None:  # g [B, T, p]
+            g = g.detach()
+            if a.dim() != 3 or g.dim() != 3:
+                raise ValueError(f"ghost clipping needs batch-first [B, T, features] LoRA inputs; got "
+                                 f"{tuple(a.shape)}; use privacy.clipping=hooks")
+            if self.mode == "per_sample" or (self.mode == "auto" and
+                                              choose_storage(a.shape[1], a.shape[2], g.shape[2]) == "per_sample"):
+                grad = per_sample_grads(a, g)  # [B, p, d]
+                kept.grad = grad if kept.grad is None else kept.grad + grad
+            else:
+                kept.factors.append((a, g))
+
+        output.register_hook(on_grad)
+
+    def _sq_norms(self, kept: _Kept) -> torch.Tensor:
+        if kept.grad is not None:
+            for a, g in kept.factors:  # a layer seen at two lengths: fold its factors into the gradient
+                kept.grad = kept.grad + per_sample_grads(a, g)
+            kept.factors = []
+            return kept.grad.pow(2).sum((1, 2))  # [B]
+        a, g = kept.factors[0] if len(kept.factors) == 1 else (torch.cat([a for a, _ in kept.factors], 1),
+                                                               torch.cat([g for _, g in kept.factors], 1))
+        kept.factors = [(a, g)]  # along T
+        return per_sample_sq_norms(a, g, self.mode if self.mode in ("gram", "direct") else "auto")
+
+    @staticmethod
+    def _clipped(kept: _Kept, clip: torch.Tensor) -> torch.Tensor:
+        if kept.grad is not None:
+            return (clip.to(kept.grad.dtype) @ kept.grad.flatten(1)).view(kept.grad.shape[1:])  # [p, d]
+        a, g = kept.factors[0]
+        return clipped_weight_grad(a, g, clip)  # [p, d]
 
     def clipped_sums(self, max_grad_norm: float) -> list[torch.Tensor]:
         """sum_i c_i grad_i per parameter (zeros when nothing was recorded: an empty batch), then forget."""
-        factors = [self._factors(m) for m in self.modules]
-        present = [f for f in factors if f is not None]
-        if not present:
+        kept = [self._kept[m] for m in self.modules]
+        batch = {k.batch() for k in kept} - {None}
+        if not batch:
             self.last_norms = None
             return [torch.zeros_like(m.weight) for m in self.modules]
-        batch = {a.shape[0] for a, _ in present}
         if len(batch) != 1:
             raise RuntimeError(f"LoRA layers saw different batch sizes {sorted(batch)} in one step; ghost clipping "
                                "needs one batch through every layer per step")
         n = batch.pop()
         scale = float(n) if self.loss_reduction == "mean" else 1.0  # sample i's gradient = scale * its share
-        acc = torch.promote_types(present[0][0].dtype, torch.float32)
-        sq = torch.zeros(n, device=present[0][0].device, dtype=acc)  # [B]
-        for a, g in present:
-            sq += per_sample_sq_norms(a, g, self.mode).to(acc)
+        device = self.modules[0].weight.device
+        acc = torch.promote_types(self.modules[0].weight.dtype, torch.float32)
+        sq = torch.zeros(n, device=device, dtype=acc)  # [B]
+        for k in kept:
+            if k.batch() is not None:
+                sq += self._sq_norms(k).to(acc)
         norms = sq.sqrt() * scale  # [B]
         clip = clip_factors(norms.square(), max_grad_norm) * scale  # [B]
-        sums = [clipped_weight_grad(f[0], f[1], clip).to(m.weight.dtype) if f is not None
-                else torch.zeros_like(m.weight) for m, f in zip(self.modules, factors)]
+        sums = [self._clipped(k, clip).to(m.weight.dtype) if k.batch() is not None else torch.zeros_like(m.weight)
+                for m, k in zip(self.modules, kept)]
         self.last_norms = norms
         self.reset()
         return sums
 
     def reset(self) -> None:
-        for records in self._records.values():
-            records.clear()
+        for k in self._kept.values():  # in place: a hook registered in this step's forward writes to it
+            k.grad, k.factors = None, []
 
     def close(self) -> None:
         """Remove the hooks and what they kept; the (cached) model is reused by the next call."""

@@ -45,7 +45,7 @@ def _reference(model, params, x, mask, labels):
     return grads  # [B] x [P] tensors
 
 
-@pytest.mark.parametrize("mode", ["gram", "direct"])
+@pytest.mark.parametrize("mode", ["gram", "direct", "per_sample", "auto"])
 def test_norms_and_clipped_sum_equal_autograd_per_sample_gradients(lora, mode):
     model, params, x, mask, labels = lora
     ref = _reference(model, params, x, mask, labels)

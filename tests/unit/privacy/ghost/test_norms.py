@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from fedtune.privacy.ghost.norms import choose_mode, clip_factors, clipped_weight_grad, per_sample_sq_norms
+from fedtune.privacy.ghost.norms import (
+    choose_mode,
+    choose_storage,
+    clip_factors,
+    clipped_weight_grad,
+    per_sample_sq_norms,
+)
 
 
 def _factors(b=5, t=7, d=6, p=3, seed=0):
@@ -36,8 +42,10 @@ def test_clipped_sum_is_the_weighted_sum_of_per_sample_gradients():
     torch.testing.assert_close(clipped_weight_grad(a, g, clip), explicit, rtol=1e-12, atol=1e-14)
 
 
-def test_mode_choice_follows_li_et_al():
+def test_norm_form_follows_li_et_al_and_storage_the_smaller_of_factors_and_gradient():
     assert choose_mode(128, 576, 8) == "direct"  # LoRA A of SmolLM2 at T = 128: d p = 4,608 < 2 T^2
     assert choose_mode(16, 576, 8) == "gram"  # short sequences: 2 T^2 = 512
+    assert choose_storage(128, 576, 8) == "per_sample"  # LoRA, r < T: G_i (r d) is smaller than a_i, g_i (T (d + r))
+    assert choose_storage(4, 576, 8) == "factors"  # very short sequences: the factors are smaller
     with pytest.raises(ValueError, match="batch-first"):
         per_sample_sq_norms(torch.zeros(3, 4), torch.zeros(3, 2))
