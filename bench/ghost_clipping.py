@@ -9,7 +9,7 @@
 
 Timing: one model per batch shape shared by the four (each path attaches and removes its hooks per call);
 each repetition runs every path once, in turn, so load drifts on a shared machine fall on all alike; the
-first repetition warms up; medians of step time and of per-repetition ratios against bare-hooks.
+first repetition (``--warmup``) warms up; medians of step time and of per-repetition ratios against bare-hooks.
 Memory: each (shape, path) runs again in a fresh subprocess for one call; peak RSS (``ru_maxrss``) and its
 rise over the RSS with the model built (what the step itself added).
 
@@ -91,11 +91,11 @@ def memory_one(args, impl: str, batch: int, seq: int) -> dict:
 def time_shape(args, batch: int, seq: int) -> dict:
     cfg, model, state, data = _setup(args, batch, seq)
     times: dict[str, list[float]] = {i: [] for i in args.impls}
-    for rep in range(args.repeats + 1):
+    for rep in range(args.repeats + args.warmup):
         for impl in args.impls:
             t = time.perf_counter()
             _call(impl, cfg, model, state, data, batch, args.steps, seed=rep)
-            if rep > 0:
+            if rep >= args.warmup:
                 times[impl].append((time.perf_counter() - t) / args.steps)
     ref = "bare-hooks"
     out = {"batch": batch, "seq": seq, "step_s_median": {i: round(statistics.median(v), 3) for i, v in times.items()},
@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (0: time every one)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)  # impl:BxT, run in a subprocess
     p.add_argument("--json", default=None)
