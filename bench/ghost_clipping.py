@@ -10,8 +10,8 @@
 Timing: one model per batch shape shared by the four (each path attaches and removes its hooks per call);
 each repetition runs every path once, in turn, so load drifts on a shared machine fall on all alike; the
 first repetition (``--warmup``) warms up; medians of step time and of per-repetition ratios against bare-hooks.
-Memory: each (shape, path) runs again in a fresh subprocess for one call; peak RSS (``ru_maxrss``) and its
-rise over the RSS with the model built (what the step itself added).
+Memory: each (shape, path) runs again in a fresh subprocess for one call; peak RSS during the call (the
+kernel's high-water mark, reset after the model is built) and its rise over the RSS before the call.
 
     python bench/ghost_clipping.py --shapes 4x128,8x512 --steps 2 --repeats 3
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import gc
 import statistics
 import subprocess
 import sys
@@ -37,6 +37,7 @@ from fedtune.config import config_from_dict  # noqa: E402
 from fedtune.models.loader import load_base_model  # noqa: E402
 from fedtune.privacy import PrivacyLedger  # noqa: E402
 from fedtune.training import train_local  # noqa: E402
+from fedtune.training.memory import release_freed_heap  # noqa: E402
 from fedtune.types import ClientData, ClientTask  # noqa: E402
 
 from bare_loop import bare_train  # noqa: E402
@@ -74,17 +75,24 @@ def _call(impl: str, cfg, model, state, data, batch: int, steps: int, seed: int)
     train_local(model, state, data, ClientTask(seed + 1, steps, batch, 1e-3, seed=seed), privacy, PrivacyLedger("b"))
 
 
-def _rss_mib() -> float:
+def _status_mib(key: str) -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
 def memory_one(args, impl: str, batch: int, seq: int) -> dict:
-    """In a fresh process: peak RSS of one call of ``impl`` (one step)."""
+    """In a fresh process: peak RSS during one call of ``impl`` (one step), the model already built.
+
+    Building the model peaks higher than its resting size, so the kernel's high-water mark (VmHWM) is reset
+    after the build (``/proc/self/clear_refs`` = 5) and read after the call."""
     cfg, model, state, data = _setup(args, batch, seq)
-    before = _rss_mib()
+    gc.collect()
+    release_freed_heap()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_mib("VmRSS")
     _call(impl, cfg, model, state, data, batch, 1, seed=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mib("VmHWM")
     return {"impl": impl, "peak_rss_mib": round(peak, 1), "step_rise_mib": round(peak - before, 1)}
 
 
