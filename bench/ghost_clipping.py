@@ -105,6 +105,8 @@ def time_shape(args, batch: int, seq: int) -> dict:
             _call(impl, cfg, model, state, data, batch, args.steps, seed=rep)
             if rep >= args.warmup:
                 times[impl].append((time.perf_counter() - t) / args.steps)
+                print(json.dumps({"batch": batch, "seq": seq, "rep": rep, "impl": impl,  # partial results survive a timeout
+                                  "step_s": round(times[impl][-1], 3)}), flush=True)
     ref = "bare-hooks"
     out = {"batch": batch, "seq": seq, "step_s_median": {i: round(statistics.median(v), 3) for i, v in times.items()},
            "step_s_all": {i: [round(x, 3) for x in v] for i, v in times.items()}}
@@ -151,6 +153,7 @@ def main() -> None:
                        ",".join(args.targets), "--memory-one", f"{impl}:{b}x{t}"]
                 line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
                 row["memory"][impl] = json.loads(line)
+                print(json.dumps({"batch": b, "seq": t, "memory": row["memory"][impl]}), flush=True)
         results["shapes"].append(row)
         print(json.dumps(row), flush=True)
     if args.json:
