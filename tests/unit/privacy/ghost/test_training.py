@@ -36,7 +36,7 @@ def _train(clipping: str, sigma: float, dropout: float = 0.0, checkpointing: boo
 def _assert_same_update(a, b, rtol=1e-4):
     """Equal up to float32 summation order, per tensor in relative L2 (AdamW's 1/sqrt(v) lets rounding
     move near-zero coordinates more than elementwise tolerances allow; a wrong clip or noise moves every
-    tensor by far more than 1e-4: see the sabotage notes in docs/benchmarks.md)."""
+    tensor by far more than 1e-4: see the sabotage table in docs/privacy.md)."""
     assert a.adapter.keys() == b.adapter.keys()
     for k in a.adapter:
         rel = float((b.adapter[k] - a.adapter[k]).norm() / a.adapter[k].norm())
