@@ -6,7 +6,8 @@ Per step, exactly what ``fedtune.privacy.dpsgd`` (opacus' DPOptimizer with flat 
   3. Add one flat N(0, (sigma C)^2) draw from the device's seeded generator over every trainable tensor in
      optimizer order (``fedtune.privacy.noise``), divide by the expected batch size int(N q).
   4. Step the wrapped optimizer; the accountant records (sigma, q) and the ledger keeps its history.
-An empty Poisson batch records nothing, so step 2 gives zeros and the step is noise only.
+An empty Poisson batch records nothing, so step 2 gives zeros and the step is noise only. With micro-batches
+(``train.physical_batch_size``) each one's clipped sum is added up (``signal_skip_step``) and steps 3-4 run once.
 """
 
 from __future__ import annotations
@@ -31,9 +32,20 @@ class GhostDPOptimizer:
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size, self.generator = expected_batch_size, generator
         self.accountant, self.sample_rate = accountant, sample_rate
+        self._skip, self._pending = False, None  # micro-batching: clipped sums of the logical batch so far
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Like opacus: the next ``step`` only clips and accumulates this micro-batch (no noise, no step)."""
+        self._skip = do_skip
 
     def step(self) -> None:
         sums = self.clipper.clipped_sums(self.max_grad_norm)
+        if self._pending is not None:  # earlier micro-batches of this logical batch
+            sums = [a + b for a, b in zip(self._pending, sums)]
+        if self._skip:
+            self._pending, self._skip = sums, False
+            return
+        self._pending = None
         noises = flat_gaussian_noise(self.noise_multiplier * self.max_grad_norm, sums, self.generator)
         for p, s, z in zip(self.params, sums, noises):
             p.grad = ((s + z) / self.expected_batch_size).view_as(p)

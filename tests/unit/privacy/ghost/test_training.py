@@ -15,7 +15,7 @@ from tests.conftest import make_config
 
 
 def _train(clipping: str, sigma: float, dropout: float = 0.0, checkpointing: bool = False, method: str = "lora",
-           loss_chunk: int | None = None):
+           loss_chunk: int | None = None, physical: int | None = None):
     cfg = make_config(adapter={"target_modules": ["q_proj", "v_proj", "o_proj"], "dropout": dropout, "method": method},
                       privacy={"enabled": True, "noise_multiplier": sigma, "max_grad_norm": 0.02,
                                "clipping": clipping})
@@ -27,7 +27,8 @@ def _train(clipping: str, sigma: float, dropout: float = 0.0, checkpointing: boo
     ledger = PrivacyLedger("u")
     torch.manual_seed(0)  # dropout masks come from the global generator
     update = train_local(model, start, data, ClientTask(1, 6, 4, 0.01, seed=3, noise_seed=9), cfg.privacy, ledger,
-                         gradient_checkpointing=checkpointing, loss_chunk_tokens=loss_chunk)
+                         gradient_checkpointing=checkpointing, loss_chunk_tokens=loss_chunk,
+                         physical_batch_size=physical)
     assert not any(h for m in model.modules() for h in m._forward_hooks.values()  # hooks are gone
                    if getattr(h, "__self__", None) is not None and type(h.__self__).__name__ == "GhostClipper")
     return update, ledger
@@ -64,3 +65,13 @@ def test_ghost_on_ffa_lora_clips_only_b_and_equals_hooks():
     hooks, _ = _train("hooks", 0.5, method="ffa_lora")
     ghost, _ = _train("ghost", 0.5, method="ffa_lora")
     _assert_same_update(hooks, ghost)
+
+
+def test_ghost_micro_batches_take_the_logical_batch_step_of_hooks():
+    """train.physical_batch_size: each micro-batch clipped and summed, noise and the step once per logical batch."""
+    hooks, hooks_ledger = _train("hooks", 0.6, physical=2)
+    ghost, ghost_ledger = _train("ghost", 0.6, physical=2)
+    whole, _ = _train("ghost", 0.6)
+    _assert_same_update(hooks, ghost)
+    _assert_same_update(whole, ghost)
+    assert ghost_ledger.history == hooks_ledger.history
