@@ -105,7 +105,8 @@ def time_shape(args, batch: int, seq: int) -> dict:
             _call(impl, cfg, model, state, data, batch, args.steps, seed=rep)
             if rep >= args.warmup:
                 times[impl].append((time.perf_counter() - t) / args.steps)
-                print(json.dumps({"batch": batch, "seq": seq, "rep": rep, "impl": impl,  # partial results survive a timeout
+                # printed as it comes: a timeout keeps what was measured
+                print(json.dumps({"batch": batch, "seq": seq, "rep": rep, "impl": impl,
                                   "step_s": round(times[impl][-1], 3)}), flush=True)
     ref = "bare-hooks"
     out = {"batch": batch, "seq": seq, "step_s_median": {i: round(statistics.median(v), 3) for i, v in times.items()},
