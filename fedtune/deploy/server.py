@@ -1,7 +1,8 @@
 """``fedtune server start``: a SuperLink with TLS and node authentication, and one fedtune run on it.
 
-  1. Prepare the run directory (resolved config, the server's held-out evaluation data). A run directory
-     that already holds a checkpoint is resumed: the ServerApp starts at the round after it.
+  1. Prepare the run directory (resolved config, the server's held-out evaluation data:
+     ``fedtune.data.prepare_run_data``). A run directory that already holds a checkpoint is resumed: the
+     ServerApp starts at the round after it.
   2. Start ``flower-superlink`` (our child; its log is flower/superlink.log) and wait until it listens.
   3. Write a private FLWR_HOME whose ``fedtune`` connection trusts the CA; register every authorized
      SuperNode public key (node authentication: keys not registered are refused).
@@ -54,20 +55,6 @@ def authorized_keys(path: Path | None) -> list[Path]:
         raise ServerFailed(f"--authorized-keys: no SuperNode public keys (*.pub) at {path}; make them with "
                            "`fedtune certs supernode NAME` or drop --auth")
     return keys
-
-
-def prepare_data(cfg: ExperimentConfig, run: RunDir | None = None):
-    """The server's own held-out evaluation set (the config's data), tokenized once: returns the PreparedData
-    (None when ``run`` already holds it); saved into ``run`` when one is given."""
-    if run is not None and (run.data / "index.json").is_file():
-        return None
-    from fedtune.data import prepare_client_data, save_client_data
-    from fedtune.models import load_encoder
-
-    prepared = prepare_client_data(cfg.data, load_encoder(cfg.model), cfg.seed)
-    if run is not None:
-        save_client_data(prepared.clients, run.data)
-    return prepared
 
 
 def start_server(cfg: ExperimentConfig, run: RunDir, spec: SuperLinkSpec, *, keys: list[Path], min_nodes: int,

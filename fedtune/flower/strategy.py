@@ -87,9 +87,10 @@ class AdapterFedAvg(FedAvg):
         return messages
 
     def _validated(self, msg: Message, stats: RoundStats, reference_for=None) -> Reply | None:
-        """The reply, decoded and validated, if it may be aggregated; else count why not.
+        """The reply, decoded and validated, if it may be aggregated; else count why not (``stats.rejected``).
 
         ``reference_for(metrics)`` gives the adapter the reply must match (default: the global one).
+        A valid reply is not counted here: ``_count`` does that once the caller keeps it.
         """
         try:
             content = msg.content
@@ -106,9 +107,13 @@ class AdapterFedAvg(FedAvg):
             stats.rejected[err.reason] += 1
             log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, err)
             return None
-        stats.upload_bytes += payload_bytes(arrays)
-        stats.clients.append(dict(metrics))
         return reply
+
+    @staticmethod
+    def _count(stats: RoundStats, msg: Message) -> None:
+        """Count a reply that is aggregated: its upload bytes and its per-client metrics."""
+        stats.upload_bytes += payload_bytes(msg.content[ARRAYS_KEY])
+        stats.clients.append(dict(msg.content[METRICS_KEY]))
 
     def sent_for(self, metrics: dict) -> AdapterState | None:
         """The adapter the replying device was sent this round (the base of an int8 delta)."""
@@ -127,6 +132,7 @@ class AdapterFedAvg(FedAvg):
                 stats.declined[reason] += 1
                 log.info("node %s declined round %d: %s", msg.metadata.src_node_id, server_round, reason)
             elif (reply := self._validated(msg, stats)) is not None:
+                self._count(stats, msg)
                 good.append(reply)
         return self._aggregate(server_round, stats, good)
 
