@@ -1,4 +1,8 @@
-"""Sample-level DP-SGD on one device through opacus, resuming the client's accountant history."""
+"""Sample-level DP-SGD on one device, resuming the client's accountant history.
+
+``privacy.clipping`` picks how per-sample gradients are clipped: ``hooks`` (opacus' GradSampleModule, per-sample
+gradients materialized) or ``ghost`` (``fedtune.privacy.ghost``: norms and clipped sums from LoRA activations and
+output gradients). Sampling, noise and accounting are the same either way."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 
 from fedtune.config import PrivacyConfig
 from fedtune.privacy.device_budget import calibrate, check_trainable
+from fedtune.privacy.ghost import GhostPrivateTraining, make_ghost_private
 from fedtune.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
@@ -22,6 +27,13 @@ class PrivateTraining:
     engine: object
     noise_multiplier: float
     sample_rate: float
+
+    def noise_only_step(self) -> None:
+        """An empty Poisson batch is still a DP step: opacus adds noise to a zero gradient."""
+        for p in self.optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def close(self, ledger: PrivacyLedger, server_round: int) -> None:
         """Record this round's steps in the ledger and detach opacus from the (cached) model."""
@@ -52,7 +64,7 @@ def make_private(
     ledger: PrivacyLedger,
     planned_steps: int,
     seed: int,
-) -> PrivateTraining:
+) -> PrivateTraining | GhostPrivateTraining:
     """Wrap for DP-SGD with Poisson sampling; the accountant continues from ``ledger``."""
     from opacus import PrivacyEngine
 
@@ -60,6 +72,8 @@ def make_private(
 
     sample_rate = 1.0 / len(loader)
     noise = resolve_noise(cfg, sample_rate, planned_steps, len(loader.dataset))
+    if cfg.clipping == "ghost":
+        return make_ghost_private(model, optimizer, loader, cfg, ledger, noise, seed)
     engine = PrivacyEngine(accountant=cfg.accountant)
     engine.accountant.history = [tuple(h) for h in ledger.history]
     noise_gen = torch.Generator(device=next(p.device for p in model.parameters() if p.requires_grad))
