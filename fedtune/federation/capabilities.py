@@ -86,10 +86,10 @@ _SECURE_FLEET = Refusal("privacy.secure_aggregation.enabled", "one SecAgg+ round
 _SECURE_ROBUST = Refusal("federation.aggregation", "median and trimmed mean need every individual update, which secure "
                          "aggregation hides from the server (it learns only the sum)",
                          "use aggregation=fedavg with secure aggregation, or turn it off")
-_SECURE_DEPLOY = Refusal("privacy.secure_aggregation.enabled", "the four SecAgg+ stages are not yet carried as Flower "
-                         "messages between `fedtune server start` and real devices (the records exist: "
-                         "fedtune/flower/secagg_records.py)", "run secure aggregation in simulation "
-                         "(`fedtune simulate --backend in-process`), or turn it off for a deployment")
+_SECURE_DEPLOY = Refusal("privacy.secure_aggregation.enabled", "the SecAgg+ stages run as Flower messages "
+                         "(`fedtune simulate`), but a deployed round through `fedtune server start` and real devices "
+                         "has not been run end to end yet (TLS, node auth, device restarts between stages)",
+                         "run secure aggregation in simulation (`fedtune simulate`), or turn it off for a deployment")
 
 REFUSED: dict[frozenset, Refusal] = {
     frozenset(("fleet-zeropad", "ffa-lora")): _LORA_TIERS, frozenset(("fleet-flexlora", "ffa-lora")): _LORA_TIERS,

@@ -52,8 +52,8 @@ def cover(pairs: list[tuple[str, str]]) -> list[tuple[str, ...]]:
     return sets
 
 
-# secure aggregation runs in the in-process backend only; `fedtune simulate` (Flower) refuses it (exit 2)
-FLOWER_PAIRS = [p for p in IN_PROCESS if "secure-agg" not in p]
+# every pair the in-process matrix trains; secure aggregation's stages run as Flower messages (secagg_grid)
+FLOWER_PAIRS = list(IN_PROCESS)
 COVER = cover(FLOWER_PAIRS)
 DEFAULT = [("sample-dp", "user-dp", "fedsa-split", "packed", "int8-upload"),
            ("sample-dp", "fleet-zeropad", "fedsa-split", "packed", "fp16-upload", "robust")]
