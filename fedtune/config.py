@@ -85,6 +85,10 @@ class TrainConfig(_Section):
     checkpoint_every_n_layers: int = Field(1, gt=0)
     # memory: fused loss over this many tokens at a time, never the full [tokens, vocab] logits (None: off)
     loss_chunk_tokens: int | None = Field(1024, gt=0)
+    # memory: process each logical batch (of expected size batch_size; Poisson under DP) in micro-batches of at
+    # most this many sequences, accumulating gradients; one optimizer step, and under DP one noise draw and one
+    # accountant step, per logical batch (None: the whole batch at once). Lets DP use large expected batches.
+    physical_batch_size: int | None = Field(None, gt=0)
 
 
 class UserLevelPrivacyConfig(_Section):
@@ -217,10 +221,22 @@ class PersonalizationConfig(_Section):
     validation_max_chunks: int = Field(8, gt=0)
     finetune_grid: list[int] = Field([4, 8, 16], min_length=1)
     alpha_grid: list[float] = [0.25, 0.5, 0.75]
+    # FedDPA-style dual adapters as one more selection candidate (fedtune/personalization/dual.py): a private
+    # LoRA next to the frozen global one, outputs mixed as alpha * private + (1 - alpha) * global, the private
+    # one trained for `dual_steps` (default: the fine-tuning search's best k) at `dual_train_alpha`, alpha chosen
+    # on the validation slice from alpha_grid + dual_train_alpha. Under DP the device's personal budget is
+    # shared by the fine-tuning search and these steps (noise calibrated for both).
+    dual_adapters: bool = False
+    dual_train_alpha: float = Field(0.5, gt=0, le=1)
+    dual_steps: int | None = Field(None, gt=0)
     # tuning users (hyperparameters are chosen on them) vs test users (reported): a fixed split by user-id hash
     # (fedtune/personalization/users.py); per-user evaluation reports `eval_users` of them (all, test or tuning)
     tuning_fraction: float = Field(0.3, ge=0, lt=1)
     eval_users: Literal["all", "test", "tuning"] = "all"
+    # the benchmark chooses the personal learning rate and the step grid on the TUNING users (median per-user
+    # change vs global) among these, then reports the test users (fedtune/personalization/tuning.py); empty: off
+    tune_finetune_lrs: list[float] = []
+    tune_finetune_grids: list[list[int]] = []
     eval_max_users: int | None = Field(None, gt=0)  # evaluate at most this many of them (a quick look)
     evaluate_at_end: bool = False  # `fedtune simulate` runs `fedtune evaluate` on the run when it ends
     methods: list[Literal["base", "global", "finetune", "personalized", "split", "local_only"]] = [
@@ -296,6 +312,12 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if not _RUN_NAME.fullmatch(cfg.name):
         p.append(f"name: {cfg.name!r} is not a plain run name (runs/<name>-<time> must stay inside runs/); use "
                  "letters, digits, '.', '_' and '-', starting with a letter or digit")
+    tr = cfg.train
+    if tr.physical_batch_size is not None and tr.physical_batch_size > tr.batch_size:
+        p.append(f"train.physical_batch_size: the micro-batch ({tr.physical_batch_size} sequences) is larger than "
+                 f"the logical batch train.batch_size ({tr.batch_size}); for a large DP batch set batch_size to the "
+                 "logical (expected) batch and physical_batch_size to what fits in memory, e.g. batch_size: 64, "
+                 "physical_batch_size: 8")
     if fed.min_clients > fed.clients_per_round:
         p.append(f"federation.min_clients: must be <= clients_per_round ({fed.clients_per_round}), "
                  f"got {fed.min_clients}")
@@ -340,6 +362,15 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     per = cfg.personalization
     if any(k <= 0 for k in per.finetune_grid):
         p.append(f"personalization.finetune_grid: step counts must be positive, got {per.finetune_grid}")
+    if any(lr <= 0 for lr in per.tune_finetune_lrs):
+        p.append(f"personalization.tune_finetune_lrs: learning rates must be positive, got {per.tune_finetune_lrs}")
+    if any(not g or any(k <= 0 for k in g) for g in per.tune_finetune_grids):
+        p.append("personalization.tune_finetune_grids: each grid is a non-empty list of positive step counts, got "
+                 f"{per.tune_finetune_grids}")
+    if (per.tune_finetune_lrs or per.tune_finetune_grids) and per.eval_users != "test":
+        p.append(f"personalization.eval_users: hyperparameters tuned on the tuning users (tune_finetune_lrs / "
+                 f"tune_finetune_grids) must be reported on the other users; got eval_users {per.eval_users!r}, "
+                 "set it to test")
     if any(not 0 < a < 1 for a in per.alpha_grid):
         p.append(f"personalization.alpha_grid: mixing weights must lie strictly between 0 and 1, got {per.alpha_grid}")
     pub = cfg.publish

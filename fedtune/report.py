@@ -105,6 +105,12 @@ def epsilon_warnings(cfg, records: list[dict]) -> list[str]:
             f"{target:g}" for r in records if p.enabled and over_target(r.get("epsilon"), target)]
 
 
+def declined_users(events: list[dict], reason: str = "too_small") -> list[str]:
+    """The users whose devices declined a round for ``reason`` (a simulation's ``client_declined`` events)."""
+    return sorted({str(ev["user"]) for ev in events if ev.get("event") == "client_declined"
+                   and ev.get("reason") == reason})
+
+
 def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
     lines = [
         f"# fedtune run: {cfg.name}",
@@ -124,10 +130,15 @@ def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
     ]
     for r in records:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |")
-    for ev in read_jsonl(run.events):
+    events = read_jsonl(run.events)
+    for ev in events:
         if ev.get("event") == "users_dropped":
             lines += ["", f"Users left out ({len(ev['users'])}; their text gives no full chunk of {ev['seq_len']} "
                           f"tokens): {', '.join(ev['users'])}."]
+    sat_out = declined_users(events)
+    if sat_out:
+        lines += ["", f"Devices that sat out, too small to train within their DP budget ({len(sat_out)}; they keep "
+                      f"the global model): {', '.join(sat_out)}."]
     warnings = epsilon_warnings(cfg, records)
     if warnings:
         lines += [""] + [f"**{w}**" for w in warnings]

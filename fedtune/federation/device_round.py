@@ -7,7 +7,10 @@
    device, the run's simulated seeds in a simulation.
 2. ``admit`` refuses a device whose own sample-level budget is spent and, on a deployed device, a round
    that is not newer than the last one it trained for this run (a server replaying a round would get
-   fresh noise on the same data otherwise, and learn from the difference).
+   fresh noise on the same data otherwise, and learn from the difference). Before any training, a device
+   checks its own data size against its per-device DP budget (``check_sit_out``): one too small to train
+   within it declines the round with reason ``too_small`` (``DeviceSitsOut``), a clean decline every
+   backend counts in ``clients_declined``, not a failure.
 3. ``train_one`` / ``train_group`` run ``device_round`` / ``device_round_group`` (the split adapter's
    private part is restored and kept on the device) with the device's two independent streams
    (``task.sampling``, ``task.noise``), then save each ledger and encode each upload under
@@ -31,6 +34,40 @@ from fedtune.types import AdapterState, ClientData, ClientUpdate
 
 class DeviceBudgetSpent(RuntimeError):
     """A device whose own privacy budget is spent declines the round (a failed reply the round survives)."""
+
+
+class DeviceSitsOut(RuntimeError):
+    """A device too small to train within its per-device DP budget declines the round before training.
+
+    ``reason`` is the short code the server counts (``clients_declined``); the message (the device's data
+    size and the noise it would need) stays on the device: its log, and a simulation's events.
+    """
+
+    reason = "too_small"
+
+
+Declined = DeviceBudgetSpent | DeviceSitsOut  # what train_group returns in place of a device that did not train
+
+
+def check_sit_out(cfg, data: ClientData, batch_size: int) -> None:
+    """Raise :class:`DeviceSitsOut` if this device, with its ``data`` and its task's ``batch_size``, cannot train
+    within ``privacy.target_epsilon`` over the run's planned steps: the same check ``make_private`` makes
+    (``fedtune.privacy.device_budget.sit_out_reason``), made before any model, ledger or data loader is touched."""
+    from fedtune.privacy.device_budget import sit_out_reason
+
+    p = cfg.privacy
+    if not p.enabled:
+        return
+    why = sit_out_reason(data.num_train, batch_size, _train_kwargs(cfg)["planned_steps"], p.target_epsilon,
+                         p.delta, p.accountant, p.max_noise_to_batch)
+    if why is not None:
+        raise DeviceSitsOut(why)
+
+
+def declined_event(server_round: int, device: int | str, user: str, err: Exception) -> dict:
+    """A simulation's event for a device that declined (``events.jsonl``; the report names its user)."""
+    return {"event": "client_declined", "round": server_round, "device": device, "user": user,
+            "reason": getattr(err, "reason", "budget_spent"), "detail": str(err)}
 
 
 class StaleRound(RuntimeError):
@@ -128,15 +165,19 @@ def _train_kwargs(cfg) -> dict:
 
 def train_one(model, state: DeviceState, cfg, incoming: AdapterState, data: ClientData, plan: TaskPlan,
               key: str, device: int | str) -> Trained:
-    """One device's round: ledger -> device_round (split-aware) -> save ledger -> encode."""
+    """One device's round: sit-out check -> ledger -> device_round (split-aware) -> save ledger -> encode.
+    Raises :class:`DeviceSitsOut` (too small for its budget) or :class:`DeviceBudgetSpent` before training."""
     from fedtune.personalization.device import device_round
 
+    task = state.training_task(plan, device)
+    check_sit_out(cfg, data, task.batch_size)
     ledger = state.ledger(key, cfg.privacy)
     t = cfg.train
-    update = device_round(model, incoming, data, state.training_task(plan, device), cfg.privacy, ledger,
+    update = device_round(model, incoming, data, task, cfg.privacy, ledger,
                           split=cfg.personalization.split, store=state.private, device_key=key,
                           loss_chunk_tokens=t.loss_chunk_tokens, gradient_checkpointing=t.gradient_checkpointing,
-                          checkpoint_every_n_layers=t.checkpoint_every_n_layers, **_train_kwargs(cfg))
+                          checkpoint_every_n_layers=t.checkpoint_every_n_layers,
+                          physical_batch_size=t.physical_batch_size, **_train_kwargs(cfg))
     if ledger is not None:
         state.ledgers.save(ledger)
     return Trained(key, update, state.encode(key, update.adapter, incoming, cfg.federation.upload))
@@ -144,17 +185,18 @@ def train_one(model, state: DeviceState, cfg, incoming: AdapterState, data: Clie
 
 def train_group(model, state: DeviceState, cfg, incoming: Sequence[AdapterState], datas: Sequence[ClientData],
                 plans: Sequence[TaskPlan], keys: Sequence[str], devices: Sequence[int | str]
-                ) -> list[Trained | DeviceBudgetSpent]:
-    """A packed group's round (``fedtune.packed`` via ``device_round_group``); a device past its budget
-    comes back as its ``DeviceBudgetSpent`` in its place."""
+                ) -> list[Trained | Declined]:
+    """A packed group's round (``fedtune.packed`` via ``device_round_group``); a device too small for its
+    budget or past it comes back as its ``DeviceSitsOut`` / ``DeviceBudgetSpent`` in its place."""
     from fedtune.personalization.device import device_round_group
 
-    out: list[Trained | DeviceBudgetSpent | None] = []
+    out: list[Trained | Declined | None] = []
     ready = []
     for i, key in enumerate(keys):
         try:
+            check_sit_out(cfg, datas[i], plans[i].batch_size)
             ledger = state.ledger(key, cfg.privacy)
-        except DeviceBudgetSpent as err:
+        except (DeviceSitsOut, DeviceBudgetSpent) as err:
             out.append(err)
             continue
         out.append(None)
@@ -165,7 +207,10 @@ def train_group(model, state: DeviceState, cfg, incoming: Sequence[AdapterState]
         updates = device_round_group(  # one global adapter per group (the server groups same-rank devices)
             model, incoming[idx[0]], [datas[i] for i in idx], [state.training_task(plans[i], devices[i]) for i in idx],
             cfg.privacy, ledgers, split=cfg.personalization.split, store=state.private,
-            device_keys=[keys[i] for i in idx], micro_batch=cfg.simulation.packed_micro_batch, **_train_kwargs(cfg))
+            device_keys=[keys[i] for i in idx], **_train_kwargs(cfg),
+            # the packed engine's forward chunks (sequences of the whole group) bound memory the same way; it
+            # adds each device's noise once per step whatever the chunking
+            micro_batch=cfg.simulation.packed_micro_batch or cfg.train.physical_batch_size)
         for (i, ledger), update in zip(ready, updates):
             if ledger is not None:
                 state.ledgers.save(ledger)

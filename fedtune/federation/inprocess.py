@@ -28,7 +28,9 @@ from fedtune.adapters import get_adapter_state
 from fedtune.adapters.split import initial_private, shared_part
 from fedtune.aggregation import UpdateRejected
 from fedtune.config import ExperimentConfig, dump_config
-from fedtune.federation.device_round import DeviceBudgetSpent, DeviceState, train_group, train_one
+from fedtune.federation.device_round import (
+    Declined, DeviceBudgetSpent, DeviceSitsOut, DeviceState, declined_event, train_group, train_one,
+)
 from fedtune.federation.heldout import pooled_heldout
 from fedtune.federation.recorder import Recorder, RoundStats, new_trail
 from fedtune.federation.replies import accept_reply
@@ -68,10 +70,11 @@ class _Cohort:
 
 
 def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, limits, pack, progress,
-                  stats: RoundStats, dropped: list[int], fleet=None) -> dict[int, tuple]:
+                  stats: RoundStats, dropped: list[int], fleet=None, note=None) -> dict[int, tuple]:
     """Train every device of the cohort (packed groups share rank and quantization); returns device ->
-    (reply, simulated seconds) for the valid replies, counting failures and rejections in ``stats`` and
-    the fleet's dropouts in ``dropped``."""
+    (reply, simulated seconds) for the valid replies, counting failures, declines (a device too small for
+    its DP budget sits out: ``too_small``) and rejections in ``stats`` and the fleet's dropouts in
+    ``dropped``; ``note(event)`` gets each decline's event (its user, reason and detail)."""
     out: dict[int, tuple] = {}
     by_tier: dict[tuple, list[int]] = {}
     for j, plan in enumerate(cohort.plans):
@@ -96,11 +99,17 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
             else:
                 try:
                     results = [train_one(model, state, cfg, sent[0], datas[0], plans[0], keys[0], devs[0])]
-                except DeviceBudgetSpent as err:
+                except (DeviceBudgetSpent, DeviceSitsOut) as err:
                     results = [err]
             for j, d, res, f, plan, data in zip(group, devs, results, fdevs, plans, datas):
-                if isinstance(res, DeviceBudgetSpent):
-                    stats.failed += 1
+                if isinstance(res, Declined):
+                    if isinstance(res, DeviceSitsOut):
+                        stats.declined[res.reason] += 1
+                        log.info("device %s (%s) sits out round %d: %s", d, data.user_id, plan.server_round, res)
+                    else:
+                        stats.failed += 1
+                    if note is not None:
+                        note(declined_event(plan.server_round, d, data.user_id, res))
                     continue
                 stats.upload_bytes += _bytes(res.payload)
                 metrics = _metrics(cfg, res.update, d, plan.rank or cfg.adapter.rank, partition_of(d, len(clients)))
@@ -199,7 +208,8 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
         stats.sampled = len(devices)
         dropped: list[int] = []
         done = _train_cohort(cfg, state, clients, cohort, model_for, limits, pack, progress, stats, dropped,
-                             fleet=(lambda d: fleet_device(cfg, d, params)) if fleet is not None else None)
+                             fleet=(lambda d: fleet_device(cfg, d, params)) if fleet is not None else None,
+                             note=run.append_event)
         if coord is not None:
             accepted = coord.settle(r, {d: s for d, (_, s) in done.items()}, dropped)
             good = [done[d][0] for d in accepted]

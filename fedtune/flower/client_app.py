@@ -20,7 +20,9 @@ from flwr.clientapp import ClientApp
 from fedtune.adapters import get_adapter_state, set_adapter_state
 from fedtune.adapters.split import initial_private, merge
 from fedtune.data.partition import load_client_data
-from fedtune.federation.device_round import DeviceBudgetSpent, DeviceState, StaleRound, train_one  # noqa: F401
+from fedtune.federation.device_round import (  # noqa: F401
+    DeviceBudgetSpent, DeviceSitsOut, DeviceState, StaleRound, declined_event, train_one,
+)
 from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
 from fedtune.federation.virtual_device import client_done, ledger_key, partition_of
@@ -85,7 +87,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     key = deployed.device_id if deployed else ledger_key(device, partition, data.user_id)
     incoming = arrays_to_state(msg.content[ARRAYS_KEY])
     # with a split adapter the private part is restored from, and saved back to, the device's own state
-    trained = train_one(model, state, cfg, incoming, data, plan, key, device)
+    try:
+        trained = train_one(model, state, cfg, incoming, data, plan, key, device)
+    except DeviceSitsOut as err:  # too small for its DP budget: a clean decline; the detail stays here
+        log.warning("declined round %d: %s", plan.server_round, err)
+        if deployed is None:
+            ctx.run.append_event(declined_event(plan.server_round, device, data.user_id, err))
+        return decline(msg, err.reason)
     update, arrays = trained.update, ArrayRecord(trained.payload)
     seconds = time.perf_counter() - start
     sim_seconds = fleet.seconds(plan.server_round, payload_bytes(msg.content[ARRAYS_KEY]), update.tokens,

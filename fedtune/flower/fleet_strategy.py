@@ -17,6 +17,7 @@ from fedtune.aggregation import FlexLoRAState
 from fedtune.federation.aggregate import HeteroRule, Reply, RobustRule
 from fedtune.federation.fleet import FleetCoordinator
 from fedtune.federation.fleet_server import FleetServer, fill_dead_components, rank_of  # noqa: F401
+from fedtune.flower.device import declined_reason
 from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, payload_bytes, state_to_arrays
 from fedtune.flower.strategy import AdapterFedAvg, RoundStats
 from fedtune.types import AdapterState
@@ -100,6 +101,9 @@ class FleetFedAvg(AdapterFedAvg):
                 stats.failed += 1
                 if device is not None:
                     failed.append(device)
+                continue
+            if (reason := declined_reason(msg)) is not None:  # e.g. too small for its DP budget: sits out
+                stats.declined[reason] += 1
                 continue
             n_clients = len(stats.clients)
             reply = self._validated(msg, stats, self._reference_for_rank)

@@ -7,9 +7,9 @@ hands the strategy one reply per device, as if every device had trained on its o
         2. cut the messages into groups of ``group_size`` (sharing steps and lr, in order) and send each
            group to its first device's node as one ``train.packed`` message: ``arrays.<i>`` / ``config.<i>``;
         3. that node's ClientApp trains the group packed (``fedtune.packed``) and replies with
-           ``arrays.<i>`` / ``metrics.<i>`` (or ``error.<i>``) per device;
+           ``arrays.<i>`` / ``metrics.<i>`` (or ``declined.<i>`` / ``error.<i>``) per device;
         4. split each group reply into per-device replies ``Message(..., reply_to=<device's message>)``:
-           same source node, same content keys as an unpacked reply.
+           same source node, same content keys as an unpacked reply (a decline, as ``flower.device.decline``).
     strategy.aggregate_train <- per-device replies (the same updates as without packing)
 
 Non-train messages (evaluate) pass through unchanged.
@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
+from fedtune.flower.device import DECLINED_KEY, decline
 from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 
 PACKED_TRAIN = f"{MessageType.TRAIN}.packed"
@@ -57,6 +58,8 @@ def unpack_reply(reply: Message, messages: list[Message]) -> list[Message]:
         if part_key("error", i) in reply.content:
             reason = str(reply.content[part_key("error", i)]["reason"])
             out.append(Message(Error(PACKED_ERROR_CODE, reason), reply_to=m))
+        elif part_key(DECLINED_KEY, i) in reply.content:
+            out.append(decline(m, str(reply.content[part_key(DECLINED_KEY, i)]["reason"])))
         else:
             out.append(Message(RecordDict({ARRAYS_KEY: reply.content[part_key(ARRAYS_KEY, i)],
                                            METRICS_KEY: reply.content[part_key(METRICS_KEY, i)]}), reply_to=m))

@@ -14,6 +14,12 @@ an executor started outside it. This module is that executor, in-process:
 3. do not exit: the process's module-level caches (the base model in ``fedtune.models.cache``, the device's
    tokenized data) survive into the next round.
 
+One difference from ``flwr-clientapp``: pulling a task's message is bounded (``pull_seconds``, default 60 s,
+not Flower's 2 hours). When a SuperLink restarts, a message of the old run can reach the SuperNode after that
+run stopped; the SuperNode has already created its task but never receives its content (Flower 1.42,
+``supernode/start_client_internal.py``). A process per task hangs on such an orphan alone; this one process
+would hang with it and never run the new run's tasks, so it gives the orphan up and moves on.
+
 Run as ``python -m fedtune.flower.warm_runtime --runtime-api-address 127.0.0.1:PORT [--parent-pid PID]``;
 ``fedtune device join`` starts it beside its SuperNode (fedtune/deploy/supernode.py).
 """
@@ -30,13 +36,25 @@ from flwr.app import Message
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +66,23 @@ def _client(address: str, component: str, token: str | None = None) -> RuntimeHt
     return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
                                                  interceptors=interceptors,
                                                  retry_invoker=make_simple_http_retry_invoker())
+
+
+def pull_task_input(client: RuntimeHttpClient, max_seconds: float):
+    """flwr-clientapp's ``pull_task_input``, with the message pull bounded by ``max_seconds``."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    tree, node = pulled.message_object_trees[0], Node(node_id=context.node_id)
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, max_time=max_seconds)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
+    return message, context, run, fab
 
 
 @dataclass
@@ -64,6 +99,7 @@ class WarmRuntime:
 
     runtime_api_address: str  # the SuperNode's Runtime API (loopback, no TLS: it never leaves the host)
     poll_seconds: float = 0.5
+    pull_seconds: float = 60.0  # a task whose message has not arrived by then is an orphan (see above)
     results: list[TaskResult] = field(default_factory=list)
     _apps: dict[str, ClientApp] = field(default_factory=dict)
 
@@ -92,7 +128,7 @@ class WarmRuntime:
         message = context = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = pull_task_input(client, self.pull_seconds)
             reply = self._app(run, fab)(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # a failed round must not end the device's runtime
@@ -142,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API HOST:PORT")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process exits")
     parser.add_argument("--poll-seconds", type=float, default=0.5)
+    parser.add_argument("--pull-seconds", type=float, default=60.0,
+                        help="give up a task whose message has not arrived after this long (an orphan)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll of the Runtime API
@@ -151,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         start_parent_process_monitor(args.parent_pid)
     log.info("warm ClientApp runtime polling %s", args.runtime_api_address)
     try:
-        WarmRuntime(args.runtime_api_address, args.poll_seconds).serve()
+        WarmRuntime(args.runtime_api_address, args.poll_seconds, args.pull_seconds).serve()
     except KeyboardInterrupt:
         pass
 

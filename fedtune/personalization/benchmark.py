@@ -7,7 +7,9 @@ For each setting (DP off, DP on with the config's noise), on the same users and 
      on which hyperparameters are chosen, and test users, on which results are reported;
      ``fedtune.personalization.users``) is evaluated on their own held-out data: base, global, global+FT, the
      device's own selected model (personalized) and local-only from run 1, split from run 2
-     (``fedtune.personalization.evaluate``).
+     (``fedtune.personalization.evaluate``); with ``personalization.tune_finetune_lrs`` / ``tune_finetune_grids``
+     the personal learning rate and step grid are first chosen on the TUNING users only
+     (``fedtune.personalization.tuning``; ``tuning.json``) and the test users evaluated with that choice.
 Every device's DP-SGD noise is calibrated to ``privacy.target_epsilon`` from its own sampling rate; a device
 too small to train within it sits out and is named; any ε above the target is flagged in the report.
 Both federations run in this process (``federate``), so the recipe also runs where Ray does not (the GPU
@@ -30,6 +32,7 @@ from fedtune.adapters import get_adapter_state
 from fedtune.config import ExperimentConfig
 from fedtune.personalization.evaluate import evaluate_users
 from fedtune.federation.inprocess import run_inprocess as federate
+from fedtune.personalization.tuning import tune_selection, with_personalization
 from fedtune.personalization.users import select_users
 from fedtune.privacy.device_budget import budget_warning, over_target, sit_out_reason
 from fedtune.personalization.run_eval import load_model, sources_for
@@ -86,9 +89,16 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
     src_sa = sources_for(runs["fedsa"][0], sa_cfg, initial) if "fedsa" in runs else None
     methods = [m for m in cfg.personalization.methods if m != "split"]
     per = cfg.personalization
+    t1 = time.perf_counter()
+    tuned = None
+    if per.tune_finetune_lrs or per.tune_finetune_grids:  # chosen on tuning users, reported on test users
+        tuning_ids = set(select_users([c.user_id for c in clients], "tuning", per.tuning_fraction))
+        tuned = tune_selection(model, [c for c in clients if c.user_id in tuning_ids], src_avg, avg_cfg, pack,
+                               progress)
+        avg_cfg, sa_cfg = with_personalization(avg_cfg, tuned.chosen), with_personalization(sa_cfg, tuned.chosen)
+        (out / "tuning.json").write_text(json.dumps({"chosen": tuned.chosen, "tried": tuned.rows}, indent=1))
     wanted = set(select_users([c.user_id for c in clients], per.eval_users, per.tuning_fraction, per.eval_max_users))
     evaluated = [c for c in clients if c.user_id in wanted]
-    t1 = time.perf_counter()
     user_progress = (lambda d, n, u: progress(f"evaluated {u} ({d}/{n})")) if progress else None
     results = evaluate_users(model, evaluated, src_avg, avg_cfg, methods, progress=user_progress, pack=pack)
     if "split" in cfg.personalization.methods:
@@ -107,11 +117,16 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
     pers = by.get("personalized")
     return {
         "dp": dp,
+        # what the federation's records say ran (never the config): "user" under server-side DP-FedAvg
+        "privacy_level": runs["none"][1][-1].get("privacy_level"),
+        "federation_epsilon": runs["none"][1][-1].get("epsilon"),
+        "federation_delta": runs["none"][1][-1].get("delta"),
         "target_epsilon": target,
         "epsilon_warnings": warnings,
         "sat_out": sat_out,
         "users_evaluated": [c.user_id for c in evaluated],
         "user_split": per.eval_users,
+        "tuning": None if tuned is None else {"chosen": tuned.chosen, "tried": tuned.rows},
         "personalized_targets": None if pers is None else {
             "at_least_as_good_as_global": pers.not_worse_than_global,
             "better_than_global": pers.improved_over_global,
@@ -159,6 +174,9 @@ def format_report(report: dict) -> str:
                  if s.get("target_epsilon")
                  else f"noise multiplier {s['noise_multiplier']}")
         head = (f"## DP-SGD on ({sigma}, δ={s['delta']}, max device ε {eps:.2f})" if s["dp"] else "## DP off")
+        if s.get("privacy_level") == "user":  # the label comes from the federation's records
+            head = (f"## User-level DP-FedAvg on the server (ε {s['federation_epsilon']:.2f}, "
+                    f"δ={s['federation_delta']:.3g}){'' if s['dp'] else '; no DP-SGD on devices'}")
         verdict = (f"best personalized method: **{s['best_personalized']}**, better than the global adapter for "
                    f"{100 * (s['best_beats_global_share'] or 0):.0f}% of users; beats local-only on mean "
                    f"perplexity: {'yes' if s['best_beats_local_only_mean'] else 'no'}")
@@ -170,6 +188,12 @@ def format_report(report: dict) -> str:
             f"change {100 * (t['median_change_vs_global'] or 0):+.1f}% (≤ -3%), better than local-only for "
             f"{100 * (t['better_than_local_only'] or 0):.0f}% (90%): **{'met' if t['met'] else 'not met'}**"]
         extra = [f"users evaluated: {len(s.get('users_evaluated', []))} ({s.get('user_split', 'all')} users)"]
+        if s.get("tuning"):
+            tried = "; ".join(f"lr {r['finetune_lr']}, grid {r['finetune_grid']}: "
+                              + ("n/a" if r["median_change_vs_global"] is None
+                                 else f"{100 * r['median_change_vs_global']:+.2f}%") for r in s["tuning"]["tried"])
+            extra.append(f"chosen on {s['tuning']['tried'][0]['users']} tuning users (not in the table): "
+                         f"{s['tuning']['chosen']} (median change vs global per combination: {tried})")
         if s.get("sat_out"):
             extra.append(f"devices that sat out (too small for the budget): {len(s['sat_out'])}: "
                          + ", ".join(sorted(s["sat_out"])))

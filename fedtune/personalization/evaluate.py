@@ -5,7 +5,8 @@
     finetune    the global adapter fine-tuned on the user's own training data for ``finetune_steps``
                 (DP-SGD with the run's privacy settings, continuing the device's own privacy ledger)
     personalized  the model the device selected on a validation slice of its own training chunks: global,
-                global + k local steps or a global/fine-tuned mix (``fedtune.personalization.select``)
+                global + k local steps, a global/fine-tuned mix or, with ``dual_adapters``, a private LoRA
+                next to the frozen global one (``fedtune.personalization.select``)
     split       the split run's shared part + the device's private part (``personalization.split``)
     local_only  a fresh adapter trained only on the user's data (no federation), the baseline
 
@@ -23,6 +24,7 @@ from typing import Callable
 from fedtune.adapters import get_adapter_state, set_adapter_state
 from fedtune.adapters.split import initial_private, merge
 from fedtune.config import ExperimentConfig
+from fedtune.personalization.dual import applied
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.training import evaluate_chunks, train_local
 from fedtune.types import AdapterState, ClientData, ClientTask
@@ -188,8 +190,8 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
             adapter, steps, epsilon, choice = trained[data.user_id, method]
         else:
             adapter, steps, epsilon, choice = personalize(model, data, src, cfg, src.choices)
-        set_adapter_state(model, adapter)
-        res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
+        with applied(model, adapter):  # one adapter state, or dual adapters (``fedtune.personalization.dual``)
+            res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
         return replace(_result(data, method, res, steps, epsilon), choice=choice)
     elif method in ("finetune", "local_only"):
         if method == "finetune" and src.global_state is None:

@@ -84,6 +84,16 @@ def load_model(cfg: ExperimentConfig, device: str):
     return model
 
 
+def sit_out_notes(run: RunDir) -> list[str]:
+    """A line naming the users whose devices sat out of training (too small for their DP budget)."""
+    from fedtune.report import declined_users
+    from fedtune.workspace import read_jsonl
+
+    users = declined_users(read_jsonl(run.events))
+    return [f"Devices that sat out of training, too small for their DP budget ({len(users)}; their global model "
+            f"is the federation's): {', '.join(users)}."] if users else []
+
+
 def evaluate_run(run_dir: str | Path, methods: list[str] | None = None, device: str | None = None,
                  progress=None, overrides: dict | None = None) -> tuple[list[UserResult], list[MethodSummary]]:
     """Evaluate every user of the run; writes ``RUN_DIR/eval/`` and returns (per-user rows, summaries).
@@ -107,5 +117,5 @@ def evaluate_run(run_dir: str | Path, methods: list[str] | None = None, device: 
     clients = [load_client_data(run.data, i) for i, row in enumerate(index) if row["user_id"] in wanted]
     chosen = list(methods or cfg.personalization.methods)
     results = evaluate_users(model, clients, src, cfg, chosen, progress=progress)
-    summaries = write_outputs(results, run.eval, title=cfg.name)
+    summaries = write_outputs(results, run.eval, title=cfg.name, notes=sit_out_notes(run))
     return results, summaries

@@ -10,7 +10,10 @@ Each device, after the federation, without touching its test chunks:
      gets worse;
   4. scores interpolations α·personal + (1-α)·global of the best fine-tuned adapter and the global one, for α
      in ``personalization.alpha_grid`` (weight-space mixing of the two adapters, WiSE-FT style);
-  5. keeps the candidate with the lowest validation loss (ties go to the global adapter).
+  5. with ``personalization.dual_adapters``: trains a private LoRA next to the frozen global one (FedDPA-style,
+     ``fedtune.personalization.dual``) and scores the output mix α·private + (1-α)·global for α in
+     ``alpha_grid`` + ``dual_train_alpha``; its DP-SGD steps share the device's personal budget with step 3;
+  6. keeps the candidate with the lowest validation loss (ties go to the global adapter, then the simpler).
 The choice and its score are the device's own state (``SelectionStore``); nothing is sent to the server.
 Selection reads only the device's training data and the model stays on the device, so it releases nothing
 beyond the DP-SGD steps its ledger already counts.
@@ -49,9 +52,9 @@ class Choice:
     """One device's selected model and how it was chosen (device-local state)."""
 
     user: str
-    candidate: str  # "global", "finetune" or "mix"
+    candidate: str  # "global", "finetune", "mix" (weight space) or "dual" (dual adapters, output space)
     steps: int  # local fine-tuning steps behind the chosen adapter (0 for global)
-    alpha: float  # weight of the fine-tuned adapter (0 = global, 1 = fine-tuned)
+    alpha: float  # weight of the fine-tuned / private adapter (0 = global, 1 = fine-tuned)
     val_loss: float | None  # the chosen model's validation loss; None without a validation slice
     global_val_loss: float | None
     validation_chunks: int
@@ -62,7 +65,7 @@ class Choice:
     @property
     def label(self) -> str:
         return {"global": "global", "finetune": f"finetune@{self.steps}",
-                "mix": f"mix@{self.alpha:g}/k{self.steps}"}[self.candidate]
+                "mix": f"mix@{self.alpha:g}/k{self.steps}", "dual": f"dual@{self.alpha:g}/k{self.steps}"}[self.candidate]
 
 
 def split_validation(data: ClientData, fraction: float, max_chunks: int) -> tuple[ClientData, torch.Tensor] | None:
@@ -131,7 +134,8 @@ def _train_group(model, devs: list[_Device], steps: int, segment: int, cfg: Expe
     if pack <= 1:
         for d, task in zip(devs, tasks):
             d.state = train_local(model, d.state, d.fit, task, d.privacy, d.ledger, planned_steps=total,
-                                  weight_decay=cfg.train.weight_decay).adapter
+                                  weight_decay=cfg.train.weight_decay,
+                                  physical_batch_size=cfg.train.physical_batch_size).adapter
         return
     from fedtune.packed import train_packed
 
@@ -170,8 +174,8 @@ def select_models(model, global_state: AdapterState, datas: list[ClientData], cf
         d.prev = _val(model, global_state, d.val, bs)
         d.keep = replace(keep, val_loss=d.prev, global_val_loss=d.prev, validation_chunks=int(d.val.shape[0]),
                          scores={"global": d.prev})
-        try:
-            d.privacy = personal_privacy(cfg, d.fit, grid[-1], ledger)
+        try:  # one calibration for every personal step: the search's and the dual adapter's
+            d.privacy = personal_privacy(cfg, d.fit, grid[-1] + dual_budget_steps(cfg), ledger)
         except DeviceTooSmall as err:
             d.keep, d.active = replace(d.keep, reason=str(err)), False
     done = 0
@@ -179,7 +183,7 @@ def select_models(model, global_state: AdapterState, datas: list[ClientData], cf
         active = [d for d in devs if d.active]
         if not active:
             break
-        _train_group(model, active, k - done, i, cfg, grid[-1], pack)
+        _train_group(model, active, k - done, i, cfg, grid[-1] + dual_budget_steps(cfg), pack)
         done = k
         for d in active:
             loss = _val(model, d.state, d.val, bs)
@@ -192,7 +196,37 @@ def select_models(model, global_state: AdapterState, datas: list[ClientData], cf
     return [_choose(model, d, global_state, cfg) for d in devs]
 
 
+def dual_budget_steps(cfg: ExperimentConfig) -> int:
+    """The personal DP-SGD steps set aside for the dual adapter (0 without it): ``dual_steps``, else the
+    grid's largest k (the search's best k, which it trains, is at most that)."""
+    per = cfg.personalization
+    return (per.dual_steps or max(per.finetune_grid)) if per.dual_adapters else 0
+
+
+def _dual_candidates(model, d: _Device, global_state: AdapterState, cfg: ExperimentConfig, ft_steps: int
+                     ) -> tuple[int, list[tuple]]:
+    """(steps, candidates) of the dual adapter: the private LoRA trained on the fit chunks next to the frozen
+    global one, then scored on the validation slice at each α (``fedtune.personalization.dual``)."""
+    from fedtune.personalization.dual import DualAdapters, dual_loss, train_private
+
+    per = cfg.personalization
+    steps = per.dual_steps or ft_steps
+    task = ClientTask(server_round=0, local_steps=steps, batch_size=cfg.train.batch_size,
+                      lr=per.finetune_lr or cfg.train.lr, seed=(d.seed + 104729) % (2**31))
+    private = train_private(model, global_state, d.fit, task, d.privacy, d.ledger, per.dual_train_alpha,
+                            planned_steps=steps, weight_decay=cfg.train.weight_decay,
+                            physical_batch_size=cfg.train.physical_batch_size)
+    cands = []
+    for a in sorted(set(per.alpha_grid) | {per.dual_train_alpha}):
+        dual = DualAdapters(global_state, private, a)
+        loss = dual_loss(model, dual, d.val, cfg.train.eval_batch_size)
+        d.keep.scores[f"dual@{a:g}"] = loss
+        cands.append((loss, 3, "dual", a, dual))
+    return steps, cands
+
+
 def _choose(model, d: _Device, global_state: AdapterState, cfg: ExperimentConfig) -> tuple[AdapterState, Choice]:
+    """The device's pick; for ``dual`` the returned model is a ``DualAdapters`` (``dual.applied`` runs it)."""
     if d.best is None:  # no search: the device keeps the global adapter (``Choice.reason`` says why)
         return global_state, d.keep
     ft_loss, ft_steps, ft_state = d.best
@@ -203,9 +237,14 @@ def _choose(model, d: _Device, global_state: AdapterState, cfg: ExperimentConfig
         loss = _val(model, mixed, d.val, cfg.train.eval_batch_size)
         scores[f"mix@{a:g}"] = loss
         cands.append((loss, 2, "mix", a, mixed))
+    dual_steps = 0
+    if cfg.personalization.dual_adapters:
+        dual_steps, dual = _dual_candidates(model, d, global_state, cfg, ft_steps)
+        cands += dual
     loss, _, cand, alpha, chosen = min(cands, key=lambda c: (c[0], c[1]))
     eps = d.ledger.epsilon(cfg.privacy.delta) if cfg.privacy.enabled and d.ledger is not None else None
-    return chosen, replace(d.keep, candidate=cand, steps=0 if cand == "global" else ft_steps, alpha=alpha,
+    steps = {"global": 0, "dual": dual_steps}.get(cand, ft_steps)
+    return chosen, replace(d.keep, candidate=cand, steps=steps, alpha=alpha,
                            val_loss=loss, scores=scores, epsilon=eps)
 
 

@@ -108,8 +108,9 @@ def format_table(summaries: list[MethodSummary]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: list[UserResult], out_dir: Path, title: str = "") -> list[MethodSummary]:
-    """eval/per_user.csv, summary.json, summary.md and the plots."""
+def write_outputs(results: list[UserResult], out_dir: Path, title: str = "",
+                  notes: list[str] | None = None) -> list[MethodSummary]:
+    """eval/per_user.csv, summary.json, summary.md (``notes``: lines under the table) and the plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "per_user.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(UserResult.__dataclass_fields__))
@@ -121,7 +122,8 @@ def write_outputs(results: list[UserResult], out_dir: Path, title: str = "") -> 
     (out_dir / "summary.json").write_text(json.dumps(
         {"methods": [s.row() for s in summaries], "best_personalized": best.method if best else None}, indent=1))
     (out_dir / "summary.md").write_text(f"# Per-user evaluation{': ' + title if title else ''}\n\n"
-                                        f"{format_table(summaries)}\n")
+                                        f"{format_table(summaries)}\n"
+                                        + "".join(f"\n{n}\n" for n in notes or []))
     write_plots(results, out_dir, best.method if best else None)
     return summaries
 

@@ -43,6 +43,34 @@ def _noise_only_step(optimizer, params) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def _logical_step(model, optimizer, x: torch.Tensor, device, loss_chunk_tokens: int | None, micro: int | None,
+                  dp: bool) -> torch.Tensor:
+    """One optimizer step on the logical batch ``x`` [B, T], in micro-batches of at most ``micro`` sequences;
+    returns its mean loss. Under DP every micro-batch's per-sample gradients are clipped and summed by opacus
+    (``signal_skip_step``: no noise, no step, no accountant step until the last one), then noise is added once
+    to the sum and divided by the expected logical batch: the same step as the whole batch at once. Without
+    DP the micro-batch losses are weighted by their share of the batch and their gradients accumulate."""
+    parts = x.split(micro) if micro else (x,)
+    total = torch.zeros((), device=device)
+    for i, part in enumerate(parts):
+        part = part.to(device)  # [b, T]
+        with training_attention(device):
+            loss = causal_lm_loss(model, part, loss_chunk_tokens)  # opacus' hooks sit on model's layers
+        share = part.shape[0] / x.shape[0]
+        if dp:
+            optimizer.signal_skip_step(do_skip=i < len(parts) - 1)
+            loss.backward()
+            optimizer.step()  # clip + accumulate; on the last micro-batch: noise, scale, step, accountant
+            optimizer.zero_grad(set_to_none=True)  # keeps opacus' summed_grad while the step is skipped
+        else:
+            (loss * share if len(parts) > 1 else loss).backward()
+        total = total + loss.detach() * share
+    if not dp:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def train_local(
     model,
     adapter: AdapterState,
@@ -55,13 +83,19 @@ def train_local(
     loss_chunk_tokens: int | None = None,
     gradient_checkpointing: bool = False,
     checkpoint_every_n_layers: int = 1,
+    physical_batch_size: int | None = None,
 ) -> ClientUpdate:
     """Train the adapter for ``task.local_steps`` steps; with ``privacy.enabled``, by DP-SGD.
 
     ``loss_chunk_tokens`` and ``gradient_checkpointing`` trade nothing / one extra forward for memory
     (``fedtune.training.loss``, ``fedtune.training.checkpointing``); the result is the same.
     ``checkpoint_every_n_layers`` > 1 checkpoints only every n-th decoder layer (less recompute, more memory).
+    ``physical_batch_size`` splits each logical batch (``task.batch_size``; Poisson under DP) into micro-batches
+    of at most that many sequences with gradient accumulation (``_logical_step``): memory of the micro-batch,
+    the DP step of the logical batch.
     """
+    if physical_batch_size is not None and physical_batch_size < 1:
+        raise ValueError(f"physical_batch_size must be a positive number of sequences, got {physical_batch_size}")
     if data.num_train == 0:
         raise ValueError(f"client {data.user_id} has no training chunks")
     dp = privacy is not None and privacy.enabled
@@ -92,13 +126,8 @@ def train_local(
             if x.shape[0] == 0:
                 _noise_only_step(optimizer, params)
                 continue
-            x = x.to(device)  # [B, T]
-            with training_attention(device):
-                loss = causal_lm_loss(model, x, loss_chunk_tokens)  # opacus' hooks sit on model's layers
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())  # read back once at the end: no device sync per step
+            loss = _logical_step(model, optimizer, x, device, loss_chunk_tokens, physical_batch_size, dp)  # x: [B, T]
+            losses.append(loss)  # read back once at the end: no device sync per step
             tokens += x.numel()
     finally:
         if private is not None:

@@ -103,3 +103,12 @@ def test_memory_and_upload_options_are_checked_and_named():
         config_from_dict({"federation": {"upload": "int4"}, "train": {"loss_chunk_tokens": 0}})
     text = str(err.value)
     assert "federation.upload" in text and "train.loss_chunk_tokens" in text
+
+
+def test_physical_batch_size_is_typed_and_a_micro_batch_above_the_logical_batch_is_explained():
+    assert config_from_dict({"train": {"batch_size": 64, "physical_batch_size": 8}}).train.physical_batch_size == 8
+    with pytest.raises(ConfigError, match="train.physical_batch_size"):
+        config_from_dict({"train": {"physical_batch_size": 0}})
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"train": {"batch_size": 8, "physical_batch_size": 64}})
+    assert "logical batch train.batch_size (8)" in str(err.value) and "batch_size: 64" in str(err.value)

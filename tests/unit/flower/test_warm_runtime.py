@@ -8,6 +8,8 @@ import pytest
 
 import fedtune.flower.warm_runtime as wr
 
+BOUNDED_PULL = wr.pull_task_input  # the real one, before the fixture fakes it
+
 
 class FakeClient:
     def __init__(self, tasks):
@@ -44,7 +46,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(wr, "HeartbeatSender", Heartbeat)
     monkeypatch.setattr(wr, "make_task_heartbeat_fn_http", lambda c: None)
 
-    def pull(client):
+    def pull(client, max_seconds):
         n = len(state.calls) + 1
         return f"msg{n}", SimpleNamespace(n=n), SimpleNamespace(fab_id="f", fab_version="1"), \
             SimpleNamespace(hash_str="abc", content=b"")
@@ -85,3 +87,49 @@ def test_a_failing_task_is_reported_and_the_next_one_runs(fake):
     assert [r.ok for r in rt.results] == [True, False, True]
     assert fake.pushed[1] == "error-reply-to-msg2" and "out of memory" in rt.results[1].details
     assert fake.outputs[1] == wr.SubStatus.FAILED
+
+
+def test_an_orphan_task_whose_message_never_arrives_is_given_up_and_the_next_one_runs(fake, monkeypatch):
+    """After a SuperLink restart the SuperNode can hold a task of the stopped run whose message content never
+    arrives (the deployment test's crash scenario). The real bounded pull gives it up after ``pull_seconds``
+    (Flower's own pull waits 2 hours, which in one warm process blocks every later round)."""
+    import time
+
+    from flwr.proto.message_pb2 import ObjectTree, PullObjectResponse  # pylint: disable=E0611
+
+    class NeverArrives:
+        def PullTaskInput(self, req):
+            return SimpleNamespace(task_id=7, run=SimpleNamespace(run_id=1), context=SimpleNamespace(node_id=2),
+                                   fab=None)
+
+        def PullMessages(self, req):
+            return SimpleNamespace(messages_list=[object()], message_object_trees=[ObjectTree(object_id="ab" * 32)])
+
+        def PullObject(self, req):
+            return PullObjectResponse(object_found=True, object_available=False)
+
+        def ConfirmMessageReceived(self, req):
+            raise AssertionError("a message that never arrived was confirmed")
+
+    monkeypatch.setattr(wr, "context_from_proto", lambda c: SimpleNamespace(node_id=2, run_id=1))
+    monkeypatch.setattr(wr, "run_from_proto", lambda r: r)
+    monkeypatch.setattr(wr, "fab_from_proto", lambda f: f)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="ab" * 32):
+        BOUNDED_PULL(NeverArrives(), max_seconds=0.5)
+    assert time.monotonic() - t0 < 10
+
+    calls = []
+
+    def pull(client, max_seconds):
+        calls.append(max_seconds)
+        if len(calls) == 1:
+            return BOUNDED_PULL(NeverArrives(), max_seconds)
+        return f"msg{len(calls)}", SimpleNamespace(n=len(calls)), SimpleNamespace(fab_id="f", fab_version="1"), \
+            SimpleNamespace(hash_str="abc", content=b"")
+
+    monkeypatch.setattr(wr, "pull_task_input", pull)
+    rt = wr.WarmRuntime("127.0.0.1:1", poll_seconds=0.01, pull_seconds=0.5)
+    rt.serve(max_tasks=2)
+    assert [r.ok for r in rt.results] == [False, True] and calls == [0.5, 0.5]
+    assert fake.outputs == [wr.SubStatus.FAILED, wr.SubStatus.COMPLETED] and fake.pushed == ["reply-msg2"]

@@ -21,7 +21,8 @@ def _tiny_recipe_config(tmp_path) -> Path:
     raw["train"].update(lr=0.02, eval_max_chunks=8)
     raw["federation"].update(rounds=2, clients_per_round=2, min_clients=1)
     raw["personalization"].update(finetune_steps=2, eval_max_chunks=4, finetune_grid=[2, 4], alpha_grid=[0.5],
-                                  eval_users="all", validation_max_chunks=2)
+                                  eval_users="all", validation_max_chunks=2, tune_finetune_lrs=[],
+                                  tune_finetune_grids=[])
     raw["privacy"].update(max_noise_to_batch=10.0)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -87,3 +88,17 @@ def test_recipe_refuses_a_bad_dp_flag_and_a_missing_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", str(_tiny_recipe_config(tmp_path)), "--data", str(tmp_path / "nope.jsonl")])
     assert e.value.code == 2 and "file not found" in capsys.readouterr().err
+
+
+def test_the_report_heads_a_setting_with_the_privacy_level_its_federation_recorded():
+    from fedtune.personalization.benchmark import format_report
+
+    setting = {"dp": False, "privacy_level": "user", "federation_epsilon": 7.94, "federation_delta": 0.02,
+               "target_epsilon": None, "noise_multiplier": None, "delta": None, "methods": [],
+               "best_personalized": None, "best_beats_global_share": None, "best_beats_local_only_mean": None,
+               "table": "", "federation_seconds": 1, "evaluation_seconds": 1, "global_perplexity_by_round": [1.0]}
+    md = format_report({"name": "x", "users": 3, "device": "cpu", "settings": [setting]})
+    assert "## User-level DP-FedAvg on the server (ε 7.94, δ=0.02); no DP-SGD on devices" in md
+    assert "## DP off" not in md
+    md = format_report({"name": "x", "users": 3, "device": "cpu", "settings": [dict(setting, privacy_level="none")]})
+    assert "## DP off" in md

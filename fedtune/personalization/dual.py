@@ -1,0 +1,112 @@
+"""FedDPA-style dual adapters on one device: the frozen global LoRA and a private LoRA, side by side.
+
+Both are peft adapters on the same modules, both active; their outputs are mixed per user:
+
+    h = W x + α · s B_p A_p x + (1 - α) · s B_g A_g x          # s = lora_alpha / r, per layer
+
+  - ``default`` (the model's own, trainable adapter) holds the PRIVATE part during dual training, so
+    ``train_local`` (DP-SGD, the device's ledger) trains it unchanged and its state keys are the usual ones;
+  - ``dual_global`` is a second, frozen adapter holding the global state for as long as the context is open;
+  - the mix is peft's per-adapter ``scaling``: α·s on ``default``, (1 - α)·s on ``dual_global``. At α = 0 the
+    private branch is multiplied by zero and the output is the global model's, bit for bit.
+
+The private adapter starts as a copy of the global one (so at any α the model starts as the global model),
+is trained at ``personalization.dual_train_alpha`` with the global branch frozen, and α is chosen per user on
+the validation slice (``fedtune.personalization.select``). Everything here runs on the device and is undone
+when the context closes (the model's adapters, scalings and ``requires_grad`` flags as they were): the private
+adapter and α are device state only and never reach an upload.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from fedtune.adapters import set_adapter_state
+from fedtune.training import evaluate_chunks
+from fedtune.types import AdapterState
+
+FROZEN = "dual_global"
+
+
+@dataclass(frozen=True)
+class DualAdapters:
+    """A device's dual-adapter model: the global state, its private state and its mixing weight α."""
+
+    global_state: AdapterState
+    private: AdapterState
+    alpha: float
+
+
+def _lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ValueError("dual adapters need a LoRA adapter (adapter.method lora or ffa_lora); this model has no "
+                         "LoRA layers: set personalization.dual_adapters: false")
+    return layers
+
+
+@contextmanager
+def dual_model(model, global_state: AdapterState, alpha: float) -> Iterator[None]:
+    """Within the context: ``global_state`` frozen in a second adapter at weight 1 - α, the model's own
+    (trainable) adapter at weight α. The caller loads the private state (``set_adapter_state``)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"the dual-adapter mixing weight must lie in [0, 1], got {alpha}")
+    layers = _lora_layers(model)
+    set_adapter_state(model, global_state)  # the frozen branch is a copy of the global adapter
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    scales = [dict(m.scaling) for m in layers]
+    model.add_adapter(FROZEN, copy.deepcopy(model.peft_config["default"]))
+    try:
+        with torch.no_grad():
+            for m in layers:
+                for part in ("lora_A", "lora_B"):
+                    getattr(m, part)[FROZEN].weight.copy_(getattr(m, part)["default"].weight)
+        model.base_model.set_adapter(["default", FROZEN])
+        for p in model.parameters():  # peft turned on every active adapter's grads: restore, freeze the copy
+            p.requires_grad_(flags.get(id(p), False))
+        for m, s in zip(layers, scales):
+            m.scaling["default"] = alpha * s["default"]
+            m.scaling[FROZEN] = (1.0 - alpha) * s["default"]
+        yield
+    finally:
+        model.base_model.set_adapter("default")
+        model.delete_adapter(FROZEN)
+        for m, s in zip(layers, scales):
+            m.scaling.clear()
+            m.scaling.update(s)
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), False))
+
+
+@contextmanager
+def applied(model, chosen: AdapterState | DualAdapters) -> Iterator[None]:
+    """The model running ``chosen``: one adapter state, or a dual-adapter model (undone on exit)."""
+    if not isinstance(chosen, DualAdapters):
+        set_adapter_state(model, chosen)
+        yield
+        return
+    with dual_model(model, chosen.global_state, chosen.alpha):
+        set_adapter_state(model, chosen.private)
+        yield
+
+
+def dual_loss(model, dual: DualAdapters, chunks: torch.Tensor, batch_size: int) -> float:
+    with applied(model, dual):
+        return evaluate_chunks(model, chunks, batch_size).loss
+
+
+def train_private(model, global_state: AdapterState, fit, task, privacy, ledger, alpha: float, **train_kwargs
+                  ) -> AdapterState:
+    """The private adapter after ``task.local_steps`` steps of ``train_local`` (DP-SGD on ``ledger`` when
+    ``privacy`` is on) at mixing weight ``alpha``, the global branch frozen; it starts as the global state."""
+    from fedtune.training import train_local
+
+    with dual_model(model, global_state, alpha):
+        return train_local(model, global_state, fit, task, privacy, ledger, **train_kwargs).adapter
