@@ -176,9 +176,10 @@ def render_markdown() -> str:
              "> docs/composition.md`); a test keeps the two equal.", "",
              "✓ runs (`tests/unit/federation/test_matrix.py` trains every ✓ pair one round through the in-process "
              "backend and checks its privacy label; `tests/integration/test_flower_matrix.py` trains them through "
-             "the Flower engine, several features per run: 9 runs cover every pair under `-m slow`, 2 of them "
-             "(22 pairs) in the default suite; pairs with deployment need real devices and are not in these "
-             "smokes), ✓* runs when a condition holds and is refused otherwise, "
+             "the Flower engine, several features per run: 10 runs cover every pair under `-m slow`, 2 of them "
+             "(22 pairs) in the default suite; packed × secure-agg runs in process only, as on Flower each device "
+             "trains in its own secure-aggregation message; pairs with deployment need real devices and are not "
+             "in these smokes), ✓* runs when a condition holds and is refused otherwise, "
              "✗ refused by `fedtune validate` (reason and fix below), – one setting cannot hold both.", "",
              "| feature | how to turn it on |", "|---|---|"]
     lines += [f"| {f.name} | {f.setting} |" for f in FEATURES]
