@@ -28,7 +28,8 @@ USERS = 5
 
 class InProcessGrid:
     """A Flower Grid in one process: node i is the ClientApp with its own Context (kept across messages, as a
-    SuperNode keeps it); ``drop(message)`` -> True: that node does not answer that message (it vanished)."""
+    SuperNode keeps it); ``drop(message)`` -> True: that node does not answer that message (it vanished);
+    "error": it answers with an error."""
 
     def __init__(self, run_config: dict, drop=lambda m: False):
         self.app, self.drop, self.replies = build_client_app(), drop, []
@@ -42,7 +43,10 @@ class InProcessGrid:
     def send_and_receive(self, messages, *, timeout=None):
         out = []
         for m in messages:
-            if self.drop(m):
+            if (fate := self.drop(m)) == "error":  # the device fails: Flower answers with an error
+                out.append(_wire(Message(Error(0, "device failed"), reply_to=_wire(m))))
+                continue
+            if fate:
                 continue
             m = _wire(m)  # the device gets its own copy (server and devices share this process's model cache)
             try:
@@ -149,12 +153,17 @@ def _unmask_request(m):
     # node 4 never trains (shared keys, then vanished): its pairwise masks are removed, its update is not summed
     pytest.param(lambda m: m.metadata.dst_node_id == 4 and m.metadata.message_type == "train.secagg",
                  lambda m: m.metadata.dst_node_id == 4, USERS - 1, id="before-masked-input"),
+    # node 3 fails while training: the strategy counts a failure, the others are summed
+    pytest.param(lambda m: "error" if m.metadata.dst_node_id == 3 and m.metadata.message_type == "train.secagg"
+                 else False, lambda m: m.metadata.dst_node_id == 3, USERS - 1, id="fails-training"),
 ])
-def test_a_dropout_below_the_threshold_still_gives_the_right_sum(tmp_path, spies, secure_drop, plain_drop, summed):
+def test_a_dropout_below_the_threshold_still_gives_the_right_sum(tmp_path, spies, secure_drop, plain_drop, summed,
+                                                                 request):
     _, plain, _ = _run(tmp_path, "plain", drop=plain_drop)
     last, state, _ = _run(tmp_path, "secure", secure={}, drop=secure_drop)
     assert last["secagg_aborted"] is False, last.get("secagg_reason")
     assert last["secagg_survivors"] == summed == last["clients_succeeded"]
+    assert last["clients_failed"] == (1 if request.node.callspec.id == "fails-training" else 0)
     assert _close(state, plain, TOL)  # FedAvg over exactly the devices whose masked input was summed
 
 
