@@ -134,6 +134,19 @@ def test_the_server_gets_masked_vectors_and_the_sum_only_and_it_is_fedavg(tmp_pa
         levels = vector.view(np.int32).astype(np.int64)
         assert (np.abs(levels) > 2 ** 15).mean() > 0.9
         assert all(not np.allclose(levels / ((2 ** 15 - 1) / 1.0), p, atol=1e-3) for p in spies["payloads"])
+    # a curious server rebuilds every survivor's self-mask seed from the unmask replies it received and strips
+    # it from that survivor's masked vector: the pairwise masks still hide the update
+    from fedtune.flower.secagg_records import from_record
+    from fedtune.privacy.secagg import crypto, shamir
+
+    masked = {int(r.content["secagg"]["cid"]): r.content["secagg-masked"]["y"].numpy() for r in grid.replies
+              if _kind(r) == "train.secagg:masked"}
+    unmask = [from_record(r.content) for r in grid.replies if _kind(r) == "query.secagg:unmask-reply"]
+    for cid, vector in masked.items():
+        shares = [shamir.Share.from_bytes(u.seed_shares[cid]) for u in unmask if cid in u.seed_shares]
+        seed = shamir.combine(shares, len(shares))
+        stripped = (vector - crypto.prg(seed, len(vector), vector.dtype)).view(np.int32).astype(np.int64)
+        assert (np.abs(stripped) > 2 ** 15).mean() > 0.9
     assert {_kind(r) for r in grid.replies} == {"query.secagg:advert", "query.secagg:shares",
                                                 "train.secagg:masked", "query.secagg:unmask-reply"}
     assert last["aggregation"] == "secure_aggregation+fedavg" and last["secure_aggregation"] is True
