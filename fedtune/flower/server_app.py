@@ -155,6 +155,9 @@ def secure_grid(cfg, setup: ServerSetup, grid: Grid, run_id: int) -> SecAggGrid:
     if cfg.simulation.packed_group_size > 1:
         log.warning("secure aggregation: every device trains in its own masked-input message; "
                     "simulation.packed_group_size=%d is not used", cfg.simulation.packed_group_size)
+    if cfg.privacy.secure_aggregation.simulated_dropout > 0:
+        log.warning("secure aggregation: privacy.secure_aggregation.simulated_dropout applies to the in-process "
+                    "backend only; on Flower a device drops out when it fails or does not answer")
     clip = cfg.privacy.user_level.clip_norm if setup.user_dp is not None else None
     secure = SecureAggregation(cfg.privacy.secure_aggregation, clip, float(setup.limits.max_examples), setup.seeds,
                                context=f"{cfg.name}/{run_id}".encode())
