@@ -251,6 +251,9 @@ class PublishConfig(_Section):
     every_n_rounds: int | None = Field(None, gt=0)  # also publish every N rounds
     at_end: bool = True
     name: str | None = None  # artifact name; default: the experiment name
+    # round metrics allowed into the signed manifest (fedtune/federation/publishing.py PUBLISHABLE_METRICS);
+    # default none: a manifest carries only what the run's guarantee covers (level, ε, δ, mechanism, accountant)
+    metrics: list[str] = []
 
 
 class SimulationConfig(_Section):
@@ -378,6 +381,13 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
         p.append("publish.signing_key: publishing needs an ed25519 key; make one with `fedtune registry keygen`")
     if pub.signing_key and not Path(pub.signing_key).is_file():
         p.append(f"publish.signing_key: file not found: {pub.signing_key}")
+    from fedtune.federation.publishing import unknown_metrics
+
+    if bad := unknown_metrics(pub.metrics):
+        from fedtune.federation.publishing import PUBLISHABLE_METRICS
+
+        p.append(f"publish.metrics: unknown metric {', '.join(map(repr, bad))}; expected some of "
+                 f"{', '.join(PUBLISHABLE_METRICS)} (the privacy guarantee is always published)")
     t = model.tiny
     if model.source == "tiny" and t.vocab_size < 260:
         p.append(f"model.tiny.vocab_size: the tiny model's byte tokenizer needs >= 260, got {t.vocab_size}")

@@ -27,7 +27,7 @@ from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
 from fedtune.federation.virtual_device import client_done, ledger_key, partition_of
 from fedtune.models.cache import load_count
-from fedtune.flower.context import run_context
+from fedtune.flower.context import run_context, simulated_params
 from fedtune.flower.device import check_eligibility, decline, device_data, device_settings, device_task
 from fedtune.federation.fleet_device import fleet_device
 from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, update_to_metrics
@@ -79,7 +79,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     partition = partition_of(device, len(ctx.data_index)) if deployed is None else -1
     start = time.perf_counter()
     model, info = ctx.model(quantization=plan.quantization, rank=plan.rank, alpha=plan.alpha)
-    params = cfg.fleet.simulated_params or info["base_bytes_dense"] // 4
+    params = simulated_params(cfg, info)
     fleet = fleet_device(cfg, device, params) if cfg.fleet.enabled else None
     if fleet is not None and fleet.drops_out(plan.server_round):
         raise DeviceDropout(f"device {device} ({fleet.profile.name}) dropped out in round {plan.server_round}")

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.adapters import get_adapter_state
 from fedtune.adapters.split import initial_private, shared_part
-from fedtune.data.partition import ensure_client_data
+from fedtune.data.partition import prepare_run_data, read_index
 from fedtune.federation.heldout import heldout_from_disk
 from fedtune.federation.publishing import maybe_publish
 from fedtune.federation.recorder import Recorder as EngineRecorder
@@ -36,7 +36,7 @@ from fedtune.federation.recorder import (  # noqa: F401 (the checkpoint API, re-
 from fedtune.federation.recorder import write_checkpoint as write_engine_checkpoint
 from fedtune.federation.secure_round import SecureAggregation
 from fedtune.federation.server import ServerSetup, budget_event, build_server, cohort_size, resume, totals
-from fedtune.flower.context import RunContext, run_context
+from fedtune.flower.context import RunContext, run_context, simulated_params
 from fedtune.flower.fleet_strategy import FleetFedAvg
 from fedtune.flower.packed_grid import PackedGrid
 from fedtune.flower.records import arrays_to_state, state_to_arrays
@@ -167,7 +167,8 @@ def secure_grid(cfg, setup: ServerSetup, grid: Grid, run_id: int) -> SecAggGrid:
 def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     ctx = run_context(context.run_config)
     cfg = ctx.cfg
-    index = ensure_client_data(cfg, ctx.run.data)
+    prepare_run_data(cfg, ctx.run.data)  # once, unless the launcher or CLI already did
+    index = read_index(ctx.run.data)
     model, info = ctx.model()
     split = cfg.personalization.split
     full = get_adapter_state(model)
@@ -175,7 +176,7 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     deployed = int(context.run_config.get("deployment-nodes", 0))  # `fedtune server start` sets it
     checkpoint = read_checkpoint(ctx.run)
     setup = build_server(cfg, initial, users=len(index), max_train=max(e["train"] for e in index),
-                         params=info["base_bytes_dense"] // 4, checkpoint=checkpoint, deployed=deployed)
+                         params=simulated_params(cfg, info), checkpoint=checkpoint, deployed=deployed)
     strategy = strategy_for(cfg, setup, initial)
     start_state, done = initial, 0
     if checkpoint:

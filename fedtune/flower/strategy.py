@@ -88,9 +88,10 @@ class AdapterFedAvg(FedAvg):
         return messages
 
     def _validated(self, msg: Message, stats: RoundStats, reference_for=None) -> Reply | None:
-        """The reply, decoded and validated, if it may be aggregated; else count why not.
+        """The reply, decoded and validated, if it may be aggregated; else count why not (``stats.rejected``).
 
         ``reference_for(metrics)`` gives the adapter the reply must match (default: the global one).
+        A valid reply is not counted here: ``_count`` does that once the caller keeps it.
         """
         try:
             content = msg.content
@@ -107,9 +108,13 @@ class AdapterFedAvg(FedAvg):
             stats.rejected[err.reason] += 1
             log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, err)
             return None
-        stats.upload_bytes += payload_bytes(arrays)
-        stats.clients.append(dict(metrics))
         return reply
+
+    @staticmethod
+    def _count(stats: RoundStats, msg: Message) -> None:
+        """Count a reply that is aggregated: its upload bytes and its per-client metrics."""
+        stats.upload_bytes += payload_bytes(msg.content[ARRAYS_KEY])
+        stats.clients.append(dict(msg.content[METRICS_KEY]))
 
     def sent_for(self, metrics: dict) -> AdapterState | None:
         """The adapter the replying device was sent this round (the base of an int8 delta)."""
@@ -130,6 +135,7 @@ class AdapterFedAvg(FedAvg):
             elif self.secure is not None:
                 good.append(self._metadata(msg, stats))
             elif (reply := self._validated(msg, stats)) is not None:
+                self._count(stats, msg)
                 good.append(reply)
         if self.secure is not None:
             return self._aggregate_secure(server_round, stats, good)
