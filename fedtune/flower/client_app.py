@@ -2,6 +2,7 @@
 
 train:    adapter (ArrayRecord) + task (ConfigRecord) in -> trained adapter + metrics out
 evaluate: adapter in -> held-out loss / perplexity / accuracy of this client out
+query.secagg / train.secagg: the secure-aggregation stages (``secagg_client``); train.secagg trains as above
 
 The base model comes from the worker's cache (loaded once per process, never per round); the
 client's privacy ledger is read from and written back to the run's on-disk state store, so a
@@ -129,5 +130,9 @@ def build_client_app() -> ClientApp:
     from fedtune.flower.packed_client import handle_train_group  # it imports this module
 
     app.train("packed")(handle_train_group)
+    from fedtune.flower.secagg_client import handle_secagg  # it calls handle_train
+
+    app.query("secagg")(handle_secagg)  # secure aggregation's key, share and unmask stages
+    app.train("secagg")(handle_secagg)  # its masked-input stage: train, then mask
     app.evaluate()(handle_evaluate)
     return app
