@@ -81,7 +81,8 @@ def server_start(config: Path = typer.Argument(..., help="experiment YAML"),
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     from fedtune.config import dump_config, load_config
     from fedtune.deploy.certs import CertPaths
-    from fedtune.deploy.server import ServerFailed, authorized_keys as read_keys, prepare_data, start_server
+    from fedtune.data import prepare_run_data
+    from fedtune.deploy.server import ServerFailed, authorized_keys as read_keys, start_server
     from fedtune.deploy.superlink import SuperLinkSpec
     from fedtune.workspace import RunDir, check_run_root
 
@@ -107,7 +108,7 @@ def server_start(config: Path = typer.Argument(..., help="experiment YAML"),
         if before != now:
             _fail(f"{config}: differs from the config {out} was started with ({out / 'config.yaml'}) in more than "
                   "federation.rounds; restart with the same config or choose another --out")
-    prepared = None if (out / "data" / "index.json").is_file() else prepare_data(cfg)  # refuses bad data
+    prepared = None if (out / "data" / "index.json").is_file() else prepare_run_data(cfg)  # refuses bad data
     run = RunDir.create(out)  # every check passed: only now is anything written
     dump_config(cfg, run.config)
     if prepared is not None:

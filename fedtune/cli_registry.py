@@ -31,7 +31,8 @@ STATE = typer.Option(Path("device"), "--state", envvar="FEDTUNE_DEVICE_STATE", h
 PUBLIC_KEY = typer.Option(..., "--public-key", envvar="FEDTUNE_PUBLIC_KEY",
                           help="trust anchor: the publisher's key (.pub) or a root metadata file")
 KEYS = typer.Option(..., "--key", envvar="FEDTUNE_SIGNING_KEY",
-                    help="release signing key (repeat for a threshold of several keys)")
+                    help="signing key (repeat: a threshold of several keys, and the snapshot and timestamp keys "
+                         "when the root gives those roles their own)")
 EXPIRES = typer.Option(7.0, "--expires-in", help="days until devices refuse this channel metadata (refresh before)")
 _USER_ERRORS = (InputError, NotFoundError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                 ValueError)
@@ -198,12 +199,22 @@ def _one_base(reg, channel: str, base_model: Optional[str]) -> str:
 @registry_app.command()
 def refresh(registry: Path = REGISTRY, channel: str = typer.Option("stable", "--channel"),
             base_model: Optional[str] = typer.Option(None, "--base-model"),
-            key: list[Path] = KEYS, expires_in: float = EXPIRES) -> None:
+            key: list[Path] = KEYS, expires_in: float = EXPIRES,
+            timestamp_only: bool = typer.Option(False, "--timestamp-only",
+                                                help="re-sign only the timestamp (expires in --expires-in days, "
+                                                     "at most 1 by default: run it from cron with the timestamp key)"),
+            ) -> None:
     """Re-sign a channel's metadata unchanged with a new expiry (devices refuse expired metadata)."""
     with _errors():
         reg = _registry(registry)
-        base_model = _one_base(reg, channel, base_model)
-        meta = reg.refresh(base_model, channel, keys=_signing_keys(key), ttl_s=expires_in * 86400)
+        if timestamp_only:
+            ts = reg.refresh_timestamp(keys=_signing_keys(key), ttl_s=min(expires_in, 1.0) * 86400)
+        else:
+            base_model = _one_base(reg, channel, base_model)
+            meta = reg.refresh(base_model, channel, keys=_signing_keys(key), ttl_s=expires_in * 86400)
+    if timestamp_only:
+        console.print(f"timestamp v{ts.version} (snapshot v{ts.snapshot.version}), expires {ts.expires}")
+        return
     console.print(f"{base_model}/{channel}: metadata v{meta.version}, expires {meta.expires}")
 
 
@@ -212,14 +223,22 @@ def rotate(registry: Path = REGISTRY, key: list[Path] = KEYS,
            root_key: list[Path] = typer.Option(..., "--root-key", help="public key of the new root role (repeat)"),
            threshold: int = typer.Option(1, "--threshold", help="root signatures required"),
            release_key: list[Path] = typer.Option(..., "--release-key", help="public release key (repeat)"),
-           release_threshold: int = typer.Option(1, "--release-threshold", help="release signatures required")) -> None:
+           release_threshold: int = typer.Option(1, "--release-threshold", help="release signatures required"),
+           snapshot_key: Optional[list[Path]] = typer.Option(None, "--snapshot-key",
+                                                             help="public snapshot key (repeat; default: the "
+                                                                  "release keys)"),
+           timestamp_key: Optional[list[Path]] = typer.Option(None, "--timestamp-key",
+                                                              help="public timestamp key (repeat; default: the release "
+                                                                   "keys)")) -> None:
     """New root metadata (keys and thresholds), signed by a threshold of the old and of the new root keys."""
     from fedtune.registry import load_verify_key
 
     with _errors():
         reg = _registry(registry)
         root = reg.rotate_root(_signing_keys(key), [load_verify_key(p) for p in root_key], threshold,
-                               [load_verify_key(p) for p in release_key], release_threshold)
+                               [load_verify_key(p) for p in release_key], release_threshold,
+                               snapshot_keys=[load_verify_key(p) for p in snapshot_key] if snapshot_key else None,
+                               timestamp_keys=[load_verify_key(p) for p in timestamp_key] if timestamp_key else None)
     console.print(f"root v{root.version}: {len(root.roles['root'].keyids)} root keys (threshold {threshold}), "
                   f"{len(root.roles['release'].keyids)} release keys (threshold {release_threshold}). Next: "
                   "`fedtune registry refresh` each channel with the new release keys")

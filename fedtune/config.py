@@ -135,6 +135,10 @@ class PrivacyConfig(_Section):
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    # how per-sample gradients are clipped (same sampling, noise and accounting either way): hooks = opacus'
+    # per-sample gradients; ghost = norms and clipped sums from LoRA activations and output gradients, no
+    # per-sample gradients kept (fedtune/privacy/ghost/; LoRA adapters only, one device at a time)
+    clipping: Literal["hooks", "ghost"] = "hooks"
     # a device stops contributing once its own sample-level epsilon reaches this budget
     device_epsilon_budget: float | None = Field(None, gt=0)
     # with target_epsilon: a device whose calibrated noise exceeds this many clip norms on its mean gradient
@@ -251,6 +255,9 @@ class PublishConfig(_Section):
     every_n_rounds: int | None = Field(None, gt=0)  # also publish every N rounds
     at_end: bool = True
     name: str | None = None  # artifact name; default: the experiment name
+    # round metrics allowed into the signed manifest (fedtune/federation/publishing.py PUBLISHABLE_METRICS);
+    # default none: a manifest carries only what the run's guarantee covers (level, ε, δ, mechanism, accountant)
+    metrics: list[str] = []
 
 
 class SimulationConfig(_Section):
@@ -349,6 +356,12 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if cfg.simulation.packed_group_size > 1 and cfg.adapter.dropout > 0:
         p.append("simulation.packed_group_size: packed training needs adapter.dropout=0 (per-device dropout masks "
                  "are not packed); set dropout=0 or packed_group_size=1")
+    if pv.enabled and pv.clipping == "ghost" and cfg.adapter.method == "prompt_tuning":
+        p.append("privacy.clipping: ghost clipping computes the norms of LoRA factors, and prompt tuning trains a "
+                 "soft prompt; use clipping=hooks with adapter.method=prompt_tuning")
+    if pv.enabled and pv.clipping == "ghost" and cfg.simulation.packed_group_size > 1:
+        p.append("privacy.clipping: the packed engine clips with its own per-sample LoRA gradients "
+                 "(fedtune/packed/), not ghost clipping; use clipping=hooks or packed_group_size=1")
     sa = pv.secure_aggregation
     if sa.enabled and sa.num_neighbours is not None and sa.num_neighbours % 2:
         p.append(f"privacy.secure_aggregation.num_neighbours: must be even (half on each side of a device on the "
@@ -378,6 +391,13 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
         p.append("publish.signing_key: publishing needs an ed25519 key; make one with `fedtune registry keygen`")
     if pub.signing_key and not Path(pub.signing_key).is_file():
         p.append(f"publish.signing_key: file not found: {pub.signing_key}")
+    from fedtune.federation.publishing import unknown_metrics
+
+    if bad := unknown_metrics(pub.metrics):
+        from fedtune.federation.publishing import PUBLISHABLE_METRICS
+
+        p.append(f"publish.metrics: unknown metric {', '.join(map(repr, bad))}; expected some of "
+                 f"{', '.join(PUBLISHABLE_METRICS)} (the privacy guarantee is always published)")
     t = model.tiny
     if model.source == "tiny" and t.vocab_size < 260:
         p.append(f"model.tiny.vocab_size: the tiny model's byte tokenizer needs >= 260, got {t.vocab_size}")

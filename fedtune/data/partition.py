@@ -92,14 +92,22 @@ def save_client_data(clients: list[ClientData], directory: str | Path) -> Path:
     return directory
 
 
-def ensure_client_data(cfg, directory: str | Path) -> list[dict]:
-    """The index of a run's prepared data; tokenizes and partitions ``cfg.data`` once if nobody has yet
-    (``flwr run .`` straight from a checkout, a deployed server's own evaluation set)."""
-    if not (Path(directory) / "index.json").is_file():
-        from fedtune.models import load_encoder
+def prepare_run_data(cfg, directory: str | Path | None = None) -> PreparedData | None:
+    """The one data-preparation step of a server: tokenize and partition ``cfg.data`` once.
 
-        save_client_data(build_client_data(cfg.data, load_encoder(cfg.model), cfg.seed), directory)
-    return read_index(directory)
+    With ``directory``: None if it already holds prepared data (index.json), else prepare and save it
+    there (``flwr run .`` straight from a checkout, a deployed server's own evaluation set). Without: only
+    prepare, writing nothing (a CLI checks the data before it creates a run directory). Raises UserError
+    for data where nobody is left.
+    """
+    if directory is not None and (Path(directory) / "index.json").is_file():
+        return None
+    from fedtune.models import load_encoder
+
+    prepared = prepare_client_data(cfg.data, load_encoder(cfg.model), cfg.seed)
+    if directory is not None:
+        save_client_data(prepared.clients, directory)
+    return prepared
 
 
 def read_index(directory: str | Path) -> list[dict]:

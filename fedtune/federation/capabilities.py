@@ -86,10 +86,10 @@ _SECURE_FLEET = Refusal("privacy.secure_aggregation.enabled", "one SecAgg+ round
 _SECURE_ROBUST = Refusal("federation.aggregation", "median and trimmed mean need every individual update, which secure "
                          "aggregation hides from the server (it learns only the sum)",
                          "use aggregation=fedavg with secure aggregation, or turn it off")
-_SECURE_DEPLOY = Refusal("privacy.secure_aggregation.enabled", "the four SecAgg+ stages are not yet carried as Flower "
-                         "messages between `fedtune server start` and real devices (the records exist: "
-                         "fedtune/flower/secagg_records.py)", "run secure aggregation in simulation "
-                         "(`fedtune simulate --backend in-process`), or turn it off for a deployment")
+_SECURE_DEPLOY = Refusal("privacy.secure_aggregation.enabled", "the SecAgg+ stages run as Flower messages "
+                         "(`fedtune simulate`), but a deployed round through `fedtune server start` and real devices "
+                         "has not been run end to end yet (TLS, node auth, device restarts between stages)",
+                         "run secure aggregation in simulation (`fedtune simulate`), or turn it off for a deployment")
 
 REFUSED: dict[frozenset, Refusal] = {
     frozenset(("fleet-zeropad", "ffa-lora")): _LORA_TIERS, frozenset(("fleet-flexlora", "ffa-lora")): _LORA_TIERS,
@@ -176,9 +176,10 @@ def render_markdown() -> str:
              "> docs/composition.md`); a test keeps the two equal.", "",
              "✓ runs (`tests/unit/federation/test_matrix.py` trains every ✓ pair one round through the in-process "
              "backend and checks its privacy label; `tests/integration/test_flower_matrix.py` trains them through "
-             "the Flower engine, several features per run: 9 runs cover every pair under `-m slow`, 2 of them "
-             "(22 pairs) in the default suite; pairs with deployment need real devices and are not in these "
-             "smokes), ✓* runs when a condition holds and is refused otherwise, "
+             "the Flower engine, several features per run: 10 runs cover every pair under `-m slow`, 2 of them "
+             "(22 pairs) in the default suite; packed × secure-agg runs in process only, as on Flower each device "
+             "trains in its own secure-aggregation message; pairs with deployment need real devices and are not "
+             "in these smokes), ✓* runs when a condition holds and is refused otherwise, "
              "✗ refused by `fedtune validate` (reason and fix below), – one setting cannot hold both.", "",
              "| feature | how to turn it on |", "|---|---|"]
     lines += [f"| {f.name} | {f.setting} |" for f in FEATURES]

@@ -223,7 +223,7 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
             cohort_sum = secure.run(current, good, r)  # the devices' side and the SecAgg+ server
             good = metadata_only(good)
             stats.extra = {f"secagg_{k}": v for k, v in cohort_sum.report.items()
-                           if isinstance(v, (int, float, bool))}
+                           if isinstance(v, (int, float, bool, str))}
             result = pipeline.aggregate_secure(current, good, cohort_sum, r)
         else:
             result = pipeline.aggregate(current, good, r)

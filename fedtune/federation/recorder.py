@@ -8,6 +8,8 @@ After each round (and for round 0, the starting adapter) ``Recorder.record``:
      record (and the tracking sinks'), then ``checkpoint.json`` atomically: the round's commit point.
 
 ``RoundStats`` is what a backend observed in a round (counts, bytes, the pipeline's result), typed.
+``round_throughput`` turns the aggregated replies' step and token counts and the round's wall time into
+``device_steps_per_s`` and ``tokens_per_s`` (null where replies withhold them: ``reply_figures: minimal``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,20 @@ class RoundStats:
         self.dp = {k: v for k, v in result.figures.items() if k != "train_loss"}
 
 
+def round_throughput(clients: list[dict], seconds: float) -> dict[str, float | None]:
+    """Device steps and tokens per wall second of the round, from the aggregated replies' own counts.
+
+    ``clients``: the replies' figures (``steps``, ``tokens``; -1 where withheld). Null when no reply was
+    aggregated, when the round took no time, or when any reply withheld its counts (a partial sum would
+    understate the round): nothing is estimated from config.
+    """
+    steps = [c.get("steps", -1) for c in clients]
+    tokens = [c.get("tokens", -1) for c in clients]
+    if not clients or seconds <= 0 or min(steps) < 0 or min(tokens) < 0:
+        return {"device_steps_per_s": None, "tokens_per_s": None}
+    return {"device_steps_per_s": round(sum(steps) / seconds, 4), "tokens_per_s": round(sum(tokens) / seconds, 1)}
+
+
 def new_trail(cfg, randomness: str, user_dp=None) -> PrivacyTrail:
     """The trail before round 1: the plan's level at ε = 0 (the initial adapter depends on no data)."""
     return PrivacyTrail(sample_accountant=cfg.privacy.accountant, randomness=randomness,
@@ -87,11 +103,12 @@ class Recorder:
         if self.info is not None:
             extra.update(base_model_bytes_dense=self.info["base_bytes_dense"],
                          base_model_bytes=self.info["base_bytes"], quantization=self.info["quantization"])
-        extra.update(clients=stats.clients, **stats.extra)
+        wall = round(time.perf_counter() - stats.started, 3)
+        extra.update(round_throughput(stats.clients, wall), clients=stats.clients, **stats.extra)
         epsilon, delta = extra.pop("epsilon"), extra.pop("delta")
         result = RoundResult(round=server_round, clients_sampled=stats.sampled, clients_succeeded=stats.succeeded,
                              train_loss=stats.train_loss, eval_loss=res.loss, eval_perplexity=res.perplexity,
-                             upload_bytes=stats.upload_bytes, wall_seconds=round(time.perf_counter() - stats.started, 3),
+                             upload_bytes=stats.upload_bytes, wall_seconds=wall,
                              epsilon=epsilon, delta=delta, extra=extra)
         save_adapter(self.model, self.run.adapter(server_round), result, self.cfg, self.trail.guarantee(server_round))
         self.run.append_metrics(result.to_record())

@@ -10,8 +10,11 @@ Device side (``device_payload``), on what the device would upload (its upload co
 Each device quantizes into the protocol's ring with one shared scale (``privacy.secure_aggregation.bits``);
 that replaces the upload codec's bytes on the wire.
 
-Server side: ``SecAggServer`` (inside ``run_secure_aggregation``) sums the masked inputs and unmasks the
-survivors' total. What the aggregation pipeline then gets is a ``CohortSum`` and the replies stripped of
+Server side: one stage driver for both backends (``SecureAggregation.drive`` ->
+``privacy.secagg.driver.drive_secure_aggregation``) over a transport: ``run`` hands it the devices as objects
+(in process), ``fedtune.flower.secagg_grid`` as Flower messages to the sampled nodes, whose ClientApp keeps
+its keys, shares and masked input in its own state (``fedtune.flower.secagg_client``). ``SecAggServer`` sums
+the masked inputs and unmasks the survivors' total. What the aggregation pipeline then gets is a ``CohortSum`` and the replies stripped of
 their tensors (``metadata_only``): it never holds one device's update. A cohort of fewer than 2, or
 dropouts past the threshold, abort the round's secure sum (``CohortSum.total`` is None): no partial sum
 is revealed, and the pipeline records the abort.
@@ -82,28 +85,54 @@ class SecureAggregation:
         x = np.clip(layout.flatten(delta), -self.value_range, self.value_range)
         return weighted_payload(x, weight, self.value_range)
 
+    def device_params(self) -> dict:
+        """What a device needs to build its payload: public, sent with the round's setup."""
+        if self.clip_norm is not None:
+            return {"payload": "clipped-delta", "clip-norm": float(self.clip_norm)}
+        return {"payload": "weighted", "value-range": float(self.value_range), "max-examples": self.max_examples}
+
+    @classmethod
+    def for_device(cls, cfg, params: dict) -> "SecureAggregation":
+        """The device's copy, from ``device_params`` (no seeds: a device's rounding is its own)."""
+        clip = float(params["clip-norm"]) if params.get("payload") == "clipped-delta" else None
+        return cls(cfg, clip, float(params.get("max-examples", 1.0)), seeds=None)
+
     def run(self, current: AdapterState, replies: Sequence[Reply], server_round: int) -> CohortSum:
-        from fedtune.privacy.secagg import Dropouts, SecAggAbort, make_setup, run_secure_aggregation
+        """In process: every device's payload from its reply, the clients as objects (``LocalClients``), the
+        simulated dropouts drawn from the run's seeds."""
+        from fedtune.privacy.secagg.driver import Dropouts, LocalClients
+        from fedtune.privacy.secagg.payload import VectorLayout
+
+        layout = VectorLayout.of(current)
+        payloads = {i: self.device_payload(current, r, layout) for i, r in enumerate(replies, start=1)}
+        drop = self.seeds.rng("secagg_dropout", server_round)
+        gone = frozenset(i for i in payloads if drop.random() < self.cfg.simulated_dropout)
+        transport = LocalClients(payloads, Dropouts(before_masked_input=gone), _numpy_rng(self.seeds, server_round))
+        return self.drive(current, len(replies), server_round, lambda _setup: transport,
+                          {"simulated_dropouts": len(gone)})
+
+    def drive(self, current: AdapterState, n: int, server_round: int, transport_for, extra: dict | None = None
+              ) -> CohortSum:
+        """One round of the stage driver (``drive_secure_aggregation``) over the transport ``transport_for(setup)``
+        returns (in process: ``LocalClients``; Flower: messages to the devices), for a cohort of ``n``."""
+        from fedtune.privacy.secagg import SecAggAbort, make_setup
+        from fedtune.privacy.secagg.driver import drive_secure_aggregation
         from fedtune.privacy.secagg.payload import VectorLayout, weighted_mean_from_sum
 
-        cfg, n = self.cfg, len(replies)
+        cfg = self.cfg
         base = {"protocol": "SecAgg+" if cfg.num_neighbours else "SecAgg", "bits": cfg.bits,
-                "value_range": self.value_range, "cohort": n}
+                "value_range": self.value_range, "cohort": n, **(extra or {})}
         if n < 2:
             log.warning("secure aggregation, round %d: %d replies, fewer than 2; nothing is summed", server_round, n)
             return CohortSum(None, 0, n, dict(base, aborted=True, reason="fewer than 2 replies"))
         layout = VectorLayout.of(current)
-        ids = list(range(1, n + 1))
-        payloads = {i: self.device_payload(current, r, layout) for i, r in zip(ids, replies)}
-        setup = make_setup(ids, len(payloads[1]), self.value_range, bits=cfg.bits, num_neighbours=cfg.num_neighbours,
-                           threshold=cfg.threshold, context=self.context + b"/round-%d" % server_round)
-        drop = self.seeds.rng("secagg_dropout", server_round)
-        gone = frozenset(i for i in ids if drop.random() < cfg.simulated_dropout)
-        rng = _numpy_rng(self.seeds, server_round)
-        base.update(threshold=setup.threshold, neighbours=setup.num_neighbours, ring_bits=setup.quantizer.ring_bits,
-                    simulated_dropouts=len(gone))
+        length = layout.length + (0 if self.clip_norm is not None else 1)  # FedAvg: the weight column
+        setup = make_setup(list(range(1, n + 1)), length, self.value_range, bits=cfg.bits,
+                           num_neighbours=cfg.num_neighbours, threshold=cfg.threshold,
+                           context=self.context + b"/round-%d" % server_round)
+        base.update(threshold=setup.threshold, neighbours=setup.num_neighbours, ring_bits=setup.quantizer.ring_bits)
         try:
-            out = run_secure_aggregation(setup, payloads, Dropouts(before_masked_input=gone), rng=rng)
+            out = drive_secure_aggregation(setup, transport_for(setup))
         except SecAggAbort as exc:
             log.warning("secure aggregation, round %d aborted: %s", server_round, exc)
             return CohortSum(None, 0, n, dict(base, aborted=True, reason=str(exc)))

@@ -2,6 +2,7 @@
 
 train:    adapter (ArrayRecord) + task (ConfigRecord) in -> trained adapter + metrics out
 evaluate: adapter in -> held-out loss / perplexity / accuracy of this client out
+query.secagg / train.secagg: the secure-aggregation stages (``secagg_client``); train.secagg trains as above
 
 The base model comes from the worker's cache (loaded once per process, never per round); the
 client's privacy ledger is read from and written back to the run's on-disk state store, so a
@@ -26,7 +27,7 @@ from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
 from fedtune.federation.virtual_device import client_done, ledger_key, partition_of
 from fedtune.models.cache import load_count
-from fedtune.flower.context import run_context
+from fedtune.flower.context import run_context, simulated_params
 from fedtune.flower.device import check_eligibility, decline, device_data, device_settings, device_task
 from fedtune.federation.fleet_device import fleet_device
 from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, update_to_metrics
@@ -78,7 +79,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     partition = partition_of(device, len(ctx.data_index)) if deployed is None else -1
     start = time.perf_counter()
     model, info = ctx.model(quantization=plan.quantization, rank=plan.rank, alpha=plan.alpha)
-    params = cfg.fleet.simulated_params or info["base_bytes_dense"] // 4
+    params = simulated_params(cfg, info)
     fleet = fleet_device(cfg, device, params) if cfg.fleet.enabled else None
     if fleet is not None and fleet.drops_out(plan.server_round):
         raise DeviceDropout(f"device {device} ({fleet.profile.name}) dropped out in round {plan.server_round}")
@@ -129,5 +130,9 @@ def build_client_app() -> ClientApp:
     from fedtune.flower.packed_client import handle_train_group  # it imports this module
 
     app.train("packed")(handle_train_group)
+    from fedtune.flower.secagg_client import handle_secagg  # it calls handle_train
+
+    app.query("secagg")(handle_secagg)  # secure aggregation's key, share and unmask stages
+    app.train("secagg")(handle_secagg)  # its masked-input stage: train, then mask
     app.evaluate()(handle_evaluate)
     return app

@@ -44,6 +44,12 @@ class RunContext:
         return read_index(self.run.data)
 
 
+def simulated_params(cfg: ExperimentConfig, info: dict) -> int:
+    """The parameter count a fleet's simulated clock charges: ``fleet.simulated_params``, else the base
+    model's own (its fp32 size ``base_bytes_dense`` / 4 bytes per parameter)."""
+    return cfg.fleet.simulated_params or info["base_bytes_dense"] // 4
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -18,7 +18,7 @@ from fedtune.federation.aggregate import HeteroRule, Reply, RobustRule
 from fedtune.federation.fleet import FleetCoordinator
 from fedtune.federation.fleet_server import FleetServer, fill_dead_components, rank_of  # noqa: F401
 from fedtune.flower.device import declined_reason
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, payload_bytes, state_to_arrays
+from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, state_to_arrays
 from fedtune.flower.strategy import AdapterFedAvg, RoundStats
 from fedtune.types import AdapterState
 
@@ -92,8 +92,9 @@ class FleetFedAvg(AdapterFedAvg):
         server_round += self.round_offset
         stats = self.stats.setdefault(server_round, RoundStats())
         sent = self.sent.get(server_round, {})
+        # 1. decode and validate every reply (errors and rejections are counted here)
         finished: dict[int, float] = {}
-        valid: dict[int, tuple[Reply, dict]] = {}
+        valid: dict[int, tuple[Reply, Message]] = {}
         failed = []
         for msg in replies:
             device = sent.get(msg.metadata.src_node_id)
@@ -105,18 +106,15 @@ class FleetFedAvg(AdapterFedAvg):
             if (reason := declined_reason(msg)) is not None:  # e.g. too small for its DP budget: sits out
                 stats.declined[reason] += 1
                 continue
-            n_clients = len(stats.clients)
             reply = self._validated(msg, stats, self._reference_for_rank)
-            if reply is None:
-                continue
-            metrics = stats.clients.pop(n_clients)  # counted below, once settled
-            stats.upload_bytes -= payload_bytes(msg.content[ARRAYS_KEY])
-            finished[reply.device] = float(metrics["sim-seconds"])
-            valid[reply.device] = (reply, metrics, payload_bytes(msg.content[ARRAYS_KEY]))
+            if reply is not None:
+                finished[reply.device] = float(msg.content[METRICS_KEY]["sim-seconds"])
+                valid[reply.device] = (reply, msg)
+        # 2. the fleet coordinator settles the round on the simulated clock (deadline, over-selection)
         accepted = self.coord.settle(server_round, finished, failed)
+        # 3. only the replies it accepted are counted and aggregated
         for d in accepted:
-            stats.upload_bytes += valid[d][2]
-            stats.clients.append(valid[d][1])
+            self._count(stats, valid[d][1])
         arrays, metrics = self._aggregate(server_round, stats, [valid[d][0] for d in accepted])
         if arrays is None:
             return None, None

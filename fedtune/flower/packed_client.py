@@ -19,7 +19,7 @@ from fedtune.federation.device_round import DeviceBudgetSpent, DeviceSitsOut, De
 from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
 from fedtune.federation.virtual_device import client_done, ledger_key, partition_of
-from fedtune.flower.context import run_context
+from fedtune.flower.context import run_context, simulated_params
 from fedtune.flower.device import DECLINED_KEY
 from fedtune.flower.packed_grid import GROUP_KEY, part_key
 from fedtune.federation.fleet_device import fleet_device
@@ -47,7 +47,7 @@ def handle_train_group(msg: Message, context: Context) -> Message:
     reply = RecordDict()
     fleet = [None] * size
     if cfg.fleet.enabled:  # a fleet tier's group: simulated dropouts and clocks per device
-        params = cfg.fleet.simulated_params or info["base_bytes_dense"] // 4
+        params = simulated_params(cfg, info)
         fleet = [fleet_device(cfg, d, params) for d in devices]
     train = [i for i in range(size) if fleet[i] is None or not fleet[i].drops_out(plans[i].server_round)]
     for i in set(range(size)) - set(train):

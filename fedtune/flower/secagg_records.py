@@ -7,15 +7,40 @@ from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedtune.privacy.secagg import KeyAdvert, MaskedInput, SealedShare, UnmaskReply, UnmaskRequest
+from fedtune.privacy.secagg import (
+    FieldQuantizer,
+    KeyAdvert,
+    MaskedInput,
+    SealedShare,
+    SecAggSetup,
+    UnmaskReply,
+    UnmaskRequest,
+)
 
 CONFIG_KEY, ARRAYS_KEY, VECTOR_KEY = "secagg", "secagg-masked", "y"
 
-Message = KeyAdvert | list[SealedShare] | MaskedInput | UnmaskRequest | UnmaskReply
+Message = SecAggSetup | KeyAdvert | dict[int, KeyAdvert] | list[SealedShare] | MaskedInput | UnmaskRequest | UnmaskReply
+
+
+def setup_config(setup: SecAggSetup) -> dict:
+    q = setup.quantizer
+    return {"type": "setup", "context": setup.context, "cohort": list(setup.cohort), "k": setup.num_neighbours,
+            "t": setup.threshold, "length": setup.vector_length, "range": float(q.clip_range), "bits": q.bits,
+            "summands": q.max_summands}
+
+
+def setup_from_config(cfg) -> SecAggSetup:
+    return SecAggSetup(bytes(cfg["context"]), tuple(int(c) for c in cfg["cohort"]), int(cfg["k"]), int(cfg["t"]),
+                       int(cfg["length"]), FieldQuantizer(float(cfg["range"]), int(cfg["bits"]), int(cfg["summands"])))
 
 
 def to_record(msg: Message) -> RecordDict:
-    if isinstance(msg, KeyAdvert):
+    if isinstance(msg, SecAggSetup):
+        cfg = setup_config(msg)
+    elif isinstance(msg, dict):  # a client's neighbours' adverts
+        cfg = {"type": "adverts", "cid": list(msg), "enc": [a.enc_public for a in msg.values()],
+               "mask": [a.mask_public for a in msg.values()]}
+    elif isinstance(msg, KeyAdvert):
         cfg = {"type": "advert", "cid": msg.cid, "enc": msg.enc_public, "mask": msg.mask_public}
     elif isinstance(msg, list):
         cfg = {"type": "shares", "src": [m.src for m in msg], "dst": [m.dst for m in msg],
@@ -40,6 +65,10 @@ def from_record(record: RecordDict) -> Message:
                          f"got records {sorted(record)}")
     cfg = record[CONFIG_KEY]
     kind = cfg.get("type")
+    if kind == "setup":
+        return setup_from_config(cfg)
+    if kind == "adverts":
+        return {int(c): KeyAdvert(int(c), bytes(e), bytes(m)) for c, e, m in zip(cfg["cid"], cfg["enc"], cfg["mask"])}
     if kind == "advert":
         return KeyAdvert(int(cfg["cid"]), bytes(cfg["enc"]), bytes(cfg["mask"]))
     if kind == "shares":
@@ -51,7 +80,8 @@ def from_record(record: RecordDict) -> Message:
     if kind == "unmask-reply":
         return UnmaskReply(int(cfg["cid"]), dict(zip(map(int, cfg["seed-owners"]), map(bytes, cfg["seed-shares"]))),
                            dict(zip(map(int, cfg["key-owners"]), map(bytes, cfg["key-shares"]))))
-    raise ValueError(f"unknown secure-aggregation message type {kind!r}; expected advert, shares, masked, "
+    raise ValueError(f"unknown secure-aggregation message type {kind!r}; expected setup, advert, adverts, shares, "
+                     "masked, "
                      "unmask-request or unmask-reply")
 
 

@@ -8,7 +8,8 @@ One run, as the server sees it:
   3. ``build_server`` sets up seeds, sampler, user-level plan, fleet coordinator, rule and reply limits
      (restored from a checkpoint when resuming); ``strategy_for`` wraps them in Flower's FedAvg loop.
   4. Wait until every device has connected (Flower's grid), then Flower drives the rounds: the strategy
-     (``strategy.py`` / ``fleet_strategy.py``) translates tasks, adapters and replies to messages.
+     (``strategy.py`` / ``fleet_strategy.py``) translates tasks, adapters and replies to messages; under
+     ``privacy.secure_aggregation`` its train messages run as a SecAgg+ round (``secagg_grid.py``).
   5. After each round (and for round 0) ``Recorder``, Flower's ``evaluate_fn``, hands the global adapter
      to the engine's recorder (evaluate, label, save, record, checkpoint) and publishing.
 """
@@ -25,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.adapters import get_adapter_state
 from fedtune.adapters.split import initial_private, shared_part
-from fedtune.data.partition import ensure_client_data
+from fedtune.data.partition import prepare_run_data, read_index
 from fedtune.federation.heldout import heldout_from_disk
 from fedtune.federation.publishing import maybe_publish
 from fedtune.federation.recorder import Recorder as EngineRecorder
@@ -33,11 +34,13 @@ from fedtune.federation.recorder import (  # noqa: F401 (the checkpoint API, re-
     RoundStats, load_checkpoint_adapter, new_trail, read_checkpoint, truncate_metrics,
 )
 from fedtune.federation.recorder import write_checkpoint as write_engine_checkpoint
+from fedtune.federation.secure_round import SecureAggregation
 from fedtune.federation.server import ServerSetup, budget_event, build_server, cohort_size, resume, totals
-from fedtune.flower.context import RunContext, run_context
+from fedtune.flower.context import RunContext, run_context, simulated_params
 from fedtune.flower.fleet_strategy import FleetFedAvg
 from fedtune.flower.packed_grid import PackedGrid
 from fedtune.flower.records import arrays_to_state, state_to_arrays
+from fedtune.flower.secagg_grid import SecAggGrid
 from fedtune.flower.strategy import AdapterFedAvg
 from fedtune.types import AdapterState, RoundResult
 
@@ -127,16 +130,8 @@ def strategy_state(strategy) -> dict:
             "aggregator": rule, "totals": totals(strategy.stats.values(), strategy.prior_totals)}
 
 
-SECURE_AGGREGATION_NOT_ON_FLOWER = (
-    "privacy.secure_aggregation: the Flower backend does not yet carry the four SecAgg+ stages as messages; run "
-    "it through the in-process backend (fedtune.federation.inprocess), or set "
-    "privacy.secure_aggregation.enabled=false")
-
-
 def strategy_for(cfg, setup: ServerSetup, initial: AdapterState) -> AdapterFedAvg:
     """Flower's FedAvg loop over the engine's setup (fleet: per-device tasks and ranks)."""
-    if cfg.privacy.secure_aggregation.enabled:  # never fall back to plain aggregation silently
-        raise ValueError(SECURE_AGGREGATION_NOT_ON_FLOWER)
     fed = cfg.federation
     if setup.coord is not None:
         strategy = FleetFedAvg(reference=initial, coordinator=setup.coord, rank_aggregation=cfg.fleet.rank_aggregation,
@@ -153,10 +148,27 @@ def strategy_for(cfg, setup: ServerSetup, initial: AdapterState) -> AdapterFedAv
     return strategy
 
 
+def secure_grid(cfg, setup: ServerSetup, grid: Grid, run_id: int) -> SecAggGrid:
+    """Secure aggregation's grid: each device masks its own update; the strategy gets only the sum.
+    Packing does not apply: each device trains in its own masked-input message (packed training is a
+    simulation speed-up; the round is the same)."""
+    if cfg.simulation.packed_group_size > 1:
+        log.warning("secure aggregation: every device trains in its own masked-input message; "
+                    "simulation.packed_group_size=%d is not used", cfg.simulation.packed_group_size)
+    if cfg.privacy.secure_aggregation.simulated_dropout > 0:
+        log.warning("secure aggregation: privacy.secure_aggregation.simulated_dropout applies to the in-process "
+                    "backend only; on Flower a device drops out when it fails or does not answer")
+    clip = cfg.privacy.user_level.clip_norm if setup.user_dp is not None else None
+    secure = SecureAggregation(cfg.privacy.secure_aggregation, clip, float(setup.limits.max_examples), setup.seeds,
+                               context=f"{cfg.name}/{run_id}".encode())
+    return SecAggGrid(grid, secure)
+
+
 def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     ctx = run_context(context.run_config)
     cfg = ctx.cfg
-    index = ensure_client_data(cfg, ctx.run.data)
+    prepare_run_data(cfg, ctx.run.data)  # once, unless the launcher or CLI already did
+    index = read_index(ctx.run.data)
     model, info = ctx.model()
     split = cfg.personalization.split
     full = get_adapter_state(model)
@@ -164,7 +176,7 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
     deployed = int(context.run_config.get("deployment-nodes", 0))  # `fedtune server start` sets it
     checkpoint = read_checkpoint(ctx.run)
     setup = build_server(cfg, initial, users=len(index), max_train=max(e["train"] for e in index),
-                         params=info["base_bytes_dense"] // 4, checkpoint=checkpoint, deployed=deployed)
+                         params=simulated_params(cfg, info), checkpoint=checkpoint, deployed=deployed)
     strategy = strategy_for(cfg, setup, initial)
     start_state, done = initial, 0
     if checkpoint:
@@ -188,7 +200,10 @@ def run_server(grid: Grid, context: Context) -> list[RoundResult]:
         if checkpoint:  # the checkpoint's round is not evaluated again, so announce the next one here
             ctx.run.append_event({"event": "round_start", "round": done + 1,
                                   "clients": cohort_size(cfg, setup.population)})
-        if cfg.simulation.packed_group_size > 1:  # one ClientApp call trains a group; replies per device
+        if cfg.privacy.secure_aggregation.enabled:  # the strategy's train messages become a SecAgg+ round
+            grid = secure_grid(cfg, setup, grid, context.run_id)
+            strategy.secure = grid
+        elif cfg.simulation.packed_group_size > 1:  # one ClientApp call trains a group; replies per device
             grid = PackedGrid(grid, cfg.simulation.packed_group_size)
         strategy.start(grid=grid, initial_arrays=state_to_arrays(start_state), num_rounds=final - done,
                        train_config=train_config, evaluate_fn=recorder, timeout=cfg.federation.round_timeout_s)

@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.config import ExperimentConfig
+from fedtune.deploy.follow import follow_run, start_log_stream
 from fedtune.deploy.superlink import flwr, run_status
 from fedtune.workspace import RunDir
 
@@ -164,29 +164,7 @@ def stop_superlink(port: int, timeout: float = 15.0) -> None:
                 pass
 
 
-@dataclass
-class _PollCost:
-    """What following a run cost this process: status queries spawned and their CPU seconds."""
-
-    status_calls: int = 0
-    status_cpu_seconds: float = 0.0
-
-    def status(self, run_id: str, env: dict, cwd: Path) -> tuple[str, str]:
-        import resource
-
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        try:
-            return run_status(run_id, env, cwd)
-        finally:
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the reaped `flwr ls` child
-            self.status_calls += 1
-            self.status_cpu_seconds += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
-def _start_follower(run_id: str, env: dict, cwd: Path, log_file) -> subprocess.Popen:
-    """``flwr log RUN_ID``: streams the run's log into ``log_file`` and exits when the run finishes."""
-    return subprocess.Popen([str(Path(sys.executable).with_name("flwr")), "log", run_id],
-                            env=env, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT)
+_start_follower = start_log_stream  # the `flwr log` stream (a module name, so tests can stand in for it)
 
 
 def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
@@ -205,8 +183,6 @@ def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
     app = stage_app(run, run.config, clientapp=clientapp)
     start = time.monotonic()
     log_file = open(run.flower / "flower.log", "w")
-    follower = None
-    cost = _PollCost()
     try:
         out = flwr(["run", str(app), "--format", "json", "--federation-config",
                      federation_config(cfg, num_nodes)], env, run.root)
@@ -214,48 +190,20 @@ def run_simulation(cfg: ExperimentConfig, run: RunDir, num_nodes: int,
             run_id = str(json.loads(out.stdout)["run-id"])
         except (ValueError, KeyError):
             raise SimulationFailed(f"flwr run did not start the run:\n{(out.stdout + out.stderr)[-2000:]}") from None
-        follower = _start_follower(run_id, env, run.root, log_file)
-        status, details = "pending", ""
-        last_status, end_gap = time.monotonic(), 0.0  # the stream's first end is checked at once
-        while not status.startswith("finished"):
+
+        def check() -> None:
             if time.monotonic() - start > timeout:
                 flwr(["stop", run_id], env, run.root)
                 raise SimulationFailed(f"run {run_id} exceeded {timeout:.0f}s and was stopped")
-            try:  # wakes as soon as the stream ends (the run finished), else after poll_seconds
-                follower.wait(poll_seconds)
-            except subprocess.TimeoutExpired:
-                pass
-            if on_poll:
-                on_poll()
-            ended = follower.poll() is not None
-            since = time.monotonic() - last_status
-            if (ended and since >= end_gap) or since >= status_seconds:
-                status, details = cost.status(run_id, env, run.root)
-                last_status = time.monotonic()
-                if ended and not status.startswith("finished"):
-                    log.warning("the log stream of run %s ended while the run is %s; following it again",
-                                run_id, status)
-                    end_gap = min(5.0, status_seconds)  # a stream that keeps breaking: one query per 5 s
-                    follower = _start_follower(run_id, env, run.root, log_file)
-        if on_poll:
-            on_poll()
-        handle = SimulationHandle(run_id, status, details, time.monotonic() - start,
-                                  cost.status_calls, cost.status_cpu_seconds)
-        log.info("followed run %s with %d status queries (%.1f s CPU)", run_id, cost.status_calls,
-                 cost.status_cpu_seconds)
-        if status != "finished:completed":
-            raise SimulationFailed(f"Flower run {run_id} ended {status}: {details}\n"
+
+        done = follow_run(run_id, env, run.root, log_file, poll_seconds=poll_seconds, status_seconds=status_seconds,
+                          on_poll=on_poll, check=check, start_stream=_start_follower, read_status=run_status)
+        handle = SimulationHandle(run_id, done.status, done.details, time.monotonic() - start,
+                                  done.status_calls, done.status_cpu_seconds)
+        if done.status != "finished:completed":
+            raise SimulationFailed(f"Flower run {run_id} ended {done.status}: {done.details}\n"
                                    f"(full log: {run.flower / 'flower.log'})")
         return handle
     finally:
-        if follower is not None:
-            try:
-                follower.wait(0.5)
-            except subprocess.TimeoutExpired:
-                follower.terminate()
-            try:
-                follower.wait(5)
-            except subprocess.TimeoutExpired:
-                follower.kill()
         log_file.close()
         stop_superlink(port)

@@ -65,6 +65,7 @@ class AdapterFedAvg(FedAvg):
                        else UniformSampler(self.seeds, clients_per_round))
         self.sampler = sampler
         self.prior_totals: dict | None = None  # failed/rejected/declined counts before a resume (checkpoint)
+        self.secure = None  # a ``SecAggGrid``: replies carry metrics only, the round's sum comes from it
 
     def sample(self, server_round: int, node_ids: list[int]) -> list[int]:
         """The engine's cohort, as node ids (device i <-> the i-th node in sorted order)."""
@@ -87,9 +88,10 @@ class AdapterFedAvg(FedAvg):
         return messages
 
     def _validated(self, msg: Message, stats: RoundStats, reference_for=None) -> Reply | None:
-        """The reply, decoded and validated, if it may be aggregated; else count why not.
+        """The reply, decoded and validated, if it may be aggregated; else count why not (``stats.rejected``).
 
         ``reference_for(metrics)`` gives the adapter the reply must match (default: the global one).
+        A valid reply is not counted here: ``_count`` does that once the caller keeps it.
         """
         try:
             content = msg.content
@@ -106,9 +108,13 @@ class AdapterFedAvg(FedAvg):
             stats.rejected[err.reason] += 1
             log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, err)
             return None
-        stats.upload_bytes += payload_bytes(arrays)
-        stats.clients.append(dict(metrics))
         return reply
+
+    @staticmethod
+    def _count(stats: RoundStats, msg: Message) -> None:
+        """Count a reply that is aggregated: its upload bytes and its per-client metrics."""
+        stats.upload_bytes += payload_bytes(msg.content[ARRAYS_KEY])
+        stats.clients.append(dict(msg.content[METRICS_KEY]))
 
     def sent_for(self, metrics: dict) -> AdapterState | None:
         """The adapter the replying device was sent this round (the base of an int8 delta)."""
@@ -126,9 +132,37 @@ class AdapterFedAvg(FedAvg):
             elif (reason := declined_reason(msg)) is not None:
                 stats.declined[reason] += 1
                 log.info("node %s declined round %d: %s", msg.metadata.src_node_id, server_round, reason)
+            elif self.secure is not None:
+                good.append(self._metadata(msg, stats))
             elif (reply := self._validated(msg, stats)) is not None:
+                self._count(stats, msg)
                 good.append(reply)
+        if self.secure is not None:
+            return self._aggregate_secure(server_round, stats, good)
         return self._aggregate(server_round, stats, good)
+
+    def _metadata(self, msg: Message, stats: RoundStats) -> Reply:
+        """Under secure aggregation: a summed device's figures, no tensors (there are none to read)."""
+        metrics = dict(msg.content[METRICS_KEY])
+        stats.clients.append(metrics)
+        loss = float(metrics.get("train-loss", -1.0))
+        return Reply(device=int(metrics.get("device", msg.metadata.src_node_id)), state={},
+                     num_examples=float(metrics.get("num-examples", 0)), train_loss=loss if loss >= 0 else None)
+
+    def _aggregate_secure(self, server_round: int, stats: RoundStats, good: list[Reply]
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        current = self.current if self.current is not None else self.reference
+        cohort_sum = self.secure.sum_for(server_round)
+        stats.upload_bytes += int(cohort_sum.report.get("uplink_bytes", 0))
+        stats.extra = {f"secagg_{k}": v for k, v in cohort_sum.report.items()
+                       if isinstance(v, (int, float, bool, str))}
+        result = self.pipeline.aggregate_secure(current, good, cohort_sum, server_round)
+        stats.absorb(result, good)
+        if result.skipped:
+            log.warning("round %d: secure aggregation summed %d devices (aborted: %s); global adapter unchanged",
+                        server_round, cohort_sum.survivors, cohort_sum.aborted)
+            return None, None
+        return state_to_arrays(result.state), MetricRecord({"train-loss": stats.train_loss or 0.0})
 
     def _aggregate(self, server_round: int, stats: RoundStats, good: list[Reply]
                    ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -1,4 +1,8 @@
-"""Sample-level DP-SGD on one device through opacus, resuming the client's accountant history."""
+"""Sample-level DP-SGD on one device, resuming the client's accountant history.
+
+``privacy.clipping`` picks how per-sample gradients are clipped: ``hooks`` (opacus' GradSampleModule, per-sample
+gradients materialized) or ``ghost`` (``fedtune.privacy.ghost``: norms and clipped sums from LoRA activations and
+output gradients). Sampling, noise and accounting are the same either way."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 
 from fedtune.config import PrivacyConfig
 from fedtune.privacy.device_budget import calibrate, check_trainable
+from fedtune.privacy.ghost import GhostPrivateTraining, make_ghost_private
 from fedtune.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
@@ -23,6 +28,13 @@ class PrivateTraining:
     noise_multiplier: float
     sample_rate: float
     noise_generator: str = ""  # the name of the stream the noise came from (fedtune.privacy.csprng)
+
+    def noise_only_step(self) -> None:
+        """An empty Poisson batch is still a DP step: opacus adds noise to a zero gradient."""
+        for p in self.optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def close(self, ledger: PrivacyLedger, server_round: int) -> None:
         """Record this round's steps in the ledger and detach opacus from the (cached) model."""
@@ -54,12 +66,13 @@ def make_private(
     planned_steps: int,
     seed: int,
     streams: tuple | None = None,
-) -> PrivateTraining:
+) -> PrivateTraining | GhostPrivateTraining:
     """Wrap for DP-SGD with Poisson sampling; the accountant continues from ``ledger``.
 
     The noise comes from a torch generator seeded with ``seed`` and the batches from ``loader``'s own
     generator (simulations); with ``streams`` = (sampling, noise) ``RandomStream`` s (a deployed device's
-    CSPRNG, ``fedtune.privacy.csprng``), from those two instead."""
+    CSPRNG, ``fedtune.privacy.csprng``), from those two instead (hooks clipping; the ghost-clipping path
+    still draws from its seeded torch generator)."""
     from opacus import PrivacyEngine
 
     from fedtune.privacy.csprng import TorchStream
@@ -68,6 +81,8 @@ def make_private(
 
     sample_rate = 1.0 / len(loader)
     noise = resolve_noise(cfg, sample_rate, planned_steps, len(loader.dataset))
+    if cfg.clipping == "ghost":
+        return make_ghost_private(model, optimizer, loader, cfg, ledger, noise, seed)
     engine = PrivacyEngine(accountant=cfg.accountant)
     engine.accountant.history = [tuple(h) for h in ledger.history]
     noise_gen = torch.Generator(device=next(p.device for p in model.parameters() if p.requires_grad))

@@ -4,7 +4,9 @@
 2. Every manifest: signed by a release key of some root in the chain; every file present, right size.
 3. Each channel's newest metadata (what devices get): the release threshold of the newest root, and
    the manifests' hashes it names.
-4. Every blob: re-hashed (a blob whose bytes changed on disk is reported, never silently served).
+4. The newest snapshot and timestamp: their roles' thresholds; the timestamp pins the newest snapshot,
+   which pins every channel's newest metadata.
+5. Every blob: re-hashed (a blob whose bytes changed on disk is reported, never silently served).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedtune.registry.errors import RegistryError
+from fedtune.registry.freshness import SnapshotMeta, TimestampMeta, channel_key, check_pinned
 from fedtune.registry.manifest import SignedManifest
-from fedtune.registry.metadata import (RELEASE_ROLE, ROOT_ROLE, ChannelMeta, count_valid, next_root, parse_envelope,
-                                       root_from_json, sha256_hex, verify_document, verify_manifest_by_root)
+from fedtune.registry.metadata import (RELEASE_ROLE, ROOT_ROLE, SNAPSHOT_ROLE, TIMESTAMP_ROLE, ChannelMeta,
+                                       count_valid, next_root, parse_envelope, root_from_json, sha256_hex,
+                                       verify_document, verify_manifest_by_root)
 from fedtune.registry.registry import Registry
 
 
@@ -83,6 +87,12 @@ def verify_registry(registry: Registry) -> VerifyReport:
         except RegistryError as err:
             report.problems.append(str(err) if what in str(err) else f"{what}: {err}")
 
+    if root is not None and newest:
+        try:
+            _check_freshness(registry, root, newest)
+        except RegistryError as err:
+            report.problems.append(str(err))
+
     verify_blob = getattr(registry.store, "verify", None)
     digests = getattr(registry.store, "digests", None)
     if verify_blob is not None and digests is not None:
@@ -93,3 +103,18 @@ def verify_registry(registry: Registry) -> VerifyReport:
             except RegistryError as err:
                 report.problems.append(str(err))
     return report
+
+
+def _check_freshness(registry: Registry, root, newest: dict) -> None:
+    """The newest timestamp pins the newest snapshot, which pins every channel's newest metadata."""
+    got_ts, got_snap = registry.db.role_meta(TIMESTAMP_ROLE), registry.db.role_meta(SNAPSHOT_ROLE)
+    if got_ts is None or got_snap is None:
+        raise RegistryError("no signed timestamp/snapshot: `fedtune registry refresh` each channel to write them")
+    ts = verify_document(got_ts[1], root, TIMESTAMP_ROLE, TimestampMeta, f"timestamp v{got_ts[0]}")
+    check_pinned(got_snap[1], ts.snapshot, f"snapshot v{got_snap[0]}", f"timestamp v{ts.version}")
+    snap = verify_document(got_snap[1], root, SNAPSHOT_ROLE, SnapshotMeta, f"snapshot v{got_snap[0]}")
+    for (base, channel), (version, envelope) in newest.items():
+        want = snap.channels.get(channel_key(base, channel))
+        if want is None:
+            raise RegistryError(f"snapshot v{snap.version} does not list channel {base}/{channel}")
+        check_pinned(envelope, want, f"channel metadata {base}/{channel} v{version}", f"snapshot v{snap.version}")

@@ -10,6 +10,8 @@
     roots(version PK, envelope)                       signed root metadata, every version (devices walk the chain)
     channel_meta(base_model_id, channel, version, envelope)
         signed channel metadata, every version; the highest is what devices get (metadata.py)
+    role_meta(role, version, envelope)                 signed snapshot and timestamp metadata, every version
+        (freshness.py); the highest of each is what devices get
 
 One connection per operation (the HTTP service runs requests on several threads); writes take
 ``BEGIN IMMEDIATE`` so two publishers never get the same version number.
@@ -52,6 +54,12 @@ CREATE TABLE IF NOT EXISTS channel_meta (
     version INTEGER NOT NULL,
     envelope BLOB NOT NULL,
     PRIMARY KEY (base_model_id, channel, version)
+);
+CREATE TABLE IF NOT EXISTS role_meta (
+    role TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    PRIMARY KEY (role, version)
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -233,6 +241,30 @@ class MetadataDB:
             rows = con.execute("SELECT base_model_id, channel, version, envelope FROM channel_meta "
                                "ORDER BY 1, 2, 3").fetchall()
         return [(b, c, v, bytes(e)) for b, c, v, e in rows]
+
+    @staticmethod
+    def role_meta_in(con: sqlite3.Connection, role: str, version: int | None = None) -> tuple[int, bytes] | None:
+        if version is None:
+            r = con.execute("SELECT version, envelope FROM role_meta WHERE role = ? ORDER BY version DESC LIMIT 1",
+                            (role,)).fetchone()
+        else:
+            r = con.execute("SELECT version, envelope FROM role_meta WHERE role = ? AND version = ?",
+                            (role, version)).fetchone()
+        return (r[0], bytes(r[1])) if r else None
+
+    def role_meta(self, role: str, version: int | None = None) -> tuple[int, bytes] | None:
+        with self.connect() as con:
+            return self.role_meta_in(con, role, version)
+
+    @staticmethod
+    def insert_role_meta(con: sqlite3.Connection, role: str, version: int, envelope: bytes) -> None:
+        con.execute("INSERT INTO role_meta(role, version, envelope) VALUES (?, ?, ?)", (role, version, envelope))
+
+    def all_role_meta(self, role: str) -> list[tuple[int, bytes]]:
+        with self.connect() as con:
+            rows = con.execute("SELECT version, envelope FROM role_meta WHERE role = ? ORDER BY version",
+                               (role,)).fetchall()
+        return [(v, bytes(e)) for v, e in rows]
 
     def events(self, limit: int = 50) -> list[Event]:
         with self.connect() as con:

@@ -3,15 +3,20 @@
 ``DeviceClient.pull()``, under an exclusive lock on the state directory and one overall deadline:
 1. Walk the root chain: GET /v1/roots/{n+1} while it exists; each must be signed by a threshold of the
    old and of the new root keys (key rotation). The device starts from the key or root it was provisioned with.
-2. Re-verify the active version on disk; a corrupted one is repaired by this pull (no If-None-Match).
-3. GET /v1/channel (If-None-Match = the last accepted ETag -> 304: done). The channel metadata must be
-   signed by the release threshold, bound to this base model and channel (and artifact name, if set),
-   unexpired, and not older than what this device accepted before (same version: same bytes). Its
-   version is remembered (trust.json) before anything else happens.
-4. The device picks its own target from the metadata (staged rollout by its bucket), so a server cannot
+2. GET /v1/timestamp: signed by the timestamp threshold, not older than the one accepted before, unexpired
+   (a frozen server is caught here). It pins the snapshot; GET /v1/snapshot unless the device already has
+   that one: snapshot threshold, the pinned size and sha256, unexpired, no channel gone back
+   (freshness.py). Both are remembered (trust.json).
+3. Re-verify the active version on disk; a corrupted one is repaired by this pull (no If-None-Match).
+4. GET /v1/channel (If-None-Match = the last accepted ETag, only when the snapshot still pins the
+   metadata this device has -> 304: done). The channel metadata must be signed by the release threshold,
+   bound to this base model and channel (and artifact name, if set), unexpired, not older than what this
+   device accepted before (same version: same bytes), and exactly the version and bytes the snapshot pins.
+   Its version is remembered (trust.json) before anything else happens.
+5. The device picks its own target from the metadata (staged rollout by its bucket), so a server cannot
    offer an unpromoted, older or other artifact: the manifest must have the size and sha256 the metadata
    names, and a release key's signature. Older artifacts arrive only through a newer, signed rollback.
-5. Fetch each file into staging/ (files already on the device are copied), bounded by the signed size,
+6. Fetch each file into staging/ (files already on the device are copied), bounded by the signed size,
    checking sha256; move to versions/<v>, re-verify, replace pointer.json atomically. A crash or a
    refusal before this step leaves the old adapter active.
 """
@@ -20,14 +25,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from fedtune.registry.device_state import Anchor, DeviceState, Pointer, TrustState, hash_stream_to
+from fedtune.registry.device_state import Anchor, DeviceState, Pointer, hash_stream_to
 from fedtune.registry.errors import (ExpiredError, IntegrityError, ManifestError, NotFoundError, RegistryError,
                                      ReplayError)
 from fedtune.registry.fetch import Deadline, get_bounded, stream_blob
+from fedtune.registry.freshness import (MetaPin, SnapshotMeta, accept_snapshot, accept_timestamp, channel_key,
+                                        check_pinned, seen_snapshot, seen_timestamp)
 from fedtune.registry.manifest import Manifest, SignedManifest, safe_relpath
 from fedtune.registry.metadata import (MAX_METADATA_BYTES, RELEASE_ROLE, ChannelMeta, ChannelTarget, RootMeta,
                                        check_fresh, next_root, sha256_hex, verify_document,
@@ -95,10 +102,16 @@ class DeviceClient:
         self.state.sweep_staging()  # safe: we hold the lock, so no other pull is staging
         root = self._update_root()
         ptr = self.state.pointer()
+        snap = self._update_snapshot(root)
+        want = snap.channels.get(channel_key(self.config.base_model_id, self.config.channel)) if snap else None
+        if want is None:
+            log.info("registry offers no channel metadata for %s", self._key.replace("\n", "/"))
+            return PullResult("none", ptr.active, ptr.previous, None, 404, 0, 0)
         healthy = self._healthy(ptr.active)
         seen = self.state.trust().channels.get(self._key)
         fresh = seen is not None and not _expired(seen.get("expires"))
-        conditional = ptr.etag and healthy and fresh and not force
+        pinned = seen is not None and (seen["version"], seen["sha256"]) == (want.version, want.sha256)
+        conditional = ptr.etag and healthy and fresh and pinned and not force
         got = get_bounded(self._http, "/v1/channel", MAX_METADATA_BYTES, self._deadline, self.config.timeout_s,
                           params={"base_model": self.config.base_model_id, "channel": self.config.channel},
                           headers={"If-None-Match": ptr.etag} if conditional else {})
@@ -110,7 +123,7 @@ class DeviceClient:
         if got.status != 200:
             raise RegistryError(f"GET /v1/channel: expected 200, 304 or 404 from {self.config.server}, got "
                                 f"{got.status}: {got.body[:200]!r}")
-        meta = self._accept_channel(got.body, root)
+        meta = self._accept_channel(got.body, root, want)
         etag = got.headers.get("etag")
         target = self._choose(meta)
         if target is None:
@@ -157,12 +170,35 @@ class DeviceClient:
             t = self.state.trust_for(self.config.trusted_key)
             keys = dict(t.release_keys)
             keys.update({k: root.keys[k] for k in root.roles[RELEASE_ROLE].keyids})
-            self.state.write_trust(TrustState(root.model_dump(mode="json"), keys, t.channels, t.anchor))
+            self.state.write_trust(replace(t, root=root.model_dump(mode="json"), release_keys=keys))
             log.info("trusted root is now v%d", root.version)
         check_fresh(root.expires, f"root metadata v{root.version}")
         return root
 
-    def _accept_channel(self, body: bytes, root: RootMeta) -> ChannelMeta:
+    def _update_snapshot(self, root: RootMeta) -> SnapshotMeta | None:
+        """The verified timestamp, then the snapshot it pins (fetched only when new); None if none is served."""
+        got = get_bounded(self._http, "/v1/timestamp", MAX_METADATA_BYTES, self._deadline, self.config.timeout_s)
+        if got.status == 404:
+            return None
+        if got.status != 200:
+            raise RegistryError(f"GET /v1/timestamp: expected 200 or 404 from {self.config.server}, got {got.status}")
+        trust = self.state.trust_for(self.config.trusted_key)
+        ts = accept_timestamp(got.body, root, trust.timestamp)
+        stored = trust.snapshot
+        if stored is not None and (stored["version"], stored["sha256"]) == (ts.snapshot.version, ts.snapshot.sha256):
+            check_fresh(stored["expires"], f"snapshot metadata v{stored['version']}")
+            snap = SnapshotMeta.model_validate({k: stored[k] for k in ("version", "expires", "channels")})
+        else:
+            body = get_bounded(self._http, "/v1/snapshot", MAX_METADATA_BYTES, self._deadline, self.config.timeout_s)
+            if body.status != 200:
+                raise RegistryError(f"GET /v1/snapshot: expected 200 (the timestamp pins v{ts.snapshot.version}), "
+                                    f"got {body.status}")
+            snap = accept_snapshot(body.body, root, ts, stored)
+            stored = seen_snapshot(snap, body.body)
+        self.state.write_trust(replace(trust, timestamp=seen_timestamp(ts, got.body), snapshot=stored))
+        return snap
+
+    def _accept_channel(self, body: bytes, root: RootMeta, want: MetaPin) -> ChannelMeta:
         cfg = self.config
         what = f"channel metadata for {cfg.base_model_id}/{cfg.channel}"
         meta = verify_document(body, root, RELEASE_ROLE, ChannelMeta, what)
@@ -181,9 +217,12 @@ class DeviceClient:
                                   "already accepted (a replay); refusing it and keeping the active adapter")
             if meta.version == seen["version"] and digest != seen["sha256"]:
                 raise ReplayError(f"{what}: two different documents claim v{meta.version}; refusing it")
+        if meta.version != want.version:
+            raise ReplayError(f"{what}: got v{meta.version}, the signed snapshot pins v{want.version}; refusing it")
+        check_pinned(body, want, f"{what} v{meta.version}", "snapshot")
         channels = dict(trust.channels)
         channels[self._key] = {"version": meta.version, "sha256": digest, "expires": meta.expires}
-        self.state.write_trust(TrustState(trust.root, trust.release_keys, channels, trust.anchor))
+        self.state.write_trust(replace(trust, channels=channels))
         return meta
 
     def _choose(self, meta: ChannelMeta) -> ChannelTarget | None:

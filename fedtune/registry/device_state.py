@@ -3,8 +3,9 @@
     state_dir/
       device.json              {"device_id": ...}  (made once; the id decides the rollout bucket)
       pointer.json             {"active": 3, "previous": 2, "blocked": [4], "etag": "..."}
-      trust.json               the newest root this device verified, every release key it ever trusted, and per
-                               (base model, channel) the highest channel-metadata version it accepted
+      trust.json               the newest root this device verified, every release key it ever trusted, the
+                               newest timestamp and snapshot it accepted, and per (base model, channel) the
+                               highest channel-metadata version it accepted
       .lock                    flock(2): one pull / rollback at a time per state directory
       versions/<v>/            the adapter's files + manifest.signed.json
       staging/                 downloads in progress (swept at the start of every pull)
@@ -62,10 +63,12 @@ class TrustState:
     release_keys: dict[str, str] = field(default_factory=dict)  # every release key ever trusted: keyid -> b64
     channels: dict[str, dict[str, Any]] = field(default_factory=dict)  # "base/channel" -> version, sha256, expires
     anchor: str | None = None  # fingerprint of the anchor `root` and `release_keys` were verified from
+    timestamp: dict[str, Any] | None = None  # the newest accepted timestamp: version, sha256, expires, snapshot_version
+    snapshot: dict[str, Any] | None = None  # the newest accepted snapshot: version, sha256, expires, channel pins
 
     def to_json(self) -> str:
         return json.dumps({"root": self.root, "release_keys": self.release_keys, "channels": self.channels,
-                           "anchor": self.anchor}, indent=1)
+                           "anchor": self.anchor, "timestamp": self.timestamp, "snapshot": self.snapshot}, indent=1)
 
 
 def anchor_fingerprint(anchor: "Anchor") -> str:
@@ -142,13 +145,13 @@ class DeviceState:
             return TrustState()
         raw = json.loads(self.trust_path.read_text())
         return TrustState(raw.get("root"), dict(raw.get("release_keys", {})), dict(raw.get("channels", {})),
-                          raw.get("anchor"))
+                          raw.get("anchor"), raw.get("timestamp"), raw.get("snapshot"))
 
     def trust_for(self, anchor: Anchor) -> TrustState:
         """The trust state, minus the roots and keys learned from another anchor (a re-provisioned device)."""
         t = self.trust()
         if t.anchor != anchor_fingerprint(anchor):
-            return TrustState(None, {}, t.channels, anchor_fingerprint(anchor))
+            return TrustState(None, {}, t.channels, anchor_fingerprint(anchor), t.timestamp, t.snapshot)
         return t
 
     def write_trust(self, trust: TrustState) -> None:

@@ -1,18 +1,22 @@
 """Signed, expiring, versioned metadata in the model of TUF / Uptane: a root of trust and channel metadata.
 
-Two kinds of document travel inside the same envelope, ``{"signed": {...}, "signatures": [{"keyid", "sig"}]}``
+The documents travel inside the same envelope, ``{"signed": {...}, "signatures": [{"keyid", "sig"}]}``
 (ed25519 over the canonical JSON of ``signed``):
 
 - **root** (TUF's root role): the keys of the registry and, per role, which keys and how many of them
-  (the threshold) must sign. Role ``root`` signs the next root; role ``release`` signs channel metadata
-  and manifests. Root version N+1 must be signed by a threshold of version N's root keys *and* of its
-  own, so a device walks the chain 1, 2, 3... from the key it was provisioned with (key rotation).
-- **channel** (TUF's targets + timestamp, for one base model and one channel): a monotonically increasing
+  (the threshold) must sign. Role ``root`` signs the next root; ``release`` (TUF's targets) signs channel
+  metadata and manifests; ``snapshot`` and ``timestamp`` sign the documents of ``freshness.py``. Root
+  version N+1 must be signed by a threshold of version N's root keys *and* of its own, so a device walks
+  the chain 1, 2, 3... from the key it was provisioned with (key rotation, of every role).
+- **channel** (TUF's targets, for one base model and one channel): a monotonically increasing
   version, an expiry, the artifact(s) this channel serves now (name, version, sha256 and size of the
   signed manifest) and the staged rollout. A device refuses channel metadata that is not signed by the
-  release threshold, is meant for another base model/channel/artifact, is expired, or is older than
-  (or, at the same version, different from) what it already accepted. A rollback is a new, higher
-  version that points to an older artifact.
+  release threshold, is meant for another base model/channel/artifact, is expired, is older than
+  (or, at the same version, different from) what it already accepted, or is not the version and hash
+  the signed snapshot pins. A rollback is a new, higher version that points to an older artifact.
+- **snapshot** and **timestamp** (``freshness.py``): the snapshot pins every channel's newest metadata
+  (version + hash); the timestamp, short-lived and re-signed often, pins the snapshot. Together they let
+  a device tell a frozen or mix-and-match server from a quiet one.
 
 Why not python-tuf itself: its client (ngclient) expects the four fixed roles over a file tree of
 targets and has no notion of per-device staged rollout; this module keeps TUF's rules (thresholds,
@@ -37,7 +41,8 @@ from fedtune.registry.manifest import SignedManifest, canonical_json
 from fedtune.registry.signing import SigningKey, VerifyKey, key_id
 
 MAX_METADATA_BYTES = 1 << 20  # a root, channel metadata or manifest larger than this is refused unread
-ROOT_ROLE, RELEASE_ROLE = "root", "release"
+ROOT_ROLE, RELEASE_ROLE, SNAPSHOT_ROLE, TIMESTAMP_ROLE = "root", "release", "snapshot", "timestamp"
+ROLES = (ROOT_ROLE, RELEASE_ROLE, SNAPSHOT_ROLE, TIMESTAMP_ROLE)
 ANCHOR_EXPIRES = "9999-12-31T00:00:00+00:00"
 
 
@@ -62,7 +67,10 @@ class RootMeta(_Frozen):
         for kid, raw in self.keys.items():
             if key_id(public_from_b64(raw)) != kid:
                 raise ValueError(f"root v{self.version}: key id {kid} does not match its key")
-        for name in (ROOT_ROLE, RELEASE_ROLE):
+        unknown = sorted(set(self.roles) - set(ROLES))
+        if unknown:
+            raise ValueError(f"root v{self.version}: unknown role(s) {unknown}; expected {list(ROLES)}")
+        for name in ROLES:
             role = self.roles.get(name)
             if role is None:
                 raise ValueError(f"root v{self.version}: no {name!r} role")
@@ -188,20 +196,25 @@ def verify_document(data: bytes, root: RootMeta, role: str, kind: type[M], what:
 
 # --- roots ------------------------------------------------------------------------------------------
 def anchor_root(key: VerifyKey) -> RootMeta:
-    """The implicit root v0 of a device provisioned with one public key: that key, threshold 1, both roles."""
+    """The implicit root v0 of a device provisioned with one public key: that key, threshold 1, every role."""
     kid = key.key_id
     spec = RoleSpec(keyids=(kid,), threshold=1)
     return RootMeta(version=0, expires=ANCHOR_EXPIRES, keys={kid: public_b64(key)},
-                    roles={ROOT_ROLE: spec, RELEASE_ROLE: spec})
+                    roles={role: spec for role in ROLES})
 
 
 def make_root(version: int, root_keys: Sequence[VerifyKey], root_threshold: int, release_keys: Sequence[VerifyKey],
-              release_threshold: int, ttl_s: float) -> RootMeta:
-    keys = {k.key_id: public_b64(k) for k in (*root_keys, *release_keys)}
+              release_threshold: int, ttl_s: float, snapshot_keys: Sequence[VerifyKey] | None = None,
+              snapshot_threshold: int = 1, timestamp_keys: Sequence[VerifyKey] | None = None,
+              timestamp_threshold: int = 1) -> RootMeta:
+    """Root metadata; the snapshot and timestamp roles default to the release keys (threshold 1)."""
+    per_role = {ROOT_ROLE: (root_keys, root_threshold), RELEASE_ROLE: (release_keys, release_threshold),
+                SNAPSHOT_ROLE: (release_keys, 1) if snapshot_keys is None else (snapshot_keys, snapshot_threshold),
+                TIMESTAMP_ROLE: (release_keys, 1) if timestamp_keys is None else (timestamp_keys, timestamp_threshold)}
+    keys = {k.key_id: public_b64(k) for ks, _ in per_role.values() for k in ks}
     return RootMeta(version=version, expires=expires_in(ttl_s), keys=keys, roles={
-        ROOT_ROLE: RoleSpec(keyids=tuple(dict.fromkeys(k.key_id for k in root_keys)), threshold=root_threshold),
-        RELEASE_ROLE: RoleSpec(keyids=tuple(dict.fromkeys(k.key_id for k in release_keys)),
-                               threshold=release_threshold)})
+        role: RoleSpec(keyids=tuple(dict.fromkeys(k.key_id for k in ks)), threshold=t)
+        for role, (ks, t) in per_role.items()})
 
 
 def next_root(trusted: RootMeta, data: bytes) -> RootMeta:

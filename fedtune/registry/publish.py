@@ -87,21 +87,23 @@ def _finite_numbers(record: dict) -> dict[str, float]:
     return out
 
 
-def allowed_metrics(available: dict[str, float], allow: Sequence[str]) -> dict[str, float]:
-    """The metrics named in ``allow``, each of which must exist; nothing else."""
+def allowed_metrics(available: dict[str, float], allow: Sequence[str],
+                    missing_ok: bool = False) -> dict[str, float]:
+    """The metrics named in ``allow``, each of which must exist (unless ``missing_ok``); nothing else."""
     missing = [k for k in allow if k not in available]
-    if missing:
+    if missing and not missing_ok:
         raise ManifestError(f"--metric {', '.join(missing)}: not a numeric metric of this round; expected some "
                             f"of {sorted(available) or 'none'}")
-    return {k: available[k] for k in allow}
+    return {k: available[k] for k in allow if k in available}
 
 
 def artifact_info(adapter_dir: Path, run_name: str, metrics_record: dict | None = None,
                   name: str | None = None, base: BaseModelRef | None = None,
-                  metrics: Sequence[str] = ()) -> ArtifactInfo:
+                  metrics: Sequence[str] = (), missing_ok: bool = False) -> ArtifactInfo:
     """Manifest metadata for an adapter directory written by ``fedtune.recording.save_adapter``.
 
-    ``metrics``: the explicit allow-list of metric names to publish (default: none).
+    ``metrics``: the explicit allow-list of metric names to publish (default: none); with ``missing_ok``
+    an allowed name the round has no finite value for is left out instead of refused.
     """
     meta_path = Path(adapter_dir) / "fedtune.json"
     if not meta_path.is_file():
@@ -121,11 +123,11 @@ def artifact_info(adapter_dir: Path, run_name: str, metrics_record: dict | None 
     return ArtifactInfo(name=name or run_name,
                         base_model=base or base_model_ref(ModelConfig.model_validate(meta["base_model"])),
                         adapter=adapter, source=Provenance(run=run_name, round=int(meta["round"])),
-                        privacy=privacy, metrics=allowed_metrics(available, metrics))
+                        privacy=privacy, metrics=allowed_metrics(available, metrics, missing_ok))
 
 
 def publish_run(run_dir: Path, registry: Registry, key: SigningKey, round: int | None = None,
-                name: str | None = None, metrics: Sequence[str] = ()) -> SignedManifest:
+                name: str | None = None, metrics: Sequence[str] = (), missing_ok: bool = False) -> SignedManifest:
     """Publish ``run_dir/adapters/round-N`` (the latest round when ``round`` is None); returns the signed manifest.
 
     ``metrics`` names the round metrics a product team allows into the manifest (default: none).
@@ -142,6 +144,7 @@ def publish_run(run_dir: Path, registry: Registry, key: SigningKey, round: int |
     if run.config.is_file():
         run_name = (yaml.safe_load(run.config.read_text()) or {}).get("name") or run_name
     record = next((r for r in reversed(read_jsonl(run.metrics)) if r.get("round") == n), None)
-    signed = registry.publish(adapter_dir, artifact_info(adapter_dir, run_name, record, name=name, metrics=metrics), key)
+    signed = registry.publish(adapter_dir, artifact_info(adapter_dir, run_name, record, name=name, metrics=metrics,
+                                                           missing_ok=missing_ok), key)
     log.info("published %s round %d as v%d", run.root, n, signed.manifest.version)
     return signed

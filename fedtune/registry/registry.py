@@ -10,7 +10,10 @@
    `candidate` for the devices whose rollout bucket is below the percentage (rollout.py).
 3. ``rollback(..., keys)``: abort a staged candidate, or else return `current` to the one before it.
 4. Every promote / rollback / ``refresh`` writes new channel metadata (metadata.py): version + 1, signed
-   by the release keys, expiring after ``ttl_s``. Devices trust only that, never the server's answers.
+   by the release keys, expiring after ``ttl_s``; then a new snapshot (pins every channel's newest
+   metadata, signed by the snapshot keys) and a new timestamp (pins the snapshot, expires within a day,
+   signed by the timestamp keys; freshness.py). ``refresh_timestamp`` re-signs only the timestamp (a cron
+   job holding only the timestamp key). Devices trust only these, never the server's answers.
 5. ``resolve(base, channel, device)``: the signed manifest this device should run, or None.
 
 The root of trust (``roots``) is made on the first publish from its key (threshold 1) and changed only by
@@ -30,8 +33,10 @@ from fedtune.registry.db import ArtifactRow, ChannelState, Event, MetadataDB
 from fedtune.registry.errors import ManifestError, NotFoundError, RegistryError, SignatureError
 from fedtune.registry.manifest import (AdapterInfo, BaseModelRef, Manifest, PrivacyGuarantee, Provenance,
                                        SignedManifest, file_entries, now_iso)
-from fedtune.registry.metadata import (RELEASE_ROLE, ChannelMeta, ChannelTarget, RootMeta, expires_in, make_root,
-                                       next_root, root_from_json, sha256_hex, sign_document, verify_document)
+from fedtune.registry.freshness import (TIMESTAMP_TTL_S, SnapshotMeta, TimestampMeta, channel_key, pin)
+from fedtune.registry.metadata import (RELEASE_ROLE, SNAPSHOT_ROLE, TIMESTAMP_ROLE, ChannelMeta, ChannelTarget,
+                                       RootMeta, expires_in, make_root, next_root, root_from_json, sha256_hex,
+                                       sign_document, verify_document)
 from fedtune.registry.rollout import choose_version
 from fedtune.registry.signing import SigningKey, VerifyKey, sign_manifest, verify_manifest
 from fedtune.registry.store import BlobStore, DirectoryBlobStore
@@ -48,6 +53,14 @@ def _keys(keys: Keys | None, action: str) -> list[SigningKey]:
     if keys is None:
         raise RegistryError(f"{action} is a signed act: pass the release signing key(s) (--key)")
     return [keys] if isinstance(keys, SigningKey) else list(keys)
+
+
+def _sign_role(doc, root: RootMeta, role: str, signers: list[SigningKey], kind, what: str) -> bytes:
+    """Sign ``doc`` with the given keys that hold ``role``; never store what a device would refuse."""
+    mine = [k for k in signers if k.key_id in root.roles[role].keyids] or signers
+    envelope = sign_document(doc, mine)
+    verify_document(envelope, root, role, kind, what)  # the role's threshold of root v(newest), or raise
+    return envelope
 
 
 @dataclass(frozen=True)
@@ -231,11 +244,48 @@ class Registry:
                            channel=s.channel, current=self._target(con, s.current),
                            candidate=self._target(con, s.candidate), rollout=s.rollout if s.candidate else 0.0,
                            rollout_salt=self.rollout_salt)
-        envelope = sign_document(meta, signers)
-        verify_document(envelope, root, RELEASE_ROLE, ChannelMeta,  # never store what a device would refuse
-                        f"channel metadata {s.base_model_id}/{s.channel} v{meta.version}")
+        envelope = _sign_role(meta, root, RELEASE_ROLE, signers, ChannelMeta,
+                              f"channel metadata {s.base_model_id}/{s.channel} v{meta.version}")
         self.db.insert_channel_meta(con, s.base_model_id, s.channel, meta.version, envelope)
+        self._sign_snapshot(con, root, signers, ttl_s)
         return meta
+
+    def _sign_snapshot(self, con, root: RootMeta, signers: list[SigningKey], ttl_s: float) -> None:
+        """Snapshot v+1 pinning every channel's newest metadata, then a timestamp pinning it."""
+        newest: dict[str, tuple[int, bytes]] = {}
+        for base, channel, version, envelope in con.execute(
+                "SELECT base_model_id, channel, version, envelope FROM channel_meta ORDER BY 1, 2, 3"):
+            newest[channel_key(base, channel)] = (version, bytes(envelope))
+        prev = self.db.role_meta_in(con, SNAPSHOT_ROLE)
+        snap = SnapshotMeta(version=(prev[0] if prev else 0) + 1, expires=expires_in(ttl_s),
+                            channels={k: pin(v, e) for k, (v, e) in newest.items()})
+        envelope = _sign_role(snap, root, SNAPSHOT_ROLE, signers, SnapshotMeta, f"snapshot v{snap.version}")
+        self.db.insert_role_meta(con, SNAPSHOT_ROLE, snap.version, envelope)
+        self._sign_timestamp(con, root, signers, min(ttl_s, TIMESTAMP_TTL_S))
+
+    def _sign_timestamp(self, con, root: RootMeta, signers: list[SigningKey], ttl_s: float) -> TimestampMeta:
+        snap = self.db.role_meta_in(con, SNAPSHOT_ROLE)
+        if snap is None:
+            raise NotFoundError(f"{self.root} has no snapshot yet: promote a version first")
+        prev = self.db.role_meta_in(con, TIMESTAMP_ROLE)
+        ts = TimestampMeta(version=(prev[0] if prev else 0) + 1, expires=expires_in(ttl_s), snapshot=pin(*snap))
+        envelope = _sign_role(ts, root, TIMESTAMP_ROLE, signers, TimestampMeta, f"timestamp v{ts.version}")
+        self.db.insert_role_meta(con, TIMESTAMP_ROLE, ts.version, envelope)
+        return ts
+
+    def refresh_timestamp(self, keys: Keys | None = None, ttl_s: float = TIMESTAMP_TTL_S) -> TimestampMeta:
+        """Re-sign the timestamp (version + 1, same snapshot, new expiry): run it more often than ``ttl_s``."""
+        signers = _keys(keys, "refresh-timestamp")
+        with self.db.transaction() as con:
+            got = self.db.root_in(con)
+            if got is None:
+                raise RegistryError(f"{self.root} has no root metadata yet; publish a version first")
+            return self._sign_timestamp(con, root_from_json(got[1]), signers, ttl_s)
+
+    def role_envelope(self, role: str) -> bytes | None:
+        """The newest signed snapshot or timestamp (what devices get), None before the first promotion."""
+        got = self.db.role_meta(role)
+        return got[1] if got else None
 
     @staticmethod
     def _target(con, version: int | None) -> ChannelTarget | None:
@@ -254,11 +304,13 @@ class Registry:
         return {v for c in self.db.channels() for v in (c.current, c.candidate) if v is not None}
 
     def rotate_root(self, signers: Sequence[SigningKey], root_keys: Sequence[VerifyKey], root_threshold: int,
-                    release_keys: Sequence[VerifyKey], release_threshold: int, ttl_s: float = ROOT_TTL_S) -> RootMeta:
+                    release_keys: Sequence[VerifyKey], release_threshold: int, ttl_s: float = ROOT_TTL_S,
+                    snapshot_keys: Sequence[VerifyKey] | None = None, snapshot_threshold: int = 1,
+                    timestamp_keys: Sequence[VerifyKey] | None = None, timestamp_threshold: int = 1) -> RootMeta:
         """Root v+1 with new keys/thresholds, signed by ``signers`` (a threshold of the old and the new root keys).
 
-        Channel metadata signed by release keys the new root drops stops verifying on devices: re-sign every
-        channel (``refresh``) with the new release keys right after.
+        Snapshot and timestamp keys default to the release keys. Metadata signed by keys the new root drops
+        stops verifying on devices: re-sign every channel (``refresh``) with the new keys right after.
         """
         with self.db.transaction() as con:
             got = self.db.root_in(con)
@@ -266,7 +318,8 @@ class Registry:
                 raise RegistryError(f"{self.root} has no root yet; publish a version first (it makes root v1)")
             old = root_from_json(got[1])
             try:
-                new = make_root(old.version + 1, root_keys, root_threshold, release_keys, release_threshold, ttl_s)
+                new = make_root(old.version + 1, root_keys, root_threshold, release_keys, release_threshold, ttl_s,
+                                snapshot_keys, snapshot_threshold, timestamp_keys, timestamp_threshold)
             except ValueError as err:
                 raise RegistryError(f"new root: {err}") from None
             envelope = sign_document(new, list(signers))

@@ -4,6 +4,7 @@ Every route answers GET and HEAD:
 
     /v1/health
     /v1/root, /v1/roots/{n}              signed root metadata (devices walk n = 1, 2, ... for key rotation)
+    /v1/timestamp, /v1/snapshot          the newest signed timestamp and snapshot (freshness.py)
     /v1/channel?base_model=ID&channel=C  signed channel metadata (what the channel serves now), ETag / 304
     /v1/manifests/{version}              a signed manifest, only while the version is promoted
     /v1/blobs/{sha256}                   a file of a promoted version; re-hashed before it is served (cached by
@@ -27,6 +28,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from fedtune.registry.errors import IntegrityError, NotFoundError, RegistryError
+from fedtune.registry.metadata import SNAPSHOT_ROLE, TIMESTAMP_ROLE
 from fedtune.registry.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,20 @@ def create_app(registry: Registry, docs: bool = False) -> FastAPI:
     @app.api_route("/v1/roots/{version}", methods=GET_HEAD)
     def root_version(version: int, request: Request):
         return _body(request, registry.root_envelope(version), {"Cache-Control": "no-cache"}, METADATA_TYPE)
+
+    @app.api_route("/v1/timestamp", methods=GET_HEAD)
+    def timestamp(request: Request):
+        return _role(request, TIMESTAMP_ROLE)
+
+    @app.api_route("/v1/snapshot", methods=GET_HEAD)
+    def snapshot(request: Request):
+        return _role(request, SNAPSHOT_ROLE)
+
+    def _role(request: Request, role: str):
+        envelope = registry.role_envelope(role)
+        if envelope is None:
+            raise NotFoundError(f"no signed {role} metadata yet (nothing promoted)")
+        return _body(request, envelope, {"Cache-Control": "no-cache"}, METADATA_TYPE)
 
     @app.api_route("/v1/channel", methods=GET_HEAD)
     def channel_meta(request: Request, base_model: str = Query(...), channel: str = Query("stable")):

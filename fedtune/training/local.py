@@ -35,14 +35,6 @@ def _batches(loader, steps: int):
                 return
 
 
-def _noise_only_step(optimizer, params) -> None:
-    """An empty Poisson batch is still a DP step: opacus adds noise to a zero gradient."""
-    for p in params:
-        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def _logical_step(model, optimizer, x: torch.Tensor, device, loss_chunk_tokens: int | None, micro: int | None,
                   dp: bool) -> torch.Tensor:
     """One optimizer step on the logical batch ``x`` [B, T], in micro-batches of at most ``micro`` sequences;
@@ -124,7 +116,7 @@ def train_local(
     try:
         for x in _batches(loader, task.local_steps):
             if x.shape[0] == 0:
-                _noise_only_step(optimizer, params)
+                private.noise_only_step()  # an empty Poisson batch is still a DP step: noise only
                 continue
             loss = _logical_step(model, optimizer, x, device, loss_chunk_tokens, physical_batch_size, dp)  # x: [B, T]
             losses.append(loss)  # read back once at the end: no device sync per step
@@ -146,5 +138,5 @@ def train_local(
         steps=task.local_steps,
         tokens=tokens,
         metrics=metrics,
-        noise_generator=private.noise_generator if dp else None,
+        noise_generator=getattr(private, "noise_generator", None) if dp else None,
     )

@@ -20,9 +20,3 @@ def test_validate_ok_and_set(tmp_path):
     assert "4 rounds" in result.output
 
 
-def test_simulate_refuses_secure_aggregation_instead_of_running_it_in_the_clear(tmp_path):
-    out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["simulate", "configs/smoke.yaml", "--out", str(out),
-                                      "--set", "privacy.secure_aggregation.enabled=true"])
-    assert result.exit_code == 2 and "privacy.secure_aggregation" in result.output
-    assert not out.exists()

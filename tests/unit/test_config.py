@@ -112,3 +112,16 @@ def test_physical_batch_size_is_typed_and_a_micro_batch_above_the_logical_batch_
     with pytest.raises(ConfigError) as err:
         config_from_dict({"train": {"batch_size": 8, "physical_batch_size": 64}})
     assert "logical batch train.batch_size (8)" in str(err.value) and "batch_size: 64" in str(err.value)
+
+
+def test_ghost_clipping_is_a_lora_one_device_option():
+    assert config_from_dict({}).privacy.clipping == "hooks"  # the default is unchanged
+    assert config_from_dict({"privacy": {"clipping": "ghost"}}).privacy.clipping == "ghost"
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict({"privacy": {"clipping": "ghosts"}})
+    assert any(p.startswith("privacy.clipping") and "'hooks' or 'ghost'" in p for p in exc.value.problems)
+    for other in ({"adapter": {"method": "prompt_tuning"}}, {"simulation": {"packed_group_size": 4}}):
+        with pytest.raises(ConfigError) as exc:
+            config_from_dict({"privacy": {"clipping": "ghost"}, **other})
+        assert [p for p in exc.value.problems if p.startswith("privacy.clipping:") and "clipping=hooks" in p]
+    config_from_dict({"privacy": {"clipping": "ghost"}, "adapter": {"method": "ffa_lora", "dropout": 0.1}})

@@ -116,5 +116,31 @@ class SecAggClient:
         return UnmaskReply(self.cid, seeds, keys)
 
 
+def export_state(client: SecAggClient) -> dict:
+    """Everything a client keeps between stages, as flat values (ints, bytes and lists of them): its SECRETS,
+    for the device's own state store (a Flower ClientApp's context state) and nowhere else."""
+    held = sorted(client._held.items())
+    return {"cid": client.cid, "stage": client._stage, "enc-key": crypto.private_bytes(client._enc_key),
+            "mask-key": crypto.private_bytes(client._mask_key), "seed": client._seed,
+            "peer-ids": sorted(client._peers), "peer-enc": [client._peers[v].enc_public for v in sorted(client._peers)],
+            "peer-mask": [client._peers[v].mask_public for v in sorted(client._peers)],
+            "held-ids": [u for u, _ in held], "held-seed": [s.to_bytes() for _, (s, _) in held],
+            "held-key": [k.to_bytes() for _, (_, k) in held]}
+
+
+def restore_state(setup: SecAggSetup, state: dict) -> SecAggClient:
+    """The client ``export_state`` saved, under the setup the device stored at stage 0."""
+    client = SecAggClient(int(state["cid"]), setup)
+    client._stage = int(state["stage"])
+    client._enc_key = crypto.private_from_bytes(bytes(state["enc-key"]))
+    client._mask_key = crypto.private_from_bytes(bytes(state["mask-key"]))
+    client._seed = bytes(state["seed"])
+    client._peers = {int(v): KeyAdvert(int(v), bytes(e), bytes(m))
+                     for v, e, m in zip(state["peer-ids"], state["peer-enc"], state["peer-mask"])}
+    client._held = {int(u): (shamir.Share.from_bytes(bytes(s)), shamir.Share.from_bytes(bytes(k)))
+                    for u, s, k in zip(state["held-ids"], state["held-seed"], state["held-key"])}
+    return client
+
+
 def _route(src: int, dst: int) -> bytes:
     return src.to_bytes(8, "big") + dst.to_bytes(8, "big")

@@ -1,11 +1,14 @@
-"""An in-process SecAgg+ round: a cohort of clients and one server exchange the four stages' messages
-through this driver (the transport a Flower adapter would replace), with scheduled dropouts, and the
-driver measures what each stage costs in bytes and seconds.
+"""The server's stage driver of a SecAgg+ round, one for every backend: ``drive_secure_aggregation`` runs the
+four stages through a ``StageTransport`` (send each client its stage request, return the replies of those that
+answered; a client that does not answer has dropped out) and measures what each stage costs in bytes and
+seconds. ``LocalClients`` is the in-process transport (clients as objects, with scheduled dropouts); the Flower
+backend's carries each request as a message to a device (``fedtune.flower.secagg_grid``).
 
-    0. advertise keys   clients -> server: KeyAdvert        server -> clients: neighbours' adverts
-    1. share keys       clients -> server: SealedShare[]    server -> clients: their inbox of shares
-    2. masked input     clients -> server: MaskedInput      server -> clients: UnmaskRequest
-    3. unmask           clients -> server: UnmaskReply      server: the survivors' sum
+    stage            server -> client (request)               client -> server (reply)
+    advertise keys   SecAggSetup (the round's public setup)   KeyAdvert
+    share keys       its neighbours' KeyAdverts               SealedShare[] (one per neighbour)
+    masked input     its inbox of SealedShares                MaskedInput
+    unmask           UnmaskRequest                            UnmaskReply      -> server: the survivors' sum
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 
 from fedtune.privacy.secagg.client import SecAggClient
 from fedtune.privacy.secagg.field import FieldQuantizer
-from fedtune.privacy.secagg.messages import SecAggSetup
+from fedtune.privacy.secagg.messages import ID_BYTES, SecAggAbort, SecAggSetup
 from fedtune.privacy.secagg.server import SecAggServer
 
 STAGES = ("advertise keys", "share keys", "masked input", "unmask")
@@ -43,7 +46,7 @@ class Dropouts:
 class StageCost:
     uplink_bytes: int = 0  # all clients -> server
     downlink_bytes: int = 0  # server -> all clients
-    client_seconds: float = 0.0  # summed over clients
+    client_seconds: float = 0.0  # time in the transport: the clients' work in process, the round trip on Flower
     server_seconds: float = 0.0
 
 
@@ -66,53 +69,103 @@ def make_setup(cohort: Sequence[int], vector_length: int, clip_range: float, *, 
     return SecAggSetup(context, tuple(cohort), k, t, vector_length, FieldQuantizer(clip_range, bits, n))
 
 
+class StageTransport(Protocol):
+    def __call__(self, stage: str, requests: dict[int, object]) -> dict[int, object]:
+        """Send each client id its request for ``stage`` (one of ``STAGES``); the replies of those that answered."""
+        ...
+
+
+def nbytes(msg) -> int:
+    """A message's size on the wire (lists and dicts of messages: the sum; a setup: ids and sizes)."""
+    if isinstance(msg, SecAggSetup):
+        return ID_BYTES * (len(msg.cohort) + 6) + len(msg.context)
+    if isinstance(msg, dict):
+        return sum(nbytes(m) for m in msg.values())
+    if isinstance(msg, list):
+        return sum(nbytes(m) for m in msg)
+    return msg.nbytes()
+
+
+def drive_secure_aggregation(setup: SecAggSetup, transport: StageTransport) -> SecAggOutcome:
+    """The server's side of one round; raises ``SecAggAbort`` when too many clients drop out."""
+    costs = {s: StageCost() for s in STAGES}
+    server = SecAggServer(setup)
+
+    def exchange(stage: str, requests: dict[int, object]) -> dict[int, object]:
+        t0 = time.perf_counter()
+        replies = transport(stage, requests)
+        cost = costs[stage]
+        cost.client_seconds += time.perf_counter() - t0
+        cost.downlink_bytes += sum(nbytes(m) for m in requests.values())
+        cost.uplink_bytes += sum(nbytes(m) for m in replies.values())
+        return {c: m for c, m in replies.items() if c in requests}
+
+    def serve(stage: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        costs[stage].server_seconds += time.perf_counter() - t0
+        return out
+
+    adverts = exchange(STAGES[0], {c: setup for c in setup.cohort})
+    peers = serve(STAGES[0], server.collect_adverts, [a for c, a in adverts.items() if a.cid == c])
+    batches = exchange(STAGES[1], peers)
+    for c, batch in batches.items():
+        if any(m.src != c for m in batch):
+            raise SecAggAbort(f"secure aggregation: client {c} sent shares in another client's name")
+    inbox = serve(STAGES[1], server.route_shares, [b for b in batches.values() if b])
+    inputs = exchange(STAGES[2], inbox)
+    request = serve(STAGES[2], server.collect_masked, [m for c, m in inputs.items() if m.cid == c])
+    del inputs  # the server keeps only their sum
+    replies = exchange(STAGES[3], {c: request for c in request.survivors})
+    total = serve(STAGES[3], server.unmask, [r for c, r in replies.items() if r.cid == c])
+    return SecAggOutcome(total, server.survivors, server.dropped, server, costs)
+
+
+class LocalClients:
+    """The in-process transport: one ``SecAggClient`` per id, created when its setup arrives; ``dropouts``
+    vanish before their stage; ``codec`` carries every message both ways (e.g. through Flower records)."""
+
+    def __init__(self, updates: dict[int, np.ndarray], dropouts: Dropouts = Dropouts(),
+                 rng: np.random.Generator | None = None, codec: Callable[[M], M] = _same, auth=None):
+        self.updates, self.dropouts, self.rng, self.codec = updates, dropouts, rng, codec
+        self.auth = auth  # fedtune.privacy.secagg.identity.AdvertAuth: signed, verified key adverts
+        self.clients: dict[int, SecAggClient] = {}
+
+    def __call__(self, stage: str, requests: dict[int, object]) -> dict[int, object]:
+        gone = {STAGES[1]: self.dropouts.before_share_keys, STAGES[2]: self.dropouts.before_masked_input,
+                STAGES[3]: self.dropouts.before_unmask}.get(stage, frozenset())
+        out = {}
+        for c, request in requests.items():
+            if c in gone or (stage != STAGES[0] and c not in self.clients):
+                self.clients.pop(c, None)  # a client that vanished never comes back this round
+                continue
+            out[c] = self.codec(self._answer(c, stage, self.codec(request)))
+        return out
+
+    def _answer(self, c: int, stage: str, request):
+        if stage == STAGES[0]:
+            client = SecAggClient(c, request)
+            self.clients[c] = self.auth.client(client) if self.auth is not None else client
+            return self.clients[c].advertise()
+        client = self.clients[c]
+        if stage == STAGES[1]:
+            return client.share_keys(request)
+        if stage == STAGES[2]:
+            return client.masked_input(self.updates[c], request, self.rng)
+        return client.unmask(request)
+
+
 def run_secure_aggregation(setup: SecAggSetup, updates: dict[int, np.ndarray], dropouts: Dropouts = Dropouts(),
                            rng: np.random.Generator | None = None,
                            transport: Callable[[M], M] = _same, auth=None) -> SecAggOutcome:
-    """Run the four stages for ``updates`` (client id -> float vector); raises ``SecAggAbort`` when too many drop.
+    """A round in process for ``updates`` (client id -> float vector): ``drive_secure_aggregation`` over
+    ``LocalClients``; raises ``SecAggAbort`` when too many drop.
 
-    ``transport`` carries every message (a KeyAdvert, a client's list of SealedShares, a MaskedInput, the
-    UnmaskRequest, an UnmaskReply) from sender to receiver; the default hands it over as is, a Flower adapter
-    can encode it into a record and decode it back (``fedtune.flower.secagg_records``).
+    ``transport`` carries every message (a KeyAdvert, a client's neighbours' adverts or list of SealedShares,
+    a MaskedInput, the UnmaskRequest, an UnmaskReply) from sender to receiver; the default hands it over as
+    is, ``fedtune.flower.secagg_records`` can encode it into a record and decode it back.
 
     ``auth`` (``fedtune.privacy.secagg.identity.AdvertAuth``): each client signs its key advert with its
     registered ed25519 identity key and verifies its neighbours' before sealing shares (a server that
     substitutes a key makes the round abort with ``SecAggAbort``)."""
-    costs = {s: StageCost() for s in STAGES}
-    server = SecAggServer(setup)
-    clients = {c: SecAggClient(c, setup) for c in setup.cohort}
-    if auth is not None:
-        clients = {c: auth.client(client) for c, client in clients.items()}
-
-    def timed(stage: str, who: str, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        setattr(costs[stage], who, getattr(costs[stage], who) + time.perf_counter() - t0)
-        return out
-
-    adverts = [transport(timed(STAGES[0], "client_seconds", c.advertise)) for c in clients.values()]
-    costs[STAGES[0]].uplink_bytes = sum(a.nbytes() for a in adverts)
-    peers = timed(STAGES[0], "server_seconds", server.collect_adverts, adverts)
-    peers = {u: {v: transport(a) for v, a in p.items()} for u, p in peers.items()}
-    costs[STAGES[0]].downlink_bytes = sum(a.nbytes() for p in peers.values() for a in p.values())
-
-    live = [c for c in peers if c not in dropouts.before_share_keys]
-    batches = [transport(timed(STAGES[1], "client_seconds", clients[c].share_keys, peers[c])) for c in live]
-    costs[STAGES[1]].uplink_bytes = sum(m.nbytes() for b in batches for m in b)
-    inbox = timed(STAGES[1], "server_seconds", server.route_shares, batches)
-    inbox = {u: transport(msgs) for u, msgs in inbox.items()}
-    costs[STAGES[1]].downlink_bytes = sum(m.nbytes() for msgs in inbox.values() for m in msgs)
-
-    live = [c for c in inbox if c not in dropouts.before_masked_input]
-    inputs = [transport(timed(STAGES[2], "client_seconds", clients[c].masked_input, updates[c], inbox[c], rng))
-              for c in live]
-    costs[STAGES[2]].uplink_bytes = sum(m.nbytes() for m in inputs)
-    request = timed(STAGES[2], "server_seconds", server.collect_masked, inputs)
-    del inputs  # the server keeps only their sum
-    live = [c for c in request.survivors if c not in dropouts.before_unmask]
-    costs[STAGES[2]].downlink_bytes = request.nbytes() * len(live)
-
-    replies = [transport(timed(STAGES[3], "client_seconds", clients[c].unmask, transport(request))) for c in live]
-    costs[STAGES[3]].uplink_bytes = sum(r.nbytes() for r in replies)
-    total = timed(STAGES[3], "server_seconds", server.unmask, replies)
-    return SecAggOutcome(total, server.survivors, server.dropped, server, costs)
+    return drive_secure_aggregation(setup, LocalClients(updates, dropouts, rng, transport, auth))

@@ -63,14 +63,13 @@ def test_server_decodes_an_int8_reply_before_it_aggregates(tmp_path):
     strategy = AdapterFedAvg(reference=sent, clients_per_round=1, min_clients=1, seed=0)
     strategy.current = sent  # what configure_train keeps: the adapter this round's devices were sent
     exact = strategy._validated(r32, RoundStats()).state
-    stats = RoundStats()
-    decoded = strategy._validated(r8, stats).state
-    assert stats.upload_bytes == payload_bytes(r8.content["arrays"])
+    decoded = strategy._validated(r8, RoundStats()).state
     assert decoded.keys() == sent.keys()
     for k in sent:  # the same training (same seed), up to int8 rounding of the delta
         step = (exact[k] - sent[k]).abs().max() / 127
         assert (decoded[k] - exact[k]).abs().max() <= step + 1e-6
     arrays, _ = strategy.aggregate_train(1, [r8])  # the pipeline averages the decoded fp32 adapter
+    assert strategy.stats[1].upload_bytes == payload_bytes(r8.content["arrays"])  # counted as sent: int8
     out = arrays.to_torch_state_dict()
     assert out.keys() == sent.keys() and all(out[k].dtype == torch.float32 for k in out)
     for k in sent:  # one reply: the average is that reply's decoded adapter

@@ -1,4 +1,5 @@
-"""Device-side DP-SGD is tested by its distributions, in both engines (one at a time and packed).
+"""Device-side DP-SGD is tested by its distributions, in both engines (one at a time and packed), and one at a
+time in both clipping paths (opacus hooks and ghost clipping).
 
 Noise: an adapter whose LoRA A and B are both zero has an exactly zero loss gradient (dL/dB = g (A x)^T = 0,
 dL/dA = B^T g x^T = 0), and lr = 0 keeps it there, so the gradient handed to AdamW at every step is the
@@ -92,12 +93,14 @@ def _check_gaussian(x: np.ndarray, std: float, what: str) -> None:
 
 
 @MODES
-def test_train_local_noise_is_sigma_c_over_expected_batch(setup, mode):
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+def test_train_local_noise_is_sigma_c_over_expected_batch(setup, clipping, mode):
     cfg, model, datas, zero = setup
     client, steps = datas[0], 5
     q, ebs = _rate_and_expected_batch(client.num_train, 4)
+    privacy = cfg.privacy.model_copy(update={"clipping": clipping})
     with _AdamWGrads() as seen:
-        train_local(model, zero, client, _as(mode, ClientTask(1, steps, 4, 0.0, seed=3)), cfg.privacy,
+        train_local(model, zero, client, _as(mode, ClientTask(1, steps, 4, 0.0, seed=3)), privacy,
                     PrivacyLedger("u"))
     assert len(seen.steps) == steps  # every step is a DP step, empty Poisson batches too
     per_step = np.stack([torch.cat([g.flatten() for g in s]).double().numpy() for s in seen.steps])  # [S, P]
@@ -125,14 +128,16 @@ def test_packed_noise_is_each_devices_sigma_c_over_its_expected_batch(setup, mod
 
 
 @MODES
-def test_train_local_batches_follow_binomial_n_q(setup, mode):
+@pytest.mark.parametrize("clipping", ["hooks", pytest.param("ghost", marks=pytest.mark.slow)])  # same DPDataLoader
+def test_train_local_batches_follow_binomial_n_q(setup, clipping, mode):
     cfg, model, datas, zero = setup
     client, steps, batch = datas[1], 80, 8  # q = 1/7: Binomial(50, 1/7), against fixed batches of 8 (and 2)
     q, _ = _rate_and_expected_batch(client.num_train, batch)
     seen: list[int] = []
+    privacy = cfg.privacy.model_copy(update={"clipping": clipping})
     hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
-        train_local(model, zero, client, _as(mode, ClientTask(1, steps, batch, 0.0, seed=5)), cfg.privacy,
+        train_local(model, zero, client, _as(mode, ClientTask(1, steps, batch, 0.0, seed=5)), privacy,
                     PrivacyLedger("u"))
     finally:
         hook.remove()

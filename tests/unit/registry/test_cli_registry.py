@@ -169,3 +169,24 @@ def test_publish_of_a_directory_that_is_not_a_run_writes_nothing(tmp_path):
     r = cli("registry", "publish", tmp_path / "not-a-run", "--registry", reg, "--key", key)
     assert r.exit_code == 2 and "no adapters/round-N/fedtune.json" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not reg.exists()  # no empty registry left behind
+
+
+def test_timestamp_only_refresh_and_verify_of_the_timestamp_and_snapshot(tmp_path, registry, keys, runs):
+    import sqlite3
+
+    from fedtune.registry import publish_run
+    from fedtune.registry.metadata import TIMESTAMP_ROLE
+
+    key, _ = keys
+    publish_run(runs[0], registry, key, round=1)
+    registry.promote(1, keys=key)  # snapshot v1, timestamp v1
+    r = cli("registry", "refresh", "--timestamp-only", "--registry", registry.root, "--key",
+            tmp_path / "keys" / "signing.key")
+    assert r.exit_code == 0 and "timestamp v2 (snapshot v1)" in r.output, r.output
+    assert registry.db.role_meta(TIMESTAMP_ROLE)[0] == 2
+    assert cli("registry", "verify", "--registry", registry.root).exit_code == 0
+    snap_pin_broken = registry.db.role_meta(TIMESTAMP_ROLE)[1].replace(b'"version":1', b'"version":7')
+    with sqlite3.connect(registry.db.path) as con:
+        con.execute("UPDATE role_meta SET envelope = ? WHERE role = 'timestamp' AND version = 2", (snap_pin_broken,))
+    r = cli("registry", "verify", "--registry", registry.root)
+    assert r.exit_code == 1 and "timestamp v2: 0 valid signature" in r.output, r.output

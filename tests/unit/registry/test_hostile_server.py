@@ -19,6 +19,8 @@ import pytest
 from fedtune.registry import (DeadlineError, ExpiredError, IntegrityError, ReplayError, SignatureError,
                               publish_run)
 from fedtune.registry.device import DeviceClient, DeviceConfig
+from fedtune.registry.freshness import channel_key
+from fedtune.registry.metadata import SNAPSHOT_ROLE, TIMESTAMP_ROLE
 
 BASE = "tiny-llama"
 
@@ -78,8 +80,16 @@ class Hostile:
         self.set_channel(registry, channel_version, channel)
 
     def set_channel(self, registry, version: int | None = None, channel: str = "stable"):
+        """Channel metadata v``version`` (default: the newest), with the snapshot and timestamp signed with it."""
         rows = [r for r in registry.db.all_channel_meta() if r[1] == channel]
-        self.routes["/v1/channel"] = next(e for _, _, v, e in reversed(rows) if version in (None, v))
+        base, _, v, envelope = next(r for r in reversed(rows) if version in (None, r[2]))
+        self.routes["/v1/channel"] = envelope
+        key = channel_key(base, channel)
+        sv, snap = [(sv, e) for sv, e in registry.db.all_role_meta(SNAPSHOT_ROLE)
+                    if json.loads(e)["signed"]["channels"].get(key, {}).get("version") == v][-1]
+        self.routes["/v1/snapshot"] = snap
+        self.routes["/v1/timestamp"] = [e for _, e in registry.db.all_role_meta(TIMESTAMP_ROLE)
+                                        if json.loads(e)["signed"]["snapshot"]["version"] == sv][-1]
 
     def endless(self, handler):
         """A body that never ends (no Content-Length): counts what it manages to send."""
@@ -285,3 +295,136 @@ def test_two_documents_claiming_one_version_are_refused(tmp_path, registry, setu
         with pytest.raises(ReplayError, match="two different documents claim v2"):
             dev.pull(force=True)
         assert_untouched(dev, before)
+
+
+# --- TUF's timestamp and snapshot roles (freshness.py) ----------------------------------------------
+def _doc(envelope: bytes) -> dict:
+    return json.loads(envelope)["signed"]
+
+
+def test_a_frozen_server_is_caught_by_the_stale_timestamp(tmp_path, registry, setup):
+    """The server keeps serving a genuine, once-valid state after its short-lived timestamp expired."""
+    key, verify, _ = setup
+    registry.refresh_timestamp(keys=key, ttl_s=2)
+    with Hostile() as srv:
+        srv.serve_registry(registry)
+        dev = device(tmp_path, srv.url, verify)
+        assert dev.pull().active == 2
+        before = snapshot(dev)
+        registry.promote(3, keys=key)  # the server hides this release from the device (a freeze)
+        time.sleep(2.1)
+        assert _doc(srv.routes["/v1/channel"])["expires"] > _doc(srv.routes["/v1/timestamp"])["expires"]
+        with pytest.raises(ExpiredError, match=r"timestamp metadata v\d+ \(a frozen server.*expired at"):
+            dev.pull()
+        assert_untouched(dev, before)
+
+
+def test_a_timestamp_pinning_an_older_snapshot_is_refused(tmp_path, registry, setup):
+    """Even with the timestamp key, a server cannot point the device back to an older snapshot."""
+    from fedtune.registry.freshness import TimestampMeta, pin
+    from fedtune.registry.metadata import expires_in, sign_document
+
+    key, verify, _ = setup
+    with Hostile() as srv:
+        srv.serve_registry(registry)
+        dev = device(tmp_path, srv.url, verify)
+        assert dev.pull().active == 2
+        before = snapshot(dev)
+        newest = _doc(srv.routes["/v1/timestamp"])
+        old_v, old_snap = registry.db.all_role_meta(SNAPSHOT_ROLE)[0]
+        forged = TimestampMeta(version=newest["version"] + 1, expires=expires_in(3600), snapshot=pin(old_v, old_snap))
+        srv.routes["/v1/timestamp"], srv.routes["/v1/snapshot"] = sign_document(forged, [key]), old_snap
+        with pytest.raises(ReplayError, match=r"pins snapshot v1, older than v2 .*\(a snapshot rollback\)"):
+            dev.pull(force=True)
+        assert_untouched(dev, before)
+
+
+def test_a_snapshot_that_rolls_a_channel_back_is_refused(tmp_path, registry, setup):
+    """Holding the snapshot and timestamp keys, a thief re-pins the channel's older metadata: refused."""
+    from fedtune.registry.freshness import SnapshotMeta, TimestampMeta, pin
+    from fedtune.registry.metadata import expires_in, sign_document
+
+    key, verify, _ = setup
+    with Hostile() as srv:
+        srv.serve_registry(registry)
+        dev = device(tmp_path, srv.url, verify)
+        assert dev.pull().active == 2
+        before = snapshot(dev)
+        old = registry.db.all_channel_meta()[0]  # channel metadata v1 (named artifact v1)
+        snap = SnapshotMeta(version=50, expires=expires_in(3600), channels={f"{BASE}/stable": pin(1, old[3])})
+        snap_env = sign_document(snap, [key])
+        ts = TimestampMeta(version=50, expires=expires_in(3600), snapshot=pin(50, snap_env))
+        srv.routes.update({"/v1/timestamp": sign_document(ts, [key]), "/v1/snapshot": snap_env,
+                           "/v1/channel": old[3]})
+        with pytest.raises(ReplayError, match=r"channel tiny-llama/stable went back to metadata v1, .*accepted v2"):
+            dev.pull(force=True)
+        assert_untouched(dev, before)
+
+
+def test_documents_other_than_the_pinned_ones_are_refused(tmp_path, registry, setup):
+    from fedtune.registry.freshness import SnapshotMeta
+    from fedtune.registry.metadata import ChannelMeta, expires_in, sign_document
+
+    key, verify, _ = setup
+    with Hostile() as srv:
+        srv.serve_registry(registry)
+        genuine = dict(srv.routes)
+        # a snapshot re-signed at the pinned version with other bytes (a leaked snapshot key, not the timestamp's)
+        snap = SnapshotMeta.model_validate(_doc(genuine["/v1/snapshot"]))
+        srv.routes["/v1/snapshot"] = sign_document(snap.model_copy(update={"expires": expires_in(99_999)}), [key])
+        dev = device(tmp_path, srv.url, verify)
+        with pytest.raises(IntegrityError, match=r"snapshot metadata v2: its sha256 .* the signed timestamp v2 names"):
+            dev.pull()
+        assert dev.state.pointer().active is None and not list((dev.state.root / "versions").iterdir())
+        # channel metadata re-signed at the pinned version with other bytes (a leaked release key)
+        srv.routes.update(genuine)
+        chan = ChannelMeta.model_validate(_doc(genuine["/v1/channel"]))
+        srv.routes["/v1/channel"] = sign_document(chan.model_copy(update={"expires": expires_in(99_999)}), [key])
+        with pytest.raises(IntegrityError, match=r"channel metadata .* v2: its sha256 .* the signed snapshot names"):
+            dev.pull()
+        assert dev.state.pointer().active is None
+        srv.routes.update(genuine)
+        assert dev.pull().active == 2  # the genuine documents still go through
+
+
+def test_each_document_needs_its_own_roles_signature(tmp_path, registry, setup, more_keys_for_roles):
+    """Distinct keys per role: a timestamp signed by the release key, or a snapshot by the timestamp key, is refused."""
+    from fedtune.registry.freshness import SnapshotMeta, TimestampMeta
+    from fedtune.registry.metadata import sign_document
+
+    key, verify, _ = setup
+    (s, s_pub), (t, t_pub) = more_keys_for_roles
+    registry.rotate_root([key], root_keys=[verify], root_threshold=1, release_keys=[verify], release_threshold=1,
+                         snapshot_keys=[s_pub], timestamp_keys=[t_pub])
+    with pytest.raises(SignatureError, match="0 valid signature.* root v2's 'snapshot' keys"):
+        registry.refresh(BASE, keys=key)  # the release key alone cannot sign the snapshot: nothing written
+    registry.refresh(BASE, keys=[key, s, t])
+    with Hostile() as srv:
+        srv.serve_registry(registry)
+        dev = device(tmp_path, srv.url, verify)
+        assert dev.pull().active == 2  # walks root v2, then trusts the new snapshot and timestamp keys
+        before = snapshot(dev)
+        genuine = dict(srv.routes)
+        ts = TimestampMeta.model_validate(_doc(genuine["/v1/timestamp"]))
+        srv.routes["/v1/timestamp"] = sign_document(ts.model_copy(update={"version": ts.version + 1}), [key, s])
+        with pytest.raises(SignatureError, match="timestamp metadata: 0 valid signature.* root v2's 'timestamp' keys"):
+            dev.pull()
+        assert_untouched(dev, before)
+        srv.routes.update(genuine)
+        snap = SnapshotMeta.model_validate(_doc(genuine["/v1/snapshot"]))
+        fresh = device(tmp_path / "other", srv.url, verify)
+        srv.routes["/v1/snapshot"] = sign_document(snap, [key, t])
+        with pytest.raises(SignatureError, match="snapshot metadata: 0 valid signature.* root v2's 'snapshot' keys"):
+            fresh.pull()
+        assert fresh.state.pointer().active is None
+
+
+@pytest.fixture
+def more_keys_for_roles(tmp_path):
+    from fedtune.registry.signing import generate_keypair, load_verify_key
+
+    out = []
+    for name in ("snapshot", "timestamp"):
+        k = generate_keypair(tmp_path / "roles" / f"{name}.key")
+        out.append((k, load_verify_key(tmp_path / "roles" / f"{name}.pub")))
+    return out
