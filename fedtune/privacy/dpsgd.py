@@ -71,8 +71,7 @@ def make_private(
 
     The noise comes from a torch generator seeded with ``seed`` and the batches from ``loader``'s own
     generator (simulations); with ``streams`` = (sampling, noise) ``RandomStream`` s (a deployed device's
-    CSPRNG, ``fedtune.privacy.csprng``), from those two instead (hooks clipping; the ghost-clipping path
-    still draws from its seeded torch generator)."""
+    CSPRNG, ``fedtune.privacy.csprng``), from those two instead (both clipping paths)."""
     from opacus import PrivacyEngine
 
     from fedtune.privacy.csprng import TorchStream
@@ -82,7 +81,7 @@ def make_private(
     sample_rate = 1.0 / len(loader)
     noise = resolve_noise(cfg, sample_rate, planned_steps, len(loader.dataset))
     if cfg.clipping == "ghost":
-        return make_ghost_private(model, optimizer, loader, cfg, ledger, noise, seed)
+        return make_ghost_private(model, optimizer, loader, cfg, ledger, noise, seed, streams)
     engine = PrivacyEngine(accountant=cfg.accountant)
     engine.accountant.history = [tuple(h) for h in ledger.history]
     noise_gen = torch.Generator(device=next(p.device for p in model.parameters() if p.requires_grad))

@@ -3,8 +3,9 @@
 Per step, exactly what ``fedtune.privacy.dpsgd`` (opacus' DPOptimizer with flat noise) does:
   1. Poisson-sample the batch (opacus' ``DPDataLoader``, rate q = 1 / len(loader)).
   2. Backward the mean loss; ``GhostClipper`` gives sum_i min(1, C / (||g_i|| + 1e-6)) g_i per LoRA factor.
-  3. Add one flat N(0, (sigma C)^2) draw from the device's seeded generator over every trainable tensor in
-     optimizer order (``fedtune.privacy.noise``), divide by the expected batch size int(N q).
+  3. Add one flat N(0, (sigma C)^2) draw from the device's noise stream (a seeded torch generator in a
+     simulation, the AES-CTR CSPRNG on a deployed device) over every trainable tensor in optimizer order
+     (``fedtune.privacy.noise``), divide by the expected batch size int(N q).
   4. Step the wrapped optimizer; the accountant records (sigma, q) and the ledger keeps its history.
 An empty Poisson batch records nothing, so step 2 gives zeros and the step is noise only. With micro-batches
 (``train.physical_batch_size``) each one's clipped sum is added up (``signal_skip_step``) and steps 3-4 run once.
@@ -27,7 +28,7 @@ class GhostDPOptimizer:
 
     def __init__(self, optimizer: torch.optim.Optimizer, clipper: GhostClipper, params: list[torch.nn.Parameter],
                  noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
-                 generator: torch.Generator, accountant, sample_rate: float):
+                 generator, accountant, sample_rate: float):  # a RandomStream (fedtune.privacy.csprng)
         self.optimizer, self.clipper, self.params = optimizer, clipper, params
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size, self.generator = expected_batch_size, generator
@@ -65,6 +66,7 @@ class GhostPrivateTraining:
     loader: torch.utils.data.DataLoader
     noise_multiplier: float
     sample_rate: float
+    noise_generator: str = ""  # the name of the stream the noise came from (fedtune.privacy.csprng)
 
     def noise_only_step(self) -> None:
         self.optimizer.step()  # nothing was recorded: the clipped sum is zero
@@ -79,8 +81,11 @@ class GhostPrivateTraining:
 
 def make_ghost_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        loader: torch.utils.data.DataLoader, cfg: PrivacyConfig, ledger: PrivacyLedger,
-                       noise_multiplier: float, seed: int) -> GhostPrivateTraining:
-    """Ghost-clipped DP-SGD over ``optimizer``'s parameters; the accountant continues from ``ledger``."""
+                       noise_multiplier: float, seed: int, streams: tuple | None = None) -> GhostPrivateTraining:
+    """Ghost-clipped DP-SGD over ``optimizer``'s parameters; the accountant continues from ``ledger``.
+
+    Noise from a torch generator seeded with ``seed`` and batches from ``loader``'s generator (simulations),
+    or, with ``streams`` = (sampling, noise), from a deployed device's CSPRNG streams."""
     from opacus.accountants import create_accountant
     from opacus.data_loader import DPDataLoader
 
@@ -89,9 +94,18 @@ def make_ghost_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     clipper = GhostClipper(model, params)
     accountant = create_accountant(cfg.accountant)
     accountant.history = [tuple(h) for h in ledger.history]
+    from fedtune.privacy.csprng import TorchStream
+    from fedtune.privacy.poisson_batches import with_stream
+
     generator = torch.Generator(device=params[0].device)
     generator.manual_seed(seed)
+    source = TorchStream(generator)
+    if streams is not None:
+        sampling, source = streams
     ebs = expected_batch_size(len(loader.dataset), sample_rate)
-    opt = GhostDPOptimizer(optimizer, clipper, params, noise_multiplier, cfg.max_grad_norm, ebs, generator,
+    opt = GhostDPOptimizer(optimizer, clipper, params, noise_multiplier, cfg.max_grad_norm, ebs, source,
                            accountant, sample_rate)
-    return GhostPrivateTraining(opt, DPDataLoader.from_data_loader(loader), noise_multiplier, sample_rate)
+    batches = DPDataLoader.from_data_loader(loader)
+    if streams is not None:
+        batches = with_stream(batches, sampling)
+    return GhostPrivateTraining(opt, batches, noise_multiplier, sample_rate, source.name)

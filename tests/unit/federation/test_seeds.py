@@ -182,3 +182,16 @@ def test_a_deployed_servers_user_noise_and_cohort_come_from_the_csprng(monkeypat
     assert UserLevelDP(dp).report()["noise_generator"] == AesCtrStream.name
     assert isinstance(dp.seeds.rng("cohort", 1), StreamRandom)
     assert spy.uniform == 0 and len(dp.sample(1)) <= 100
+
+
+def test_a_deployed_device_with_ghost_clipping_draws_from_the_csprng_too(tmp_path, monkeypatch):
+    from fedtune.privacy.csprng import AesCtrStream
+
+    cfg, model, start, data = _setup()
+    cfg = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update={"clipping": "ghost"})})
+    spy = _Spy(monkeypatch)
+    sim = train_one(model, DeviceState.simulated(tmp_path / "sim", cfg.seed), cfg, start, data, PLAN, "u", 1)
+    assert (spy.normal, spy.uniform) == (0, 0) and "torch.Generator" in sim.update.noise_generator
+    dev = train_one(model, DeviceState.deployed_device(tmp_path / "dev"), cfg, start, data, PLAN, "u", 1)
+    assert spy.normal == PLAN.local_steps and spy.uniform == PLAN.local_steps
+    assert dev.update.noise_generator == AesCtrStream.name
