@@ -88,11 +88,6 @@ _SECURE_FLEET = Refusal("privacy.secure_aggregation.enabled", "one SecAgg+ round
 _SECURE_ROBUST = Refusal("federation.aggregation", "median and trimmed mean need every individual update, which secure "
                          "aggregation hides from the server (it learns only the sum)",
                          "use aggregation=fedavg with secure aggregation, or turn it off")
-_SECURE_DEPLOY = Refusal("privacy.secure_aggregation.enabled", "the SecAgg+ stages run as Flower messages "
-                         "(`fedtune simulate`), but a deployed round through `fedtune server start` and real devices "
-                         "has not been run end to end yet (TLS, node auth, device restarts between stages)",
-                         "run secure aggregation in simulation (`fedtune simulate`), or turn it off for a deployment")
-
 REFUSED: dict[frozenset, Refusal] = {
     frozenset(("fleet-zeropad", "ffa-lora")): _LORA_TIERS, frozenset(("fleet-flexlora", "ffa-lora")): _LORA_TIERS,
     frozenset(("fleet-zeropad", "prompt-tuning")): _LORA_TIERS,
@@ -106,7 +101,7 @@ REFUSED: dict[frozenset, Refusal] = {
     frozenset(("deployment", "packed")): _DEPLOY_PACKED,
     frozenset(("secure-agg", "fleet-zeropad")): _SECURE_FLEET,
     frozenset(("secure-agg", "fleet-flexlora")): _SECURE_FLEET,
-    frozenset(("secure-agg", "robust")): _SECURE_ROBUST, frozenset(("secure-agg", "deployment")): _SECURE_DEPLOY,
+    frozenset(("secure-agg", "robust")): _SECURE_ROBUST,
 }
 
 
@@ -181,7 +176,7 @@ def render_markdown() -> str:
              "the Flower engine, several features per run: 10 runs cover every pair under `-m slow`, 2 of them "
              "(22 pairs) in the default suite; packed × secure-agg runs in process only, as on Flower each device "
              "trains in its own secure-aggregation message; pairs with deployment need real devices and are not "
-             "in these smokes), ✓* runs when a condition holds and is refused otherwise, "
+             "in these smokes (secure-agg × deployment runs in `tests/integration/test_deployment.py`), ✓* runs when a condition holds and is refused otherwise, "
              "✗ refused by `fedtune validate` (reason and fix below), – one setting cannot hold both.", "",
              "| feature | how to turn it on |", "|---|---|"]
     lines += [f"| {f.name} | {f.setting} |" for f in FEATURES]
