@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
 from fedtune.flower.device import DECLINED_KEY, decline
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, pass_through_non_train
 
 PACKED_TRAIN = f"{MessageType.TRAIN}.packed"
 GROUP_KEY = "group"
@@ -94,10 +94,7 @@ class PackedGrid:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
-        other = [m for m in messages if m.metadata.message_type != MessageType.TRAIN]
-        replies = list(self.grid.send_and_receive(other, timeout=timeout)) if other else []
+        train, replies = pass_through_non_train(self.grid, messages, timeout)
         if not train:
             return replies
         index = {node: i for i, node in enumerate(sorted(self.grid.get_node_ids()))}

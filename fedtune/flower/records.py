@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, MessageType, MetricRecord
 
 from fedtune.compression import decode_update, encode_update
 from fedtune.types import AdapterState, ClientUpdate
@@ -49,3 +49,12 @@ def update_to_metrics(update: ClientUpdate, seconds: float, partition: int, *, d
 def payload_bytes(arrays: ArrayRecord) -> int:
     """Serialized bytes of the tensors in a record (what crosses the wire for the adapter)."""
     return sum(len(a.data) for a in arrays.values())
+
+
+def pass_through_non_train(grid, messages, timeout: float | None) -> tuple[list, list]:
+    """(the train messages, the replies to every other message, sent unchanged through ``grid``): what a grid
+    wrapper that rewrites only train messages (packed groups, secure aggregation) does first."""
+    messages = list(messages)
+    train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+    other = [m for m in messages if m.metadata.message_type != MessageType.TRAIN]
+    return train, (list(grid.send_and_receive(other, timeout=timeout)) if other else [])

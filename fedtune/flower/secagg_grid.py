@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedtune.federation.secure_round import CohortSum, SecureAggregation
 from fedtune.flower import secagg_records as rec
 from fedtune.flower.device import declined_reason
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state
+from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, pass_through_non_train
 from fedtune.flower.secagg_client import PARAMS_KEY, SECAGG_QUERY, SECAGG_TRAIN
 from fedtune.privacy.secagg.driver import STAGES
 
@@ -91,10 +91,7 @@ class SecAggGrid:
         return self.sums.pop(server_round)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
-        other = [m for m in messages if m.metadata.message_type != MessageType.TRAIN]
-        replies = list(self.grid.send_and_receive(other, timeout=timeout)) if other else []
+        train, replies = pass_through_non_train(self.grid, messages, timeout)
         if not train:
             return replies
         current = arrays_to_state(train[0].content[ARRAYS_KEY])
