@@ -1,5 +1,5 @@
 """The sotu personalization benchmark: one command, one table (base / global / global+FT / split / local-only),
-with and without DP.
+with and without DP: per-device DP-SGD (--dp on) and user-level DP-FedAvg on the server at the same ε (--dp user).
 
     python simulations/sotu_personalization.py --out runs/personalization              # sotu, SmolLM2-135M
     python simulations/sotu_personalization.py --data my_users.jsonl --out runs/mine   # your own data
@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedtune.config import ConfigError, load_config, with_absolute_paths  # noqa: E402
+from fedtune.personalization.settings import SETTINGS, user_level_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "personalization-sotu.yaml"
 
@@ -34,7 +35,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--user-column", default="user_id")
     p.add_argument("--text-column", default="text")
     p.add_argument("--out", type=Path, default=Path("runs/personalization"))
-    p.add_argument("--dp", default="off,on", help="privacy settings to run: off, on or off,on")
+    p.add_argument("--dp", default="off,on",
+                   help="privacy settings to run, comma-separated: off, on (per-device DP-SGD), user (user-level "
+                        "DP-FedAvg on the server at the same ε), e.g. off,on,user")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--prepared", type=Path, help="read users' token chunks from this --prepare-only directory")
     p.add_argument("--prepare-only", type=Path, help="tokenize and save users' chunks here, then stop")
@@ -52,12 +55,21 @@ def main(argv=None) -> dict | None:
                       f"data.text_column={args.text_column}"]
     try:
         cfg = with_absolute_paths(load_config(args.config, overrides))
-        settings = tuple({"off": False, "on": True}[s.strip()] for s in args.dp.split(","))
+        settings = tuple(s.strip() for s in args.dp.split(","))
+        bad = next((s for s in settings if s not in SETTINGS), None)
+        if bad is not None:
+            raise KeyError(bad)
+        if "user" in settings:
+            user_level_config(cfg)  # needs the ε to match; says how to set it
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyError as err:
-        print(f"error: --dp {args.dp!r}: expected off, on or off,on ({err} is neither)", file=sys.stderr)
+        print(f"error: --dp {args.dp!r}: expected off, on or off,on (or user, e.g. off,on,user; "
+              f"{err} is none of them)", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as err:
+        print(f"error: --dp user: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     import torch
 

@@ -1,6 +1,7 @@
 """The personalization benchmark: one table of base / global / global+FT / split / local-only, per privacy setting.
 
-For each setting (DP off, DP on with the config's noise), on the same users and the same base model:
+For each setting (DP off, per-device DP-SGD on, user-level DP-FedAvg on the server at the same ε and δ:
+``fedtune.personalization.settings``), on the same users and the same base model:
   1. a FedAvg federation (``split=none``) gives the global adapter;
   2. a FedSA-LoRA federation (``split=fedsa``) gives the shared A and each device's private B;
   3. every TEST user (``personalization.eval_users``: users are split once, by id hash, into tuning users,
@@ -17,8 +18,8 @@ machine); the run directories it writes are ordinary runs that ``fedtune evaluat
 
     out/
       dp-off/fedavg/  dp-off/fedsa/  dp-off/eval/ (per_user.csv, summary.md, plots)
-      dp-on/...
-      benchmark.md, benchmark.json
+      dp-on/...  dp-user/...
+      benchmark.md, benchmark.json (with the DP-SGD vs user-level comparison when both ran)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fedtune.adapters import get_adapter_state
@@ -36,6 +38,9 @@ from fedtune.personalization.tuning import tune_selection, with_personalization
 from fedtune.personalization.users import select_users
 from fedtune.privacy.device_budget import budget_warning, over_target, sit_out_reason
 from fedtune.personalization.run_eval import load_model, sources_for
+from fedtune.personalization.settings import (
+    DIRS, FROM_GLOBAL, comparison, comparison_line, setting_name, user_level_config, user_level_refusal,
+)
 from fedtune.personalization.summary import best_personalized, format_table, write_outputs
 from fedtune.types import ClientData
 from fedtune.workspace import RunDir
@@ -67,10 +72,22 @@ def sit_outs(cfg: ExperimentConfig, clients: list[ClientData]) -> dict[str, str]
     return out
 
 
-def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp: bool, device: str,
+def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp: bool | str, device: str,
                 progress=None, pack: int = 1, initial=None) -> dict:
-    """One privacy setting. ``initial``: the seeded starting adapter (the cached model keeps whatever the
-    previous setting left on it, so ``run_benchmark`` takes it once, before any training)."""
+    """One privacy setting (``dp``: off / on / user, or a bool for off / on). ``initial``: the seeded starting
+    adapter (the cached model keeps whatever the previous setting left on it, so ``run_benchmark`` takes it
+    once, before any training). A user-level configuration ``plan_user_level`` refuses is returned as
+    ``refused`` (its reason), not run."""
+    name = setting_name(dp)
+    dp = name == "on"
+    if name == "user":
+        cfg = user_level_config(cfg)
+        why = user_level_refusal(cfg, len(clients))
+        if why is not None:
+            log.warning("user-level setting not run: %s", why)
+            if progress:
+                progress(f"user-level setting not run: {why}")
+            return {"setting": name, "dp": False, "refused": why}
     model = load_model(cfg, device)
     initial = initial if initial is not None else get_adapter_state(model)
     t0 = time.perf_counter()
@@ -104,6 +121,13 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
     if "split" in cfg.personalization.methods:
         results += evaluate_users(model, evaluated, src_sa, sa_cfg, ["split"])
     target = (cfg.privacy.device_epsilon_budget or cfg.privacy.target_epsilon) if dp else None
+    last = runs["none"][1][-1]
+    if name == "user":  # the table's ε: the server ledger's user-level ε, as the federation recorded it
+        target = cfg.privacy.user_level.target_epsilon
+        eps_of = {"none": last.get("epsilon"),
+                  "fedsa": runs["fedsa"][1][-1].get("epsilon") if "fedsa" in runs else None}
+        results = [replace(r, epsilon=eps_of["fedsa" if r.method == "split" else "none"]
+                           if r.method in FROM_GLOBAL else None) for r in results]
     warnings = [budget_warning(f"{r.user} ({r.method})", r.epsilon, target) for r in results
                 if over_target(r.epsilon, target)]
     for w in warnings:
@@ -111,16 +135,25 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
         if progress:
             progress(w)
     (out / "sat_out.json").write_text(json.dumps(sat_out, indent=1))
-    summaries = write_outputs(results, out / "eval", title=f"{cfg.name}, DP {'on' if dp else 'off'}")
+    title = {"off": "DP off", "on": "DP on", "user": "user-level DP-FedAvg (ε: the server's user-level ledger)"}
+    summaries = write_outputs(results, out / "eval", title=f"{cfg.name}, {title[name]}")
     best = best_personalized(summaries)
     by = {s.method: s for s in summaries}
     pers = by.get("personalized")
+    eps_all = [s.max_epsilon for s in summaries if s.max_epsilon is not None]
+    # the final global adapter's guarantee as the mechanisms that ran labelled it (fedtune.json)
+    guarantee = json.loads((runs["none"][0].adapter(last["round"]) / "fedtune.json").read_text())["privacy"]
     return {
+        "setting": name,
         "dp": dp,
         # what the federation's records say ran (never the config): "user" under server-side DP-FedAvg
-        "privacy_level": runs["none"][1][-1].get("privacy_level"),
-        "federation_epsilon": runs["none"][1][-1].get("epsilon"),
-        "federation_delta": runs["none"][1][-1].get("delta"),
+        "privacy_level": last.get("privacy_level"),
+        "federation_epsilon": last.get("epsilon"),
+        "federation_delta": last.get("delta"),
+        "max_epsilon": max(eps_all) if eps_all else None,
+        "mechanism": guarantee.get("mechanism"),
+        "server_noise_multiplier": guarantee.get("noise_multiplier") if guarantee.get("level") == "user" else None,
+        "server_clip_norm": guarantee.get("clip_norm") if guarantee.get("level") == "user" else None,
         "target_epsilon": target,
         "epsilon_warnings": warnings,
         "sat_out": sat_out,
@@ -151,16 +184,19 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
 
 
 def run_benchmark(cfg: ExperimentConfig, clients: list[ClientData], out: str | Path, device: str = "cpu",
-                  settings: tuple[bool, ...] = (False, True), progress=None, pack: int = 1) -> dict:
-    """Both privacy settings; writes ``out/benchmark.md`` and ``out/benchmark.json`` and returns the latter.
-    ``pack`` > 1 trains devices that many at a time on the packed engine (same results, faster on a GPU)."""
+                  settings: tuple[bool | str, ...] = ("off", "on"), progress=None, pack: int = 1) -> dict:
+    """The privacy settings (off / on / user; bools mean off / on); writes ``out/benchmark.md`` and
+    ``out/benchmark.json`` and returns the latter, with ``comparison`` (per-device DP-SGD vs user-level
+    DP-FedAvg) when both ran. ``pack`` > 1 trains devices that many at a time on the packed engine (same
+    results, faster on a GPU)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"name": cfg.name, "users": len(clients), "device": device, "pack": pack, "settings": []}
     initial = get_adapter_state(load_model(cfg, device))  # the seeded init, before any setting trains
     for dp in settings:
-        report["settings"].append(run_setting(cfg, clients, out / ("dp-on" if dp else "dp-off"), dp, device,
+        report["settings"].append(run_setting(cfg, clients, out / DIRS[setting_name(dp)], dp, device,
                                               progress, pack, initial))
+    report["comparison"] = comparison(report["settings"])
     (out / "benchmark.json").write_text(json.dumps(report, indent=1))
     (out / "benchmark.md").write_text(format_report(report))
     return report
@@ -169,14 +205,20 @@ def run_benchmark(cfg: ExperimentConfig, clients: list[ClientData], out: str | P
 def format_report(report: dict) -> str:
     lines = [f"# Personalization benchmark: {report['name']} ({report['users']} users, {report['device']})", ""]
     for s in report["settings"]:
+        if s.get("refused"):
+            lines += ["## User-level DP-FedAvg on the server: not run", "",
+                      f"**the user-level setting was not run: {s['refused']}**", ""]
+            continue
         eps = max((m["max_epsilon"] or 0) for m in s["methods"]) if s["dp"] else None
         sigma = (f"per-device noise calibrated to a device budget of ε ≤ {s['target_epsilon']}"
                  if s.get("target_epsilon")
                  else f"noise multiplier {s['noise_multiplier']}")
         head = (f"## DP-SGD on ({sigma}, δ={s['delta']}, max device ε {eps:.2f})" if s["dp"] else "## DP off")
         if s.get("privacy_level") == "user":  # the label comes from the federation's records
+            noise = (f", noise multiplier {s['server_noise_multiplier']:.3g}, clip {s['server_clip_norm']:.3g}"
+                     if s.get("server_noise_multiplier") is not None else "")
             head = (f"## User-level DP-FedAvg on the server (ε {s['federation_epsilon']:.2f}, "
-                    f"δ={s['federation_delta']:.3g}){'' if s['dp'] else '; no DP-SGD on devices'}")
+                    f"δ={s['federation_delta']:.3g}{noise}){'' if s['dp'] else '; no DP-SGD on devices'}")
         verdict = (f"best personalized method: **{s['best_personalized']}**, better than the global adapter for "
                    f"{100 * (s['best_beats_global_share'] or 0):.0f}% of users; beats local-only on mean "
                    f"perplexity: {'yes' if s['best_beats_local_only_mean'] else 'no'}")
@@ -201,4 +243,7 @@ def format_report(report: dict) -> str:
         lines += [head, "", s["table"], "", verdict, *targets, *extra,
                   f"(federations {s['federation_seconds']} s, evaluation {s['evaluation_seconds']} s; global "
                   f"perplexity by round {[round(x, 2) for x in s['global_perplexity_by_round']]})", ""]
+    line = comparison_line(report.get("comparison"))
+    if line:
+        lines += [line, ""]
     return "\n".join(lines)
