@@ -13,6 +13,9 @@ For each setting (DP off, per-device DP-SGD on, user-level DP-FedAvg on the serv
      (``fedtune.personalization.tuning``; ``tuning.json``) and the test users evaluated with that choice.
 Every device's DP-SGD noise is calibrated to ``privacy.target_epsilon`` from its own sampling rate; a device
 too small to train within it sits out and is named; any ε above the target is flagged in the report.
+Under user-level DP-FedAvg (``user``) no device runs DP-SGD: the server clips and noises, its ledger's ε
+labels the setting, and the personal steps, which never leave the device, run without DP-SGD
+(``fedtune.personalization.settings``); ``benchmark.md`` then compares it with per-device DP-SGD.
 Both federations run in this process (``federate``), so the recipe also runs where Ray does not (the GPU
 machine); the run directories it writes are ordinary runs that ``fedtune evaluate`` reads.
 
