@@ -21,7 +21,7 @@ from fedtune.adapters import get_adapter_state, set_adapter_state
 from fedtune.adapters.split import initial_private, merge
 from fedtune.data.partition import load_client_data
 from fedtune.federation.device_round import (  # noqa: F401
-    DeviceBudgetSpent, DeviceSitsOut, DeviceState, StaleRound, declined_event, train_one,
+    Declined, DeviceBudgetSpent, DeviceSitsOut, DeviceState, StaleRound, declined_event, train_one,
 )
 from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
@@ -89,8 +89,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     # with a split adapter the private part is restored from, and saved back to, the device's own state
     try:
         trained = train_one(model, state, cfg, incoming, data, plan, key, device)
-    except DeviceSitsOut as err:  # too small for its DP budget: a clean decline; the detail stays here
-        log.warning("declined round %d: %s", plan.server_round, err)
+    except Declined as err:  # too small for its DP budget or its budget spent: a clean decline, detail kept here
+        log.warning("declined round %d (%s): %s", plan.server_round, err.reason, err)
         if deployed is None:
             ctx.run.append_event(declined_event(plan.server_round, device, data.user_id, err))
         return decline(msg, err.reason)
