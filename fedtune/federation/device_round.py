@@ -176,9 +176,10 @@ def _train_kwargs(cfg) -> dict:
 
 
 def train_one(model, state: DeviceState, cfg, incoming: AdapterState, data: ClientData, plan: TaskPlan,
-              key: str, device: int | str) -> Trained:
+              key: str, device: int | str, physical_batch_size: int | None = None) -> Trained:
     """One device's round: sit-out check -> ledger -> device_round (split-aware) -> save ledger -> encode.
-    Raises :class:`Declined` before training: ``DeviceSitsOut`` (too small for its budget) or
+    ``physical_batch_size``: the device's micro-batch cap (a deployed device's memory profile,
+    ``fedtune.deploy.device.device_micro_batch``); default ``train.physical_batch_size``. Raises :class:`Declined` before training: ``DeviceSitsOut`` (too small for its budget) or
     ``DeviceBudgetSpent`` (its budget spent)."""
     from fedtune.personalization.device import device_round
 
@@ -190,7 +191,7 @@ def train_one(model, state: DeviceState, cfg, incoming: AdapterState, data: Clie
                           split=cfg.personalization.split, store=state.private, device_key=key,
                           loss_chunk_tokens=t.loss_chunk_tokens, gradient_checkpointing=t.gradient_checkpointing,
                           checkpoint_every_n_layers=t.checkpoint_every_n_layers,
-                          physical_batch_size=t.physical_batch_size, **_train_kwargs(cfg))
+                          physical_batch_size=physical_batch_size or t.physical_batch_size, **_train_kwargs(cfg))
     if ledger is not None:
         state.ledgers.save(ledger)
         log.info("device %s, round %d: DP-SGD noise and batches from %s", key, plan.server_round,
