@@ -11,7 +11,8 @@ measured side by side in one process.
   ``fused``: the fused chunked loss (``--loss-chunk`` tokens; fedtune's default ``train`` config);
   ``efficient``: the fused loss and reentrant checkpointing (``train.gradient_checkpointing=true``).
   ``efficientN``: the same, checkpointing only every N-th decoder layer (selective checkpointing).
-- ``--impl fedtune``: ``fedtune.training.train_local``; ``bare``: ``bench/bare_loop.py``, a bare
+- ``--impl fedtune``: ``fedtune.training.train_local``; ``fedtune-ghost``: the same with
+  ``privacy.clipping=ghost`` (``fedtune.privacy.ghost``, no per-sample gradients); ``bare``: ``bench/bare_loop.py``, a bare
   peft + opacus loop doing the same work (plain mode only); ``bare-ghost``: the same loop with opacus'
   ghost clipping (``grad_sample_mode="ghost"``; DP only).
 - ``--profile FILE``: one extra call per configuration under torch.profiler; its top operators go to FILE.
@@ -67,7 +68,8 @@ def bench_one(shape: str, quant: str, dp: bool, args, mode: str = "plain", impl:
     cfg = config_from_dict({
         "model": {"source": "tiny", "quantization": quant, "tiny": SHAPES[shape]},
         "adapter": {"method": "lora", "rank": args.rank, "alpha": 2 * args.rank, "target_modules": args.targets},
-        "privacy": {"enabled": dp, "noise_multiplier": 1.0, "max_grad_norm": 1.0},
+        "privacy": {"enabled": dp, "noise_multiplier": 1.0, "max_grad_norm": 1.0,
+                    "clipping": "ghost" if impl == "fedtune-ghost" else "hooks"},
     })
     device = args.device
     every = _every_n(mode)
@@ -168,11 +170,11 @@ def ratios(results: list[dict]) -> list[dict]:
         if dp and (q, False, mode, impl) in by:
             out.append({"ratio": "dp_overhead", "quant": q, "mode": mode, "impl": impl,
                         "value": round(r["step_s_median"] / by[(q, False, mode, impl)]["step_s_median"], 3)})
-        if impl == "fedtune" and (q, dp, "plain", "bare") in by:
+        if impl.startswith("fedtune") and (q, dp, "plain", "bare") in by:
             bare = by[(q, dp, "plain", "bare")]
-            out.append({"ratio": "framework_overhead", "quant": q, "dp": dp, "mode": mode,
+            out.append({"ratio": "framework_overhead", "quant": q, "dp": dp, "mode": mode, "impl": impl,
                         "value": round(r["step_s_median"] / bare["step_s_median"] - 1, 3)})
-            out.append({"ratio": "tokens_per_s_vs_bare", "quant": q, "dp": dp, "mode": mode,
+            out.append({"ratio": "tokens_per_s_vs_bare", "quant": q, "dp": dp, "mode": mode, "impl": impl,
                         "value": round(r["tokens_per_s"] / bare["tokens_per_s"], 3),
                         "peak_gib": r.get("peak_gpu_gib"), "bare_peak_gib": bare.get("peak_gpu_gib")})
         if mode != "plain" and (q, dp, "plain", impl) in by:
@@ -194,7 +196,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--mode", default="plain", help="plain,fused,efficient")
-    p.add_argument("--impl", default="fedtune", help="fedtune,bare,bare-ghost (opacus' ghost clipping)")
+    p.add_argument("--impl", default="fedtune", help="fedtune,fedtune-ghost (privacy.clipping=ghost),bare,bare-ghost (opacus' ghost clipping)")
     p.add_argument("--profile", default=None, help="append a torch.profiler table of each configuration here")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the fused loss (efficient)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -208,7 +210,7 @@ def main() -> None:
     results = []
     combos = itertools.product(args.quant.split(","), args.dp.split(","), args.mode.split(","), args.impl.split(","))
     for quant, dp, mode, impl in combos:
-        if impl.startswith("bare") and (mode != "plain" or (impl == "bare-ghost" and dp != "on")):
+        if (impl.startswith("bare") and mode != "plain") or (impl.endswith("-ghost") and dp != "on"):
             continue
         try:
             r = bench_one(args.shape, quant, dp == "on", args, mode, impl)
@@ -222,13 +224,13 @@ def main() -> None:
         if args.json:  # after every configuration, so a run cut short still leaves its figures
             with open(args.json, "w") as f:
                 json.dump({"results": results, "ratios": ratios([x for x in results if "error" not in x])}, f, indent=1)
-    print(f"\n{'quant':>6} {'dp':>5} {'mode':>9} {'impl':>7} {'step s':>8} {'tok/s':>9} {'base MiB':>9} {'peak':>14}")
+    print(f"\n{'quant':>6} {'dp':>5} {'mode':>9} {'impl':>13} {'step s':>8} {'tok/s':>9} {'base MiB':>9} {'peak':>14}")
     for r in results:
         if "error" in r:
-            print(f"{r['quant']:>6} {str(r['dp']):>5} {r['mode']:>9} {r['impl']:>7}  error: {r['error'][:60]}")
+            print(f"{r['quant']:>6} {str(r['dp']):>5} {r['mode']:>9} {r['impl']:>13}  error: {r['error'][:60]}")
             continue
         peak = f"{r['peak_gpu_gib']} GiB" if "peak_gpu_gib" in r else f"{r['max_rss_mib']} MiB rss"
-        print(f"{r['quant']:>6} {str(r['dp']):>5} {r['mode']:>9} {r['impl']:>7} {r['step_s_median']:>8} "
+        print(f"{r['quant']:>6} {str(r['dp']):>5} {r['mode']:>9} {r['impl']:>13} {r['step_s_median']:>8} "
               f"{r['tokens_per_s']:>9} {r['base_mib']:>9} {peak:>14}")
     for x in ratios([x for x in results if "error" not in x]):
         print(json.dumps(x))

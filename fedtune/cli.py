@@ -113,9 +113,18 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
                                                        help="run on an existing Ray cluster (e.g. auto)"),
              resume: bool = typer.Option(False, "--resume",
                                          help="continue the run in --out from its last checkpoint"),
+             backend: str = typer.Option("flower", "--backend",
+                                         help="flower: Flower's simulation engine on Ray; inprocess: the same "
+                                              "engine in this process (no Ray; cuda when simulation."
+                                              "num_gpus_per_client > 0)"),
              verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run a federated simulation on Flower's simulation engine and write a run directory."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    if backend not in ("flower", "inprocess"):
+        raise UserError(f"--backend: expected flower or inprocess, got {backend!r}")
+    if backend == "inprocess" and (resume or ray_address):
+        raise UserError(f"--backend inprocess: {'--resume' if resume else '--ray-address'} is for the Flower "
+                        "backend; drop it or use --backend flower")
     cfg = _load_or_exit(config, set_ + ([f"simulation.ray_address={ray_address}"] if ray_address else []))
     import transformers
 
@@ -181,15 +190,22 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
                       f"q={plan.sample_rate:.4g}, ε={plan.planned_epsilon:.3f} at δ={plan.delta:.3g} after "
                       f"{plan.rounds} rounds" + ("" if plan.rounds == cfg.federation.rounds else
                                                   f" (the budget stops the run before round {plan.rounds + 1})"))
-    console.print(f"Flower simulation engine (Ray): {n_devices} virtual devices, "
+    engine = "Flower simulation engine (Ray)" if backend == "flower" else "in-process engine"
+    console.print(f"{engine}: {n_devices} virtual devices, "
                   f"{min(cfg.federation.clients_per_round, n_devices)} per round, "
                   f"{cfg.federation.rounds} rounds, DP-SGD {'on' if cfg.privacy.enabled else 'off'}")
-    progress = _Progress(run, cfg.federation.rounds)
-    try:
-        handle = run_simulation(cfg, run, n_devices, on_poll=progress)
-    except SimulationFailed as err:
-        console.print(f"[red]simulation failed:[/red] {err}")
-        raise typer.Exit(1) from None
+    if backend == "inprocess":
+        from fedtune.cli_inprocess import simulate_in_process
+
+        simulate_in_process(console, cfg, run, clients)
+        finished = "in process"
+    else:
+        try:
+            handle = run_simulation(cfg, run, n_devices, on_poll=_Progress(run, cfg.federation.rounds))
+        except SimulationFailed as err:
+            console.print(f"[red]simulation failed:[/red] {err}")
+            raise typer.Exit(1) from None
+        finished = f"Flower run {handle.run_id}"
     records = run.read_metrics()
     write_plots(run, records)
     write_fleet_plots(run, records)
@@ -197,7 +213,7 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     for warning in epsilon_warnings(cfg, records):
         console.print(f"[yellow]{warning}[/yellow]")
     first, last = records[0], records[-1]
-    console.print(f"done in {time.monotonic() - t0:.0f}s (Flower run {handle.run_id}): held-out perplexity "
+    console.print(f"done in {time.monotonic() - t0:.0f}s ({finished}): held-out perplexity "
                   f"{first['eval_perplexity']:.3f} -> {last['eval_perplexity']:.3f}; report: {report}")
     if cfg.personalization.evaluate_at_end:
         from fedtune.cli_evaluate import run_evaluation

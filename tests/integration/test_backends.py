@@ -1,5 +1,6 @@
-"""The two backends of one engine: for the same config and seed, `fedtune simulate` (Flower on Ray) and the
-in-process backend give the same adapters, losses and ε (up to the order replies are summed in)."""
+"""The two backends of one engine: for the same config and seed, `fedtune simulate` (Flower on Ray) and
+`fedtune simulate --backend inprocess` give the same adapters, losses and ε (up to the order replies are summed
+in)."""
 
 import json
 import os
@@ -14,27 +15,22 @@ ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = ["federation.rounds=2", "federation.clients_per_round=3", "train.local_steps=3"]
 
 
-def test_flower_and_in_process_backends_agree(tmp_path):
-    from fedtune.adapters import create_adapter
-    from fedtune.config import load_config
-    from fedtune.data.partition import load_client_data, read_index
-    from fedtune.federation.inprocess import run_inprocess
-    from fedtune.models import load_base_model
-    from fedtune.workspace import RunDir
-
-    flower = tmp_path / "flower"
-    cmd = [sys.executable, "-m", "fedtune.cli", "simulate", str(ROOT / "configs/smoke.yaml"), "--out", str(flower)]
+def _simulate(out: Path, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "fedtune.cli", "simulate", str(ROOT / "configs/smoke.yaml"), "--out", str(out)]
     for s in SETTINGS:
         cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd + list(extra), cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    cfg = load_config(flower / "config.yaml")
-    clients = [load_client_data(flower / "data", i) for i in range(len(read_index(flower / "data")))]
-    base, _ = load_base_model(cfg.model)
-    model = create_adapter(base, cfg.adapter, cfg.seed)
-    local = run_inprocess(cfg, model, clients, RunDir.create(tmp_path / "local"))
 
+def test_flower_and_in_process_backends_agree(tmp_path):
+    flower = tmp_path / "flower"
+    _simulate(flower)
+    _simulate(tmp_path / "local", "--backend", "inprocess")
+    assert (tmp_path / "local" / "report.md").is_file()
+
+    local = [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
     remote = [json.loads(line) for line in (flower / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in remote] == [r["round"] for r in local] == [0, 1, 2]
     for a, b in zip(remote, local):

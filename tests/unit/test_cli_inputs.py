@@ -105,3 +105,14 @@ def test_dropped_users_are_reported_and_recorded(tmp_path, monkeypatch):
     assert "1 user(s) left out" in result.output and "(tiny)" in result.output
     events = [json.loads(ln) for ln in (out / "events.jsonl").read_text().splitlines()]
     assert {"event": "users_dropped", "users": ["tiny"]}.items() <= events[0].items()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--backend", "dask"], "--backend: expected flower or inprocess"),
+    (["--backend", "inprocess", "--resume"], "--resume is for the Flower backend"),
+    (["--backend", "inprocess", "--ray-address", "auto"], "--ray-address is for the Flower backend"),
+])
+def test_backend_choice_is_checked_before_anything_is_written(tmp_path, args, match):
+    out = tmp_path / "run"
+    res = _simulate("--out", str(out), *args)
+    assert res.exit_code == 2 and match in res.output and not out.exists()
