@@ -111,6 +111,25 @@ def declined_users(events: list[dict], reason: str = "too_small") -> list[str]:
                    and ev.get("reason") == reason})
 
 
+# what each decline reason means for a run's reader (report.md, `fedtune evaluate`'s summary)
+DECLINE_NOTES = {
+    "too_small": "Devices that sat out, too small to train within their DP budget ({n}; they keep the global "
+                 "model): {users}.",
+    "budget_spent": "Devices that stopped training once their own DP budget (privacy.device_epsilon_budget) was "
+                    "spent ({n}; from then on they declined every round): {users}.",
+}
+
+
+def decline_notes(events: list[dict]) -> list[str]:
+    """One line per decline reason of ``DECLINE_NOTES`` that occurred in the run, naming the users."""
+    lines = []
+    for reason, text in DECLINE_NOTES.items():
+        users = declined_users(events, reason)
+        if users:
+            lines.append(text.format(n=len(users), users=", ".join(users)))
+    return lines
+
+
 def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
     lines = [
         f"# fedtune run: {cfg.name}",
@@ -135,10 +154,8 @@ def write_report(run: RunDir, cfg, records: list[dict], seconds: float) -> Path:
         if ev.get("event") == "users_dropped":
             lines += ["", f"Users left out ({len(ev['users'])}; their text gives no full chunk of {ev['seq_len']} "
                           f"tokens): {', '.join(ev['users'])}."]
-    sat_out = declined_users(events)
-    if sat_out:
-        lines += ["", f"Devices that sat out, too small to train within their DP budget ({len(sat_out)}; they keep "
-                      f"the global model): {', '.join(sat_out)}."]
+    for note in decline_notes(events):
+        lines += ["", note]
     warnings = epsilon_warnings(cfg, records)
     if warnings:
         lines += [""] + [f"**{w}**" for w in warnings]

@@ -1,9 +1,9 @@
-"""A real device's side of a round, Flower-free: its settings, its own data, its eligibility, its task cap.
+"""A real device's side of a round, Flower-free: its settings, its own data, its eligibility, its micro-batch cap.
 
 A SuperNode started by ``fedtune device join`` carries in its node config:
 
     data-path     the device's own JSONL / CSV / Parquet file (every row is this device's)
-    profile       a device profile name from the catalog (configs/devices); its batch size caps the task's
+    profile       a device profile name from the catalog (configs/devices); its batch size caps the micro-batch
     eligibility   an eligibility policy spec (fedtune/deploy/eligibility.py), default "always"
     device-id     a stable name for this device (its privacy ledger's key), default the SuperNode's node id
     state-dir     where the device keeps its privacy ledger (default: ~/.fedtune/device)
@@ -87,14 +87,18 @@ def device_data(cfg, settings: DeviceSettings) -> ClientData:
                         settings.device_id, version)
 
 
-def device_task(task, cfg, settings: DeviceSettings):
-    """The server's task (a ``TaskPlan``), with the batch size capped by the device's profile (memory)."""
-    import dataclasses
+def device_micro_batch(cfg, settings: DeviceSettings) -> int | None:
+    """The most sequences one forward/backward of this device holds (``train_local``'s micro-batch): its
+    profile's ``batch_size`` (the step its memory tier holds, configs/devices), or the run's
+    ``train.physical_batch_size`` if that is smaller; None (whole logical batches) with neither.
 
+    The memory cap bounds the micro-batch, not the logical batch the server planned: the device still
+    trains that batch (under DP its Poisson rate, hence its noise calibration and its sit-out check, are
+    the server's plan), accumulated over micro-batches, and the cap holds for every forward, a Poisson
+    batch above its expected size included."""
     from fedtune.fleet.profiles import DEFAULT_CATALOG_DIR
 
     catalog = cfg.fleet.catalog if Path(cfg.fleet.catalog).is_dir() else str(DEFAULT_CATALOG_DIR)
     profile = device_profile(settings.profile, catalog)
-    if profile is None or profile.batch_size >= task.batch_size:
-        return task
-    return dataclasses.replace(task, batch_size=profile.batch_size)
+    caps = [c for c in (cfg.train.physical_batch_size, profile.batch_size if profile else None) if c is not None]
+    return min(caps) if caps else None

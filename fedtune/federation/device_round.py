@@ -5,12 +5,13 @@
    (``residuals/``) and, on a deployed device, the last round it trained per run (``rounds.json``).
    Its ``seeds`` are the device's random streams: secret (OS randomness, fresh each round) on a deployed
    device, the run's simulated seeds in a simulation.
-2. ``admit`` refuses a device whose own sample-level budget is spent and, on a deployed device, a round
-   that is not newer than the last one it trained for this run (a server replaying a round would get
-   fresh noise on the same data otherwise, and learn from the difference). Before any training, a device
-   checks its own data size against its per-device DP budget (``check_sit_out``): one too small to train
-   within it declines the round with reason ``too_small`` (``DeviceSitsOut``), a clean decline every
-   backend counts in ``clients_declined``, not a failure.
+2. ``admit`` refuses, on a deployed device, a round that is not newer than the last one it trained for
+   this run (a server replaying a round would get fresh noise on the same data otherwise, and learn from
+   the difference). Before any training a device may decline the round (``Declined``, with the short
+   ``reason`` every backend counts in ``clients_declined``, never as a failure, and records in a
+   simulation's events): one too small to train within its per-device DP budget (``check_sit_out``)
+   declines with ``too_small`` (``DeviceSitsOut``), one whose own sample-level ε has reached
+   ``privacy.device_epsilon_budget`` with ``budget_spent`` (``DeviceBudgetSpent``).
 3. ``train_one`` / ``train_group`` run ``device_round`` / ``device_round_group`` (the split adapter's
    private part is restored and kept on the device) with the device's two independent streams
    (``task.sampling``, ``task.noise``; AES-256-CTR CSPRNG streams on a deployed device,
@@ -36,21 +37,27 @@ from fedtune.types import AdapterState, ClientData, ClientUpdate
 log = logging.getLogger(__name__)
 
 
-class DeviceBudgetSpent(RuntimeError):
-    """A device whose own privacy budget is spent declines the round (a failed reply the round survives)."""
-
-
-class DeviceSitsOut(RuntimeError):
-    """A device too small to train within its per-device DP budget declines the round before training.
+class Declined(RuntimeError):
+    """A device declines the round before training: a deliberate choice, counted apart from failures.
 
     ``reason`` is the short code the server counts (``clients_declined``); the message (the device's data
-    size and the noise it would need) stays on the device: its log, and a simulation's events.
+    size, its ε) stays on the device: its log, and a simulation's events. ``train_one`` raises it,
+    ``train_group`` returns it in place of the device.
     """
 
+    reason = "declined"
+
+
+class DeviceBudgetSpent(Declined):
+    """A device whose own sample-level ε has reached ``privacy.device_epsilon_budget`` no longer trains."""
+
+    reason = "budget_spent"
+
+
+class DeviceSitsOut(Declined):
+    """A device too small to train within its per-device DP budget declines the round before training."""
+
     reason = "too_small"
-
-
-Declined = DeviceBudgetSpent | DeviceSitsOut  # what train_group returns in place of a device that did not train
 
 
 def check_sit_out(cfg, data: ClientData, batch_size: int) -> None:
@@ -68,10 +75,10 @@ def check_sit_out(cfg, data: ClientData, batch_size: int) -> None:
         raise DeviceSitsOut(why)
 
 
-def declined_event(server_round: int, device: int | str, user: str, err: Exception) -> dict:
+def declined_event(server_round: int, device: int | str, user: str, err: Declined) -> dict:
     """A simulation's event for a device that declined (``events.jsonl``; the report names its user)."""
     return {"event": "client_declined", "round": server_round, "device": device, "user": user,
-            "reason": getattr(err, "reason", "budget_spent"), "detail": str(err)}
+            "reason": err.reason, "detail": str(err)}
 
 
 class StaleRound(RuntimeError):
@@ -169,9 +176,11 @@ def _train_kwargs(cfg) -> dict:
 
 
 def train_one(model, state: DeviceState, cfg, incoming: AdapterState, data: ClientData, plan: TaskPlan,
-              key: str, device: int | str) -> Trained:
+              key: str, device: int | str, physical_batch_size: int | None = None) -> Trained:
     """One device's round: sit-out check -> ledger -> device_round (split-aware) -> save ledger -> encode.
-    Raises :class:`DeviceSitsOut` (too small for its budget) or :class:`DeviceBudgetSpent` before training."""
+    ``physical_batch_size``: the device's micro-batch cap (a deployed device's memory profile,
+    ``fedtune.deploy.device.device_micro_batch``); default ``train.physical_batch_size``. Raises :class:`Declined` before training: ``DeviceSitsOut`` (too small for its budget) or
+    ``DeviceBudgetSpent`` (its budget spent)."""
     from fedtune.personalization.device import device_round
 
     task = state.training_task(plan, device)
@@ -182,7 +191,7 @@ def train_one(model, state: DeviceState, cfg, incoming: AdapterState, data: Clie
                           split=cfg.personalization.split, store=state.private, device_key=key,
                           loss_chunk_tokens=t.loss_chunk_tokens, gradient_checkpointing=t.gradient_checkpointing,
                           checkpoint_every_n_layers=t.checkpoint_every_n_layers,
-                          physical_batch_size=t.physical_batch_size, **_train_kwargs(cfg))
+                          physical_batch_size=physical_batch_size or t.physical_batch_size, **_train_kwargs(cfg))
     if ledger is not None:
         state.ledgers.save(ledger)
         log.info("device %s, round %d: DP-SGD noise and batches from %s", key, plan.server_round,
@@ -193,8 +202,8 @@ def train_one(model, state: DeviceState, cfg, incoming: AdapterState, data: Clie
 def train_group(model, state: DeviceState, cfg, incoming: Sequence[AdapterState], datas: Sequence[ClientData],
                 plans: Sequence[TaskPlan], keys: Sequence[str], devices: Sequence[int | str]
                 ) -> list[Trained | Declined]:
-    """A packed group's round (``fedtune.packed`` via ``device_round_group``); a device too small for its
-    budget or past it comes back as its ``DeviceSitsOut`` / ``DeviceBudgetSpent`` in its place."""
+    """A packed group's round (``fedtune.packed`` via ``device_round_group``); a device that declines (too
+    small for its budget, or its budget spent) comes back as its :class:`Declined` in its place."""
     from fedtune.personalization.device import device_round_group
 
     out: list[Trained | Declined | None] = []
@@ -203,7 +212,7 @@ def train_group(model, state: DeviceState, cfg, incoming: Sequence[AdapterState]
         try:
             check_sit_out(cfg, datas[i], plans[i].batch_size)
             ledger = state.ledger(key, cfg.privacy)
-        except (DeviceSitsOut, DeviceBudgetSpent) as err:
+        except Declined as err:
             out.append(err)
             continue
         out.append(None)

@@ -29,7 +29,7 @@ from fedtune.adapters.split import initial_private, shared_part
 from fedtune.aggregation import UpdateRejected
 from fedtune.config import ExperimentConfig, dump_config
 from fedtune.federation.device_round import (
-    Declined, DeviceBudgetSpent, DeviceSitsOut, DeviceState, declined_event, train_group, train_one,
+    Declined, DeviceState, declined_event, train_group, train_one,
 )
 from fedtune.federation.heldout import pooled_heldout
 from fedtune.federation.recorder import Recorder, RoundStats, new_trail
@@ -72,9 +72,10 @@ class _Cohort:
 def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, limits, pack, progress,
                   stats: RoundStats, dropped: list[int], fleet=None, note=None) -> dict[int, tuple]:
     """Train every device of the cohort (packed groups share rank and quantization); returns device ->
-    (reply, simulated seconds) for the valid replies, counting failures, declines (a device too small for
-    its DP budget sits out: ``too_small``) and rejections in ``stats`` and the fleet's dropouts in
-    ``dropped``; ``note(event)`` gets each decline's event (its user, reason and detail)."""
+    (reply, simulated seconds) for the valid replies, counting failures, declines (by reason: a device too
+    small for its DP budget sits out, ``too_small``; one whose own budget is spent, ``budget_spent``) and
+    rejections in ``stats`` and the fleet's dropouts in ``dropped``; ``note(event)`` gets each decline's
+    event (its user, reason and detail)."""
     out: dict[int, tuple] = {}
     by_tier: dict[tuple, list[int]] = {}
     for j, plan in enumerate(cohort.plans):
@@ -99,15 +100,13 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
             else:
                 try:
                     results = [train_one(model, state, cfg, sent[0], datas[0], plans[0], keys[0], devs[0])]
-                except (DeviceBudgetSpent, DeviceSitsOut) as err:
+                except Declined as err:
                     results = [err]
             for j, d, res, f, plan, data in zip(group, devs, results, fdevs, plans, datas):
                 if isinstance(res, Declined):
-                    if isinstance(res, DeviceSitsOut):
-                        stats.declined[res.reason] += 1
-                        log.info("device %s (%s) sits out round %d: %s", d, data.user_id, plan.server_round, res)
-                    else:
-                        stats.failed += 1
+                    stats.declined[res.reason] += 1
+                    log.info("device %s (%s) declines round %d (%s): %s", d, data.user_id, plan.server_round,
+                             res.reason, res)
                     if note is not None:
                         note(declined_event(plan.server_round, d, data.user_id, res))
                     continue

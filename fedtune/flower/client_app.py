@@ -21,14 +21,14 @@ from fedtune.adapters import get_adapter_state, set_adapter_state
 from fedtune.adapters.split import initial_private, merge
 from fedtune.data.partition import load_client_data
 from fedtune.federation.device_round import (  # noqa: F401
-    DeviceBudgetSpent, DeviceSitsOut, DeviceState, StaleRound, declined_event, train_one,
+    Declined, DeviceBudgetSpent, DeviceSitsOut, DeviceState, StaleRound, declined_event, train_one,
 )
 from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
 from fedtune.federation.virtual_device import client_done, ledger_key, partition_of
 from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context, simulated_params
-from fedtune.flower.device import check_eligibility, decline, device_data, device_settings, device_task
+from fedtune.flower.device import check_eligibility, decline, device_data, device_micro_batch, device_settings
 from fedtune.federation.fleet_device import fleet_device
 from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, update_to_metrics
 from fedtune.personalization import PrivateStateStore
@@ -74,7 +74,6 @@ def handle_train(msg: Message, context: Context) -> Message:
         except StaleRound as err:
             log.warning("declined: %s", err)
             return decline(msg, "stale_round")
-        plan = device_task(plan, cfg, deployed)
     # a population larger than the data reuses its users; a real device has only its own data
     partition = partition_of(device, len(ctx.data_index)) if deployed is None else -1
     start = time.perf_counter()
@@ -86,11 +85,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     data = load_client_data(ctx.run.data, partition) if deployed is None else device_data(cfg, deployed)
     key = deployed.device_id if deployed else ledger_key(device, partition, data.user_id)
     incoming = arrays_to_state(msg.content[ARRAYS_KEY])
+    micro = device_micro_batch(cfg, deployed) if deployed is not None else None  # its memory profile's cap
     # with a split adapter the private part is restored from, and saved back to, the device's own state
     try:
-        trained = train_one(model, state, cfg, incoming, data, plan, key, device)
-    except DeviceSitsOut as err:  # too small for its DP budget: a clean decline; the detail stays here
-        log.warning("declined round %d: %s", plan.server_round, err)
+        trained = train_one(model, state, cfg, incoming, data, plan, key, device, physical_batch_size=micro)
+    except Declined as err:  # too small for its DP budget or its budget spent: a clean decline, detail kept here
+        log.warning("declined round %d (%s): %s", plan.server_round, err.reason, err)
         if deployed is None:
             ctx.run.append_event(declined_event(plan.server_round, device, data.user_id, err))
         return decline(msg, err.reason)

@@ -1,6 +1,6 @@
 """A real device's Flower side: its settings from the node config, a clean decline, reading a decline back.
 
-The Flower-free part (settings, data, eligibility, the task's batch cap) is ``fedtune.deploy.device``.
+The Flower-free part (settings, data, eligibility, the micro-batch cap) is ``fedtune.deploy.device``.
 An ineligible device answers with a reply that holds only ``declined`` (a ConfigRecord with its reason);
 the strategy counts it per reason, apart from failures and rejections.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtune.deploy.device import (  # noqa: F401 (re-exported: the ClientApp's device API)
-    DeviceSettings, check_eligibility, device_data, device_profile, device_task, settings_from_node_config,
+    DeviceSettings, check_eligibility, device_data, device_micro_batch, device_profile, settings_from_node_config,
 )
 
 DECLINED_KEY = "declined"

@@ -3,8 +3,8 @@
 Message translation only: the group's parts (``arrays.<i>`` / ``config.<i>``; one fleet tier per group) become typed tasks for
 the engine's ``train_group`` (``fedtune.federation.device_round``: the same device state, ledgers, private
 parts, streams and upload encoding as one device at a time), and its results become ``arrays.<i>`` /
-``metrics.<i>`` per device, ``declined.<i>`` (its reason) for a device too small for its DP budget, or
-``error.<i>`` for a device whose privacy budget is spent.
+``metrics.<i>`` per device, ``declined.<i>`` (its reason) for a device that declines (too small for its DP
+budget: ``too_small``; its own budget spent: ``budget_spent``), or ``error.<i>`` for a device that dropped out.
 ``PackedGrid`` on the server turns the reply back into one reply per device.
 """
 
@@ -15,7 +15,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedtune.data.partition import load_client_data
-from fedtune.federation.device_round import DeviceBudgetSpent, DeviceSitsOut, DeviceState, declined_event, train_group
+from fedtune.federation.device_round import Declined, DeviceState, declined_event, train_group
 from fedtune.federation.reply_figures import resolve as resolve_figures
 from fedtune.federation.task import TaskPlan
 from fedtune.federation.virtual_device import client_done, ledger_key, partition_of
@@ -57,12 +57,9 @@ def handle_train_group(msg: Message, context: Context) -> Message:
                                            pick(devices)) if train else []))
     seconds = time.perf_counter() - start
     for i, res in results.items():
-        if isinstance(res, DeviceSitsOut):
+        if isinstance(res, Declined):
             reply[part_key(DECLINED_KEY, i)] = ConfigRecord({"reason": res.reason})
             ctx.run.append_event(declined_event(plans[i].server_round, devices[i], datas[i].user_id, res))
-            continue
-        if isinstance(res, DeviceBudgetSpent):
-            reply[part_key("error", i)] = ConfigRecord({"reason": str(res)})
             continue
         update = res.update
         arrays = ArrayRecord(res.payload)

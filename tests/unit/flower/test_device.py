@@ -7,9 +7,8 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune.flower.device import (
-    DeviceSettings, check_eligibility, decline, declined_reason, device_data, device_settings, device_task,
+    DeviceSettings, check_eligibility, decline, declined_reason, device_data, device_micro_batch, device_settings,
 )
-from fedtune.types import ClientTask
 from tests.conftest import make_config
 
 
@@ -28,7 +27,7 @@ def test_device_settings_from_node_config(tmp_path):
     assert 0 <= s.index < 2**31 and s.index == device_settings(_ctx({"data-path": "x"}, 42)).index
 
 
-def test_device_loads_its_own_file_and_profile_caps_the_batch(tmp_path):
+def test_device_loads_its_own_file_and_profile_caps_the_micro_batch(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"text": "alpha bravo charlie " * 20, "user_id": "x"}) + "\n"
                             for _ in range(6)))
@@ -36,10 +35,11 @@ def test_device_loads_its_own_file_and_profile_caps_the_batch(tmp_path):
     s = DeviceSettings(str(path), "phone-low", "always", "me", str(tmp_path))
     data = device_data(cfg, s)
     assert data.user_id == "me" and data.num_train > 0 and data.train.shape[1] == 32
-    task = ClientTask(server_round=1, local_steps=2, batch_size=8, lr=0.1, seed=0)
-    assert device_task(task, cfg, s).batch_size == 2  # phone-low's batch size
+    assert device_micro_batch(cfg, s) == 2  # phone-low's batch size
+    assert device_micro_batch(make_config(train={"batch_size": 8, "physical_batch_size": 1}), s) == 1  # the smaller
+    assert device_micro_batch(cfg, DeviceSettings(str(path), "", "always", "me", str(tmp_path))) is None  # no cap
     with pytest.raises(ValueError, match="not in"):
-        device_task(task, cfg, DeviceSettings(str(path), "toaster", "always", "me", str(tmp_path)))
+        device_micro_batch(cfg, DeviceSettings(str(path), "toaster", "always", "me", str(tmp_path)))
 
 
 def test_an_ineligible_device_declines_with_its_reason(tmp_path):
@@ -65,7 +65,7 @@ def deployed(tmp_path):
     return {"config-path": str(run.config), "run-dir": str(run.root)}, path, tmp_path / "state"
 
 
-def _train(run_config, node_config):
+def _train(run_config, node_config, batch_size=4):
     import torch
     from flwr.app import Context
 
@@ -76,7 +76,7 @@ def _train(run_config, node_config):
 
     state = get_adapter_state(run_context(run_config).model()[0])
     msg = Message(content=RecordDict({"arrays": state_to_arrays(state), "config": ConfigRecord(
-        {"server-round": 1, "local-steps": 2, "batch-size": 4, "lr": 0.01})}), dst_node_id=7,
+        {"server-round": 1, "local-steps": 2, "batch-size": batch_size, "lr": 0.01})}), dst_node_id=7,
         message_type=MessageType.TRAIN)
     ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
     return handle_train(msg, ctx)
@@ -92,6 +92,31 @@ def test_client_app_on_a_device_trains_on_its_own_file(deployed):
     n = metrics["num-examples"]
     assert n & (n - 1) == 0 and metrics["train-loss"] == -1 and metrics["tokens"] == -1
     assert (state / "ledgers" / "phone-7.json").is_file()  # the device keeps its own privacy ledger
+
+
+def test_a_deployed_devices_memory_profile_caps_its_micro_batch_not_the_planned_batch(deployed):
+    """phone-low holds 2 sequences a step: asked for a logical (Poisson) batch of 8, the device trains that
+    batch (its DP sample rate is the planned one) with no forward above 2 sequences."""
+    from fedtune.flower.context import run_context
+    from fedtune.privacy import LedgerStore
+    from fedtune.privacy.device_budget import loader_sample_rate
+
+    run_config, path, state = deployed
+    node = {"data-path": str(path), "profile": "phone-low", "device-id": "phone-2", "state-dir": str(state)}
+    ctx = run_context(run_config)
+    embeddings = ctx.model()[0].get_input_embeddings()
+    seen = []
+    hook = embeddings.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    try:
+        reply = _train(run_config, node, batch_size=8)
+    finally:
+        hook.remove()
+    assert "arrays" in reply.content, reply.content
+    assert seen and max(seen) <= 2  # every forward within the profile's cap, Poisson tails included
+    n = device_data(ctx.cfg, DeviceSettings(str(path), "phone-low", "always", "phone-2", str(state))).num_train
+    (_, q, steps), = LedgerStore(state / "ledgers").load("phone-2").history
+    assert q == pytest.approx(loader_sample_rate(n, 8)) and q != pytest.approx(loader_sample_rate(n, 2))
+    assert steps == 2 and len(seen) >= steps
 
 
 def test_a_device_declines_a_replayed_round_and_never_trains_it_twice(deployed):
