@@ -210,7 +210,10 @@ def simulate(config: Path = typer.Argument(..., help="experiment YAML"),
     write_plots(run, records)
     write_fleet_plots(run, records)
     report = write_report(run, cfg, records, time.monotonic() - t0)
-    for warning in epsilon_warnings(cfg, records):
+    from fedtune.report import decline_notes
+    from fedtune.workspace import read_jsonl
+
+    for warning in epsilon_warnings(cfg, records) + decline_notes(read_jsonl(run.events)):
         console.print(f"[yellow]{warning}[/yellow]")
     first, last = records[0], records[-1]
     console.print(f"done in {time.monotonic() - t0:.0f}s ({finished}): held-out perplexity "

@@ -85,13 +85,12 @@ def load_model(cfg: ExperimentConfig, device: str):
 
 
 def sit_out_notes(run: RunDir) -> list[str]:
-    """A line naming the users whose devices sat out of training (too small for their DP budget)."""
-    from fedtune.report import declined_users
+    """One line per reason devices declined to train (too small for their DP budget, budget spent), naming
+    the users: their global model is the federation's."""
+    from fedtune.report import decline_notes
     from fedtune.workspace import read_jsonl
 
-    users = declined_users(read_jsonl(run.events))
-    return [f"Devices that sat out of training, too small for their DP budget ({len(users)}; their global model "
-            f"is the federation's): {', '.join(users)}."] if users else []
+    return decline_notes(read_jsonl(run.events))
 
 
 def evaluate_run(run_dir: str | Path, methods: list[str] | None = None, device: str | None = None,
