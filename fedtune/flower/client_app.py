@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.adapters import get_adapter_state, set_adapter_state
@@ -30,7 +30,9 @@ from fedtune.models.cache import load_count
 from fedtune.flower.context import run_context, simulated_params
 from fedtune.flower.device import check_eligibility, decline, device_data, device_micro_batch, device_settings
 from fedtune.federation.fleet_device import fleet_device
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, update_to_metrics
+from fedtune.flower.records import (
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, tensors_to_arrays, update_to_metrics,
+)
 from fedtune.personalization import PrivateStateStore
 from fedtune.training import evaluate_chunks
 
@@ -94,7 +96,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         if deployed is None:
             ctx.run.append_event(declined_event(plan.server_round, device, data.user_id, err))
         return decline(msg, err.reason)
-    update, arrays = trained.update, ArrayRecord(trained.payload)
+    update, arrays = trained.update, tensors_to_arrays(trained.payload)
     seconds = time.perf_counter() - start
     sim_seconds = fleet.seconds(plan.server_round, payload_bytes(msg.content[ARRAYS_KEY]), update.tokens,
                                 payload_bytes(arrays)) if fleet is not None else -1.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtune.data.partition import load_client_data
 from fedtune.federation.device_round import Declined, DeviceState, declined_event, train_group
@@ -21,10 +21,11 @@ from fedtune.federation.task import TaskPlan
 from fedtune.federation.virtual_device import client_done, ledger_key, partition_of
 from fedtune.flower.context import run_context, simulated_params
 from fedtune.flower.device import DECLINED_KEY
-from fedtune.flower.packed_grid import GROUP_KEY, part_key
+from fedtune.flower.packed_grid import GROUP_KEY, arrays_part, part_key
 from fedtune.federation.fleet_device import fleet_device
+from fedtune.types import AdapterState
 from fedtune.flower.records import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, update_to_metrics,
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, tensors_to_arrays, update_to_metrics,
 )
 
 
@@ -32,7 +33,9 @@ def handle_train_group(msg: Message, context: Context) -> Message:
     ctx = run_context(context.run_config)
     cfg = ctx.cfg
     start = time.perf_counter()
-    size = int(msg.content[GROUP_KEY]["size"])
+    group = msg.content[GROUP_KEY]
+    size = int(group["size"])
+    decoded: dict[int, AdapterState] = {}  # the adapter a part carries, decoded once for every device sent it
     state = DeviceState.simulated(ctx.run.root / "state", cfg.seed)
     plans, devices, partitions, datas, keys, incoming = [], [], [], [], [], []
     for i in range(size):
@@ -42,7 +45,10 @@ def handle_train_group(msg: Message, context: Context) -> Message:
         data = load_client_data(ctx.run.data, partition)
         plans.append(plan), devices.append(device), partitions.append(partition), datas.append(data)
         keys.append(ledger_key(device, partition, data.user_id))
-        incoming.append(arrays_to_state(msg.content[part_key(ARRAYS_KEY, i)]))
+        j = arrays_part(group, i)
+        if j not in decoded:
+            decoded[j] = arrays_to_state(msg.content[part_key(ARRAYS_KEY, j)])
+        incoming.append({k: v.clone() for k, v in decoded[j].items()} if j != i else decoded[j])
     model, info = ctx.model(quantization=plans[0].quantization, rank=plans[0].rank, alpha=plans[0].alpha)
     reply = RecordDict()
     fleet = [None] * size
@@ -62,8 +68,8 @@ def handle_train_group(msg: Message, context: Context) -> Message:
             ctx.run.append_event(declined_event(plans[i].server_round, devices[i], datas[i].user_id, res))
             continue
         update = res.update
-        arrays = ArrayRecord(res.payload)
-        sim_seconds = fleet[i].seconds(plans[i].server_round, payload_bytes(msg.content[part_key(ARRAYS_KEY, i)]),
+        arrays = tensors_to_arrays(res.payload)
+        sim_seconds = fleet[i].seconds(plans[i].server_round, payload_bytes(msg.content[part_key(ARRAYS_KEY, arrays_part(group, i))]),
                                        update.tokens, payload_bytes(arrays)) if fleet[i] is not None else -1.0
         reply[part_key(ARRAYS_KEY, i)] = arrays
         reply[part_key(METRICS_KEY, i)] = update_to_metrics(update, seconds, partitions[i], device=devices[i],

@@ -5,7 +5,9 @@ hands the strategy one reply per device, as if every device had trained on its o
       PackedGrid.send_and_receive:
         1. give each message the device index of its node (sorted node ids, as fleet simulations do);
         2. cut the messages into groups of ``group_size`` (sharing steps and lr, in order) and send each
-           group to its first device's node as one ``train.packed`` message: ``arrays.<i>`` / ``config.<i>``;
+           group to its first device's node as one ``train.packed`` message: ``arrays.<i>`` / ``config.<i>``
+           (an adapter several devices were sent, the same record, travels once: the group's ``arrays-of``
+           names the part that carries each device's arrays);
         3. that node's ClientApp trains the group packed (``fedtune.packed``) and replies with
            ``arrays.<i>`` / ``metrics.<i>`` (or ``declined.<i>`` / ``error.<i>``) per device;
         4. split each group reply into per-device replies ``Message(..., reply_to=<device's message>)``:
@@ -26,6 +28,7 @@ from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, pass_thr
 
 PACKED_TRAIN = f"{MessageType.TRAIN}.packed"
 GROUP_KEY = "group"
+ARRAYS_OF_KEY = "arrays-of"
 PACKED_ERROR_CODE = 0  # flwr ErrorCode.UNKNOWN: the device's part of the group failed
 
 
@@ -37,15 +40,27 @@ def pack_group(messages: list[Message], devices: list[int]) -> Message:
     """One ``train.packed`` message to the first device's node carrying every device's arrays and config.
 
     A config without a ``device-index`` (plain simulations) gets ``devices[i]``; the strategy's own
-    records are not modified (strategies share one record between messages).
+    records are not modified (strategies share one record between messages). Devices sent the same
+    ArrayRecord (the global adapter, a fleet tier's) share one ``arrays.<j>``: ``arrays-of[i] = j``.
     """
-    content = RecordDict({GROUP_KEY: ConfigRecord({"size": len(messages)})})
+    content = RecordDict()
+    first: dict[int, int] = {}  # id of an ArrayRecord -> the part that carries it
+    arrays_of = []
     for i, (m, device) in enumerate(zip(messages, devices)):
         cfg = dict(m.content[CONFIG_KEY])
         cfg.setdefault("device-index", device)
-        content[part_key(ARRAYS_KEY, i)] = m.content[ARRAYS_KEY]
+        arrays = m.content[ARRAYS_KEY]
+        arrays_of.append(first.setdefault(id(arrays), i))
+        if arrays_of[-1] == i:
+            content[part_key(ARRAYS_KEY, i)] = arrays
         content[part_key(CONFIG_KEY, i)] = ConfigRecord(cfg)
+    content[GROUP_KEY] = ConfigRecord({"size": len(messages), ARRAYS_OF_KEY: arrays_of})
     return Message(content=content, dst_node_id=messages[0].metadata.dst_node_id, message_type=PACKED_TRAIN)
+
+
+def arrays_part(group: ConfigRecord, i: int) -> int:
+    """The part whose ``arrays.<j>`` device ``i`` of a group was sent (itself, in a group packed without sharing)."""
+    return int(group[ARRAYS_OF_KEY][i]) if ARRAYS_OF_KEY in group else i
 
 
 def unpack_reply(reply: Message, messages: list[Message]) -> list[Message]:

@@ -1,9 +1,21 @@
-"""AdapterState <-> Flower records. Only adapter tensors ever go into a message."""
+"""AdapterState <-> Flower records. Only adapter tensors ever go into a message.
+
+Tensors travel in Flower's own format (an ``Array`` of ``.npy`` bytes, ``stype`` numpy.ndarray), but are
+encoded and decoded here rather than by ``np.save`` / ``np.load`` per tensor: an adapter has hundreds of small
+tensors (SmolLM2-135M, LoRA on q,k,v,o: 240) whose ``.npy`` headers repeat, and parsing each one
+(``ast.literal_eval``) cost more than the bytes. Headers are parsed and written once per layout and cached;
+the bytes are the same as ``np.save`` writes, and anything unusual (non-contiguous, object dtype, another
+``stype``) goes through Flower's own path.
+"""
 
 from __future__ import annotations
 
+import io
+from functools import lru_cache
+
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, MessageType, MetricRecord
+from flwr.app import Array, ArrayRecord, MessageType, MetricRecord
 
 from fedtune.compression import decode_update, encode_update
 from fedtune.types import AdapterState, ClientUpdate
@@ -16,25 +28,89 @@ CONFIG_KEY = "config"
 UPDATE_METRIC_KEYS = ("partition", "device", "rank", "sim-seconds", "num-examples", "train-loss", "epsilon", "delta", "steps", "tokens", "train-seconds")
 
 
+_NPY = "numpy.ndarray"  # flwr's SType.NUMPY
+
+
+def _header_length(data: bytes) -> int:
+    """Bytes of an ``.npy`` preamble (magic, version, header): 10 + len for version 1, 12 + len for 2 and 3."""
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not .npy bytes")
+    if data[6] == 1:
+        return 10 + int.from_bytes(data[8:10], "little")
+    return 12 + int.from_bytes(data[8:12], "little")
+
+
+@lru_cache(maxsize=4096)
+def _layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """(dtype, shape, fortran order) of an ``.npy`` header, parsed by numpy once per distinct header."""
+    fp = io.BytesIO(header)
+    major, _ = np.lib.format.read_magic(fp)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fp)
+    return dtype, tuple(shape), bool(fortran)
+
+
+def to_tensor(array: Array) -> torch.Tensor:
+    """A writable tensor with the values of a Flower ``Array`` (what ``torch.from_numpy(array.numpy())`` gives)."""
+    data = array.data
+    if array.stype == _NPY and isinstance(data, bytes) and data[:6] == b"\x93NUMPY":
+        start = _header_length(data)
+        dtype, shape, fortran = _layout(data[:start])
+        if not fortran and not dtype.hasobject:
+            count = int(np.prod(shape, dtype=np.int64))
+            return torch.from_numpy(np.frombuffer(data, dtype, count, start).reshape(shape).copy())
+    return torch.from_numpy(array.numpy())
+
+
+@lru_cache(maxsize=4096)
+def _header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered array of this dtype and shape."""
+    buf = io.BytesIO()
+    np.save(buf, np.empty(shape, dtype=dtype), allow_pickle=False)
+    data = buf.getvalue()
+    return data[:_header_length(data)]
+
+
+def to_array(tensor: torch.Tensor) -> Array:
+    """A Flower ``Array`` of a CPU tensor: the bytes ``Array.from_numpy_ndarray`` writes, header cached."""
+    a = tensor.detach().cpu().numpy()
+    if not a.flags.c_contiguous or a.dtype.hasobject:
+        return Array.from_numpy_ndarray(a)
+    return Array(dtype=str(a.dtype), shape=tuple(a.shape), stype=_NPY, data=_header(a.dtype.str, a.shape) + a.tobytes())
+
+
+def tensors_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """An ArrayRecord of CPU tensors (``ArrayRecord(state_dict)``, without parsing a header per tensor)."""
+    record = ArrayRecord()  # set item by item: ArrayRecord(dict of Arrays) would build each Array again
+    for k, v in tensors.items():
+        record[k] = to_array(v)
+    return record
+
+
+def arrays_to_tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of an ArrayRecord, each its own writable copy (``arrays.to_torch_state_dict()``, faster)."""
+    return {k: to_tensor(v) for k, v in arrays.items()}
+
+
 def state_to_arrays(state: AdapterState) -> ArrayRecord:
     # ArrayRecord rejects bf16; adapters travel as fp32 (fp16 compression is a later option)
-    return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()})
+    return tensors_to_arrays({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()})
 
 
 def arrays_to_state(arrays: ArrayRecord) -> AdapterState:
-    return {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+    return arrays_to_tensors(arrays)
 
 
 def encode_upload(state: AdapterState, sent: AdapterState, scheme: str,
                   residual: AdapterState | None = None) -> tuple[ArrayRecord, AdapterState | None]:
     """A device's reply arrays under ``federation.upload`` (fedtune.compression), and its new residual."""
     payload, new_residual = encode_update(state, sent, scheme, residual)
-    return ArrayRecord(payload), new_residual
+    return tensors_to_arrays(payload), new_residual
 
 
 def decode_upload(arrays: ArrayRecord, sent: AdapterState | None) -> AdapterState:
     """The fp32 adapter a reply carries, whatever its upload scheme; ``sent``: what the device was sent."""
-    return decode_update(arrays.to_torch_state_dict(), sent)
+    return decode_update(arrays_to_tensors(arrays), sent)
 
 
 def update_to_metrics(update: ClientUpdate, seconds: float, partition: int, *, device: int | None = None,

@@ -26,7 +26,7 @@ from fedtune.federation.secure_round import SecureAggregation
 from fedtune.flower import secagg_records as rec
 from fedtune.flower.context import run_context
 from fedtune.flower.device import declined_reason
-from fedtune.flower.records import ARRAYS_KEY, METRICS_KEY, arrays_to_state
+from fedtune.flower.records import ARRAYS_KEY, METRICS_KEY, arrays_to_state, arrays_to_tensors
 from fedtune.privacy.secagg import SecAggClient, SecAggSetup, UnmaskRequest
 from fedtune.privacy.secagg.client import export_state, restore_state
 from fedtune.privacy.secagg.payload import VectorLayout
@@ -88,7 +88,7 @@ def _masked_input(msg: Message, context: Context, client: SecAggClient, params: 
     incoming = arrays_to_state(msg.content[ARRAYS_KEY])
     metrics = dict(trained.content[METRICS_KEY])
     # the upload as the server would have decoded it (int8 / fp16 rounding included), checked on the device
-    own = accept_reply(trained.content[ARRAYS_KEY].to_torch_state_dict(), metrics, sent=incoming,
+    own = accept_reply(arrays_to_tensors(trained.content[ARRAYS_KEY]), metrics, sent=incoming,
                        reference=incoming, limits=ReplyLimits())
     secure = SecureAggregation.for_device(run_context(context.run_config).cfg.privacy.secure_aggregation, params)
     payload = secure.device_payload(incoming, own, VectorLayout.of(incoming))

@@ -24,7 +24,9 @@ from fedtune.federation.replies import ReplyLimits, accept_reply
 from fedtune.federation.sampler import PoissonSampler, UniformSampler
 from fedtune.federation.seeds import Seeds
 from fedtune.flower.device import declined_reason
-from fedtune.flower.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, payload_bytes, state_to_arrays
+from fedtune.flower.records import (
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_state, arrays_to_tensors, payload_bytes, state_to_arrays,
+)
 from fedtune.types import AdapterState
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class AdapterFedAvg(FedAvg):
             sent = self.sent_for(metrics)
             if reference_for is not None and sent is None:
                 sent = reference
-            reply = accept_reply(arrays.to_torch_state_dict(), metrics, sent=sent, reference=reference,
+            reply = accept_reply(arrays_to_tensors(arrays), metrics, sent=sent, reference=reference,
                                  limits=self.limits, device=msg.metadata.src_node_id)
         except UpdateRejected as err:
             stats.rejected[err.reason] += 1

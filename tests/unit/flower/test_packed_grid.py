@@ -10,7 +10,7 @@ from fedtune.config import dump_config
 from fedtune.data import build_client_data, save_client_data
 from fedtune.flower.client_app import build_client_app
 from fedtune.flower.context import run_context
-from fedtune.flower.packed_grid import PackedGrid, make_groups, pack_group, unpack_reply
+from fedtune.flower.packed_grid import PackedGrid, arrays_part, make_groups, pack_group, unpack_reply
 from fedtune.flower.records import UPDATE_METRIC_KEYS, arrays_to_state, state_to_arrays
 from fedtune.models.tokenizer import ByteEncoder
 from fedtune.workspace import RunDir
@@ -89,7 +89,7 @@ def test_a_failed_part_or_group_fails_only_those_devices():
     assert [dict(group.content[f"config.{i}"])["device-index"] for i in range(3)] == [0, 1, 2]
     assert "device-index" not in msgs[0].content["config"]  # the strategy's shared record is untouched
     reply_content = RecordDict({"arrays.0": group.content["arrays.0"], "error.1": ConfigRecord({"reason": "budget"}),
-                                "arrays.2": group.content["arrays.2"]})
+                                "arrays.2": group.content["arrays.0"]})
     from fedtune.flower.records import update_to_metrics
     from fedtune.types import ClientUpdate
 
@@ -110,3 +110,15 @@ def test_groups_share_steps_and_lr():
                   dst_node_id=99, message_type=MessageType.TRAIN)
     groups = make_groups(msgs + [odd], group_size=8)
     assert [len(g) for g in groups] == [3, 1]
+
+
+def test_a_shared_adapter_travels_once_and_each_device_gets_its_own():
+    state = {"x.lora_A.weight": torch.zeros(2, 3)}
+    msgs = _messages(state, device_index=False)  # FedAvg's way: one ArrayRecord for every device
+    other = state_to_arrays({"x.lora_A.weight": torch.ones(2, 3)})  # a device sent another adapter
+    msgs[1] = Message(RecordDict({"arrays": other, "config": msgs[1].content["config"]}),
+                      dst_node_id=NODES[1], message_type=MessageType.TRAIN)
+    group = pack_group(msgs, [0, 1, 2])
+    assert sorted(k for k in group.content.array_records) == ["arrays.0", "arrays.1"]  # not a copy per device
+    assert [arrays_part(group.content["group"], i) for i in range(3)] == [0, 1, 0]
+    assert arrays_part(ConfigRecord({"size": 3}), 2) == 2  # a group packed before sharing: its own part
