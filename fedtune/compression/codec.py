@@ -69,7 +69,7 @@ def payload_scheme(payload: dict[str, torch.Tensor]) -> str:
 def decode_update(payload: dict[str, torch.Tensor], sent: AdapterState | None) -> AdapterState:
     """The trained adapter (fp32) from a payload; ``sent`` is the adapter the server sent this device."""
     if INT8_KEY not in payload:
-        return {k: v.to(torch.float32).clone() for k, v in payload.items()}
+        return {k: v.to(torch.float32, copy=True) for k, v in payload.items()}  # one copy, never the payload
     if SCALE_KEY not in payload or set(payload) != {INT8_KEY, SCALE_KEY}:
         raise ValueError(f"int8 payload must hold exactly {INT8_KEY!r} and {SCALE_KEY!r}, got {sorted(payload)}")
     if sent is None:

@@ -38,6 +38,8 @@ def test_float_schemes_keep_the_keys_and_decode_without_the_sent_adapter(scheme,
     for k in state:
         tol = 1e-3 if scheme == "fp16" else 0.0
         torch.testing.assert_close(out[k], state[k], rtol=tol, atol=tol)
+    for k in state:  # the decoded adapter is fp32 and its own memory: aggregating it never writes the payload
+        assert out[k].dtype == torch.float32 and out[k].data_ptr() != payload[k].data_ptr()
 
 
 def test_int8_is_a_delta_from_the_sent_adapter_and_keeps_the_error_on_the_device():
