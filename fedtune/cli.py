@@ -11,12 +11,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from fedtune.cli_errors import new_app
+from fedtune.cli_inprocess import print_round
 from fedtune.config import dump_config, load_config, with_absolute_paths
 from fedtune.errors import UserError
-from fedtune.report import COLUMNS, fmt
 
 app = new_app(help="fedtune: federated DP fine-tuning of quantized language models through Flower.")
 console = Console(highlight=False, width=None if os.isatty(1) else 120, soft_wrap=not os.isatty(1))
@@ -52,13 +51,6 @@ class _Progress:
         self.round_clients: dict[int, int] = {}
         self.done: dict[int, int] = {}
 
-    def _table(self, rec: dict) -> None:
-        table = Table(title=f"round {rec['round']}/{self.rounds}", title_justify="left")
-        for c in COLUMNS:
-            table.add_column(c, justify="right")
-        table.add_row(*(fmt(rec.get(c)) for c in COLUMNS))
-        console.print(table)
-
     def __call__(self) -> None:
         events = self.read(self.run.events)
         metrics = {m["round"]: m for m in self.read(self.run.metrics)}
@@ -88,7 +80,7 @@ class _Progress:
             elif kind == "round_done":
                 if ev["round"] not in metrics:
                     break  # its record is not readable yet; take this event again next poll
-                self._table(metrics[ev["round"]])
+                print_round(console, metrics[ev["round"]], self.rounds)
             self.n_events += 1
 
 

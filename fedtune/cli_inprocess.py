@@ -9,7 +9,9 @@ so the report, the plots and ``fedtune evaluate`` read it like any other run.
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 
 from rich.console import Console
 from rich.table import Table
@@ -24,7 +26,8 @@ def compute_device(cfg) -> str:
     return "cuda" if cfg.simulation.num_gpus_per_client > 0 and torch.cuda.is_available() else "cpu"
 
 
-def _table(console: Console, rec: dict, rounds: int) -> None:
+def print_round(console: Console, rec: dict, rounds: int) -> None:
+    """A round's record as the one-row table both backends print when the round ends."""
     table = Table(title=f"round {rec['round']}/{rounds}", title_justify="left")
     for c in COLUMNS:
         table.add_column(c, justify="right")
@@ -34,6 +37,15 @@ def _table(console: Console, rec: dict, rounds: int) -> None:
 
 def simulate_in_process(console: Console, cfg, run, clients) -> None:
     """Run ``cfg.federation.rounds`` rounds in this process, printing each round's table as it ends."""
+    with warnings.catch_warnings():  # what Flower's actors keep in their logs, kept off this console too
+        for message in ("Secure RNG turned off", "Full backward hook is firing", ".*is_gradient_checkpointing"):
+            warnings.filterwarnings("ignore", message=message)
+        for name in ("bitsandbytes", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        _simulate(console, cfg, run, clients)
+
+
+def _simulate(console: Console, cfg, run, clients) -> None:
     from fedtune.adapters import create_adapter
     from fedtune.federation.inprocess import run_inprocess
     from fedtune.models import get_base_model
@@ -50,7 +62,7 @@ def simulate_in_process(console: Console, cfg, run, clients) -> None:
         nonlocal shown
         for rec in run.read_metrics():
             if shown < rec["round"] <= upto:
-                _table(console, rec, cfg.federation.rounds)
+                print_round(console, rec, cfg.federation.rounds)
                 shown = rec["round"]
 
     def progress(server_round: int, user_id: str, update) -> None:

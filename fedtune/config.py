@@ -137,8 +137,10 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     # how per-sample gradients are clipped (same sampling, noise and accounting either way): hooks = opacus'
     # per-sample gradients; ghost = norms and clipped sums from LoRA activations and output gradients, no
-    # per-sample gradients kept (fedtune/privacy/ghost/; LoRA adapters only, one device at a time)
-    clipping: Literal["hooks", "ghost"] = "hooks"
+    # per-sample gradients kept (fedtune/privacy/ghost/; LoRA adapters only, one device at a time); auto =
+    # ghost where it is the faster path (plain LoRA on a CUDA device: 1.2-1.5x on an H200), hooks elsewhere
+    # (on a CPU hooks is as fast or faster; docs/benchmarks.md)
+    clipping: Literal["auto", "hooks", "ghost"] = "auto"
     # a device stops contributing once its own sample-level epsilon reaches this budget
     device_epsilon_budget: float | None = Field(None, gt=0)
     # with target_epsilon: a device whose calibrated noise exceeds this many clip norms on its mean gradient

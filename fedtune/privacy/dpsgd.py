@@ -2,7 +2,8 @@
 
 ``privacy.clipping`` picks how per-sample gradients are clipped: ``hooks`` (opacus' GradSampleModule, per-sample
 gradients materialized) or ``ghost`` (``fedtune.privacy.ghost``: norms and clipped sums from LoRA activations and
-output gradients). Sampling, noise and accounting are the same either way."""
+output gradients); ``auto``, the default, takes ghost for plain LoRA on a CUDA device and hooks elsewhere
+(``choose_clipping``). Sampling, noise and accounting are the same either way."""
 
 from __future__ import annotations
 
@@ -57,6 +58,24 @@ def resolve_noise(cfg: PrivacyConfig, sample_rate: float, planned_steps: int, nu
     return sigma
 
 
+def choose_clipping(setting: str, model: torch.nn.Module, device_type: str) -> str:
+    """The clipping path for ``privacy.clipping``: ``hooks`` or ``ghost`` as set; ``auto`` takes ghost for a
+    plain LoRA model on a CUDA device (where it measured 1.2-1.5x faster than hooks, the same memory) and
+    hooks otherwise (CPU, where hooks is as fast or faster; prompt tuning; LoRA variants ghost does not cover)."""
+    if setting != "auto":
+        return setting
+    if device_type != "cuda":
+        return "hooks"
+    from fedtune.privacy.ghost.clipper import lora_linears
+
+    try:
+        chosen = "ghost" if lora_linears(model) else "hooks"
+    except ValueError:  # a LoRA variant or factor ghost clipping does not cover
+        chosen = "hooks"
+    log.info("privacy.clipping=auto on %s: %s", device_type, chosen)
+    return chosen
+
+
 def make_private(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -80,11 +99,12 @@ def make_private(
 
     sample_rate = 1.0 / len(loader)
     noise = resolve_noise(cfg, sample_rate, planned_steps, len(loader.dataset))
-    if cfg.clipping == "ghost":
+    trainable = next(p.device for p in model.parameters() if p.requires_grad)
+    if choose_clipping(cfg.clipping, model, trainable.type) == "ghost":
         return make_ghost_private(model, optimizer, loader, cfg, ledger, noise, seed, streams)
     engine = PrivacyEngine(accountant=cfg.accountant)
     engine.accountant.history = [tuple(h) for h in ledger.history]
-    noise_gen = torch.Generator(device=next(p.device for p in model.parameters() if p.requires_grad))
+    noise_gen = torch.Generator(device=trainable)
     noise_gen.manual_seed(seed)
     module, opt, dl = engine.make_private(
         module=model,

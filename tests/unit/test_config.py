@@ -115,7 +115,7 @@ def test_physical_batch_size_is_typed_and_a_micro_batch_above_the_logical_batch_
 
 
 def test_ghost_clipping_is_a_lora_one_device_option():
-    assert config_from_dict({}).privacy.clipping == "hooks"  # the default is unchanged
+    assert config_from_dict({}).privacy.clipping == "auto"  # ghost for plain LoRA on CUDA, hooks elsewhere
     assert config_from_dict({"privacy": {"clipping": "ghost"}}).privacy.clipping == "ghost"
     with pytest.raises(ConfigError) as exc:
         config_from_dict({"privacy": {"clipping": "ghosts"}})
