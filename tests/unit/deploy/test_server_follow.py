@@ -74,9 +74,12 @@ def test_the_run_is_followed_by_its_stream_and_its_status_read_once(monkeypatch,
 
 
 def test_a_failed_run_raises_flowers_reason(monkeypatch, run):
+    # status_seconds well above a process start on a loaded machine: the first status query comes when the
+    # first stream ends (not from the safety net before it), the second once the restarted stream has ended
+    # and the 3 s gap for a breaking stream has passed
     fake = _Flower(monkeypatch, ["running", "finished:failed"], stream_s=0.1)
     with pytest.raises(server.ServerFailed, match="finished:failed: because"):
-        _start(run, poll_seconds=0.05, status_seconds=0.2)
+        _start(run, poll_seconds=0.05, status_seconds=3.0)
     assert fake.streams == 2 and fake.status_calls == 2 and fake.all_stopped()  # a broken stream restarted
 
 

@@ -57,9 +57,10 @@ def test_a_run_is_followed_by_its_log_stream_and_its_status_read_once(monkeypatc
 
 
 def test_a_broken_stream_is_restarted_and_a_failure_raised(monkeypatch, run):
+    # status_seconds well above a process start on a loaded machine (see tests/unit/deploy/test_server_follow.py)
     fake = _Flower(monkeypatch, ["running", "finished:failed"], stream_s=0.1)
     with pytest.raises(simulation.SimulationFailed, match="finished:failed: because"):
-        simulation.run_simulation(_cfg(), run, 2, poll_seconds=0.05, status_seconds=0.2)
+        simulation.run_simulation(_cfg(), run, 2, poll_seconds=0.05, status_seconds=3.0)
     assert fake.followers == 2 and fake.status_calls == 2
 
 
