@@ -11,6 +11,7 @@ import hashlib
 import json
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -142,6 +143,17 @@ def snapshot(dev):
     return dev.state.pointer(), {p.name: p.read_bytes() for p in d.iterdir()}
 
 
+@contextmanager
+def updated_device(tmp_path, registry, verify):
+    """A hostile server serving the honest registry, and a device that took its release (v2) from it:
+    (server, device, the device's state before the attack)."""
+    with Hostile() as srv:
+        srv.serve_registry(registry)
+        dev = device(tmp_path, srv.url, verify)
+        assert dev.pull().active == 2
+        yield srv, dev, snapshot(dev)
+
+
 def assert_untouched(dev, before):
     assert snapshot(dev) == before
     assert dev.active()[1].version == before[0].active
@@ -150,11 +162,7 @@ def assert_untouched(dev, before):
 
 def test_replayed_older_metadata_cannot_roll_the_device_back(tmp_path, registry, setup):
     _, verify, _ = setup
-    with Hostile() as srv:
-        srv.serve_registry(registry)
-        dev = device(tmp_path, srv.url, verify)
-        assert dev.pull().active == 2
-        before = snapshot(dev)
+    with updated_device(tmp_path, registry, verify) as (srv, dev, before):
         srv.set_channel(registry, version=1)  # the genuine, signed metadata that named v1
         with pytest.raises(ReplayError, match="older than v2"):
             dev.pull(force=True)
@@ -306,11 +314,7 @@ def test_a_frozen_server_is_caught_by_the_stale_timestamp(tmp_path, registry, se
     """The server keeps serving a genuine, once-valid state after its short-lived timestamp expired."""
     key, verify, _ = setup
     registry.refresh_timestamp(keys=key, ttl_s=2)
-    with Hostile() as srv:
-        srv.serve_registry(registry)
-        dev = device(tmp_path, srv.url, verify)
-        assert dev.pull().active == 2
-        before = snapshot(dev)
+    with updated_device(tmp_path, registry, verify) as (srv, dev, before):
         registry.promote(3, keys=key)  # the server hides this release from the device (a freeze)
         time.sleep(2.1)
         assert _doc(srv.routes["/v1/channel"])["expires"] > _doc(srv.routes["/v1/timestamp"])["expires"]
@@ -325,11 +329,7 @@ def test_a_timestamp_pinning_an_older_snapshot_is_refused(tmp_path, registry, se
     from fedtune.registry.metadata import expires_in, sign_document
 
     key, verify, _ = setup
-    with Hostile() as srv:
-        srv.serve_registry(registry)
-        dev = device(tmp_path, srv.url, verify)
-        assert dev.pull().active == 2
-        before = snapshot(dev)
+    with updated_device(tmp_path, registry, verify) as (srv, dev, before):
         newest = _doc(srv.routes["/v1/timestamp"])
         old_v, old_snap = registry.db.all_role_meta(SNAPSHOT_ROLE)[0]
         forged = TimestampMeta(version=newest["version"] + 1, expires=expires_in(3600), snapshot=pin(old_v, old_snap))
@@ -345,11 +345,7 @@ def test_a_snapshot_that_rolls_a_channel_back_is_refused(tmp_path, registry, set
     from fedtune.registry.metadata import expires_in, sign_document
 
     key, verify, _ = setup
-    with Hostile() as srv:
-        srv.serve_registry(registry)
-        dev = device(tmp_path, srv.url, verify)
-        assert dev.pull().active == 2
-        before = snapshot(dev)
+    with updated_device(tmp_path, registry, verify) as (srv, dev, before):
         old = registry.db.all_channel_meta()[0]  # channel metadata v1 (named artifact v1)
         snap = SnapshotMeta(version=50, expires=expires_in(3600), channels={f"{BASE}/stable": pin(1, old[3])})
         snap_env = sign_document(snap, [key])
