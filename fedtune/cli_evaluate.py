@@ -24,8 +24,11 @@ def run_evaluation(console: Console, run_dir: Path, methods: list[str] | None = 
     def progress(done: int, total: int, user: str) -> None:
         console.print(f"[{time.monotonic() - t0:6.0f}s] evaluated user {user} ({done}/{total})")
 
+    from fedtune.cli_quiet import quiet_libraries
+
     try:
-        _, summaries = evaluate_run(run_dir, methods=methods, progress=progress, overrides=overrides)
+        with quiet_libraries():
+            _, summaries = evaluate_run(run_dir, methods=methods, progress=progress, overrides=overrides)
     except (RunNotEvaluable, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     console.print(format_table(summaries))

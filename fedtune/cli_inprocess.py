@@ -9,9 +9,7 @@ so the report, the plots and ``fedtune evaluate`` read it like any other run.
 
 from __future__ import annotations
 
-import logging
 import time
-import warnings
 
 from rich.console import Console
 from rich.table import Table
@@ -37,11 +35,9 @@ def print_round(console: Console, rec: dict, rounds: int) -> None:
 
 def simulate_in_process(console: Console, cfg, run, clients) -> None:
     """Run ``cfg.federation.rounds`` rounds in this process, printing each round's table as it ends."""
-    with warnings.catch_warnings():  # what Flower's actors keep in their logs, kept off this console too
-        for message in ("Secure RNG turned off", "Full backward hook is firing", ".*is_gradient_checkpointing"):
-            warnings.filterwarnings("ignore", message=message)
-        for name in ("bitsandbytes", "torch.utils._pytree"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    from fedtune.cli_quiet import quiet_libraries
+
+    with quiet_libraries():
         _simulate(console, cfg, run, clients)
 
 
