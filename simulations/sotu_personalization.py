@@ -46,7 +46,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-users", type=int, default=None, help="only the first N users (a quick look)")
     p.add_argument("--pack", type=int, default=1,
                    help="train up to N devices at once on the packed engine (same results; use on a GPU)")
-    p.add_argument("--gpus", "--workers", dest="workers", type=int, default=None,
+    p.add_argument("--gpus", "--workers", dest="workers", type=int, default=None, metavar="N",
                    help="run the privacy settings side by side, one worker process per GPU (a queue when there "
                         "are more settings than GPUs; same results as one after another). Default: every visible "
                         "GPU with --device cuda; 1: one after another. With --device cpu: N CPU processes")
