@@ -119,8 +119,17 @@ def run_parallel(cfg, clients, out: Path, settings: tuple, slots: list[Slot], pa
     job = {"cfg": cfg, "clients": clients, "out": str(out), "pack": pack, "initial": initial}
     procs = [ctx.Process(target=_worker, args=(slot, job, tasks, results), name=f"fedtune-setting-{i}")
              for i, slot in enumerate(slots)]
-    for p in procs:
-        p.start()
+    parent_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        for slot, p in zip(slots, procs):  # the child inherits its GPU before it imports anything
+            if slot.visible is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = slot.visible
+            p.start()
+    finally:
+        if parent_visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = parent_visible
     if progress:
         progress(f"{len(settings)} settings on {len(slots)} workers ({', '.join(s.label for s in slots)})")
     done: dict[int, dict] = {}
