@@ -20,11 +20,11 @@ args() {  # data:dp[+dual] -> the command's arguments
 }
 if [ -n "$SPAN" ]; then
   name=$(echo "$SPAN" | tr ':,+' '---')
-  timeout 540 $P $(args "$SPAN") --gpus 2 --out /tmp/p/$name > /tmp/p/$name.log 2>&1
+  timeout 570 $P $(args "$SPAN") --gpus 2 --out /tmp/p/$name > /tmp/p/$name.log 2>&1
 else
   for job in ${WHICH:-sotu:on sotu:off}; do
     name=$(echo "$job" | tr ':,+' '---')
-    CUDA_VISIBLE_DEVICES=$gpu timeout 540 $P $(args "$job") --out /tmp/p/$name > /tmp/p/$name.log 2>&1 &
+    CUDA_VISIBLE_DEVICES=$gpu timeout 570 $P $(args "$job") --out /tmp/p/$name > /tmp/p/$name.log 2>&1 &
     gpu=$((gpu + 1))
   done
   wait
