@@ -48,6 +48,12 @@ class RoundStats:
     replies: list[Reply] = field(default_factory=list)  # what was aggregated
     result: Aggregated | None = None  # what the pipeline did (its ``applied`` mechanisms label the round)
     extra: dict = field(default_factory=dict)  # backend figures (a fleet's tiers and clock)
+    marks: dict = field(default_factory=dict)  # wall-clock times (time.time()) of the round's server steps
+
+    def mark(self, step: str) -> None:
+        """When the server finished ``step`` (sent, replies_in, checked, aggregated, recorded, checkpointed):
+        the round_done event carries them, so a round's seconds can be split between devices and server."""
+        self.marks[step] = time.time()
 
     def absorb(self, result: Aggregated, replies: list[Reply]) -> None:
         self.result, self.replies, self.skipped = result, replies, result.skipped

@@ -91,6 +91,7 @@ class FleetFedAvg(AdapterFedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         stats = self.stats.setdefault(server_round, RoundStats())
+        stats.mark("replies_in")
         sent = self.sent.get(server_round, {})
         # 1. decode and validate every reply (errors and rejections are counted here)
         finished: dict[int, float] = {}

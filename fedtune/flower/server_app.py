@@ -93,11 +93,13 @@ class Recorder:
         if coord is not None:
             stats.extra = coord.round_record(server_round)
         result = self.engine.record(server_round, arrays_to_state(arrays), stats)
+        stats.mark("recorded")
         self.published = maybe_publish(cfg, run, server_round, self.final_round) or self.published
         self.engine.checkpoint(server_round)
+        stats.mark("checkpointed")
         self.last_round = server_round
         self.results.append(result)
-        run.append_event({"event": "round_done", "round": server_round})
+        run.append_event({"event": "round_done", "round": server_round, "server": dict(stats.marks)})
         if server_round < self.final_round:
             run.append_event({"event": "round_start", "round": server_round + 1,
                               "clients": cohort_size(cfg, self.n_clients)})

@@ -89,6 +89,7 @@ class AdapterFedAvg(FedAvg):
         for d in devices:  # a simulated node trains device i = its index (a real device ignores it)
             record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({**dict(config), "device-index": d})})
             messages += list(self._construct_messages(record, [nodes[d]], MessageType.TRAIN))
+        self.stats[server_round].mark("sent")
         return messages
 
     def _validated(self, msg: Message, stats: RoundStats, reference_for=None) -> Reply | None:
@@ -150,6 +151,7 @@ class AdapterFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         stats = self.stats.setdefault(server_round, RoundStats())
+        stats.mark("replies_in")
         good: list[Reply] = []
         trained: list[Message] = []
         for msg in replies:
@@ -167,6 +169,7 @@ class AdapterFedAvg(FedAvg):
             if reply is not None:
                 self._count(stats, msg)
                 good.append(reply)
+        stats.mark("checked")
         if self.secure is not None:
             return self._aggregate_secure(server_round, stats, good)
         return self._aggregate(server_round, stats, good)
@@ -199,6 +202,7 @@ class AdapterFedAvg(FedAvg):
         current = self.current if self.current is not None else self.reference
         result = self.pipeline.aggregate(current, good, server_round)
         stats.absorb(result, good)
+        stats.mark("aggregated")
         if result.skipped:
             log.warning("round %d: only %d valid updates (< min_clients=%d); global adapter unchanged",
                         server_round, len(good), self.min_clients)

@@ -26,3 +26,10 @@ def test_packed_groups_run_every_round_with_per_device_replies(tmp_path):
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     done = [e for e in events if e["event"] == "client_done"]
     assert len(done) == 8 and all(e["packed_group"] == 2 for e in done)
+    # each round_done says when the server finished each step, in order, after the devices' replies were done
+    steps = ["sent", "replies_in", "checked", "aggregated", "recorded", "checkpointed"]
+    for e in (e for e in events if e["event"] == "round_done" and e["round"] >= 1):  # round 0: the initial eval
+        marks = [e["server"][s] for s in steps]
+        assert marks == sorted(marks), e
+        last_reply = max(d["time"] for d in done if d["round"] == e["round"])
+        assert marks[0] <= last_reply <= marks[1] <= e["time"]
