@@ -6,11 +6,19 @@ tensors (SmolLM2-135M, LoRA on q,k,v,o: 240) whose ``.npy`` headers repeat, and 
 (``ast.literal_eval``) cost more than the bytes. Headers are parsed and written once per layout and cached;
 the bytes are the same as ``np.save`` writes, and anything unusual (non-contiguous, object dtype, another
 ``stype``) goes through Flower's own path.
+
+An adapter travels *flat*: one ``.npy`` ``Array`` per dtype (``flat:<dtype>``,
+the tensors' values end to end) and a ``layout`` ``Array`` (uint8: JSON of name, dtype, shape in order), so a
+reply is two ``Array``s instead of 240 and decoding is one buffer and slices. Both are plain ``.npy`` arrays:
+Flower's own ``to_torch_state_dict`` and FedAvg (same layout on every reply) still work on them. Records in the per-tensor form (older
+devices, other Flower apps) still decode; a flat record whose layout does not add up is refused.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -79,16 +87,79 @@ def to_array(tensor: torch.Tensor) -> Array:
     return Array(dtype=str(a.dtype), shape=tuple(a.shape), stype=_NPY, data=_header(a.dtype.str, a.shape) + a.tobytes())
 
 
-def tensors_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    """An ArrayRecord of CPU tensors (``ArrayRecord(state_dict)``, without parsing a header per tensor)."""
+LAYOUT_KEY = "layout"
+FLAT_PREFIX = "flat:"
+
+
+def tensors_to_arrays(tensors: dict[str, torch.Tensor], flat: bool = True) -> ArrayRecord:
+    """An ArrayRecord of CPU tensors: flat (module docstring), or with ``flat=False`` one ``Array`` per tensor
+    (``ArrayRecord(state_dict)``'s bytes, without parsing a header per tensor)."""
     record = ArrayRecord()  # set item by item: ArrayRecord(dict of Arrays) would build each Array again
-    for k, v in tensors.items():
+    values = {k: v.detach().cpu() for k, v in tensors.items()}
+    if flat and values:
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for v in values.values():
+            groups.setdefault(v.dtype, []).append(v.reshape(-1))
+        layout = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in values.items()]
+        data = json.dumps(layout, separators=(",", ":")).encode()
+        record[LAYOUT_KEY] = to_array(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        for dtype, parts in groups.items():
+            record[FLAT_PREFIX + str(dtype).removeprefix("torch.")] = to_array(torch.cat(parts))
+        return record
+    for k, v in values.items():
         record[k] = to_array(v)
     return record
 
 
+def _refuse(detail: str) -> ValueError:
+    return ValueError(f"malformed flat adapter record: {detail}")
+
+
+@lru_cache(maxsize=64)
+def _layout_entries(data: bytes) -> tuple[tuple[tuple[str, str, tuple[int, ...], int], ...], dict[str, int]]:
+    """((name, dtype, shape, count), ...) of a layout and the values it needs per dtype; parsed and checked
+    once per distinct layout (every reply of a round shares one)."""
+    try:
+        entries = tuple((str(k), str(d), tuple(int(n) for n in shape)) for k, d, shape in json.loads(data))
+    except (ValueError, TypeError) as err:
+        raise _refuse(f"unreadable layout ({err})") from None
+    if len({k for k, _, _ in entries}) != len(entries) or any(n < 0 for _, _, shape in entries for n in shape):
+        raise _refuse("a name twice in the layout, or a negative dimension")
+    out, totals = [], {}
+    for name, dtype, shape in entries:
+        count = math.prod(shape)  # Python ints: a hostile shape cannot overflow to a small count
+        out.append((name, dtype, shape, count))
+        totals[dtype] = totals.get(dtype, 0) + count
+    return tuple(out), totals
+
+
+def _flat_to_tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    entries, totals = _layout_entries(to_tensor(arrays[LAYOUT_KEY]).numpy().tobytes())
+    buffers = {k.removeprefix(FLAT_PREFIX): v for k, v in arrays.items() if k != LAYOUT_KEY}
+    if len(buffers) != len(arrays) - 1 or set(buffers) != set(totals):
+        raise _refuse(f"buffers {sorted(arrays.keys())} for a layout of dtypes {sorted(totals)}")
+    for dtype, array in buffers.items():
+        if tuple(array.shape) != (totals[dtype],) or array.dtype != dtype:
+            raise _refuse(f"a {dtype} buffer of shape {tuple(array.shape)}, the layout needs ({totals[dtype]},)")
+    flats = {d: to_tensor(a) for d, a in buffers.items()}  # one fresh copy per dtype
+    if any(tuple(buf.shape) != (totals[d],) for d, buf in flats.items()):  # the .npy header disagrees
+        raise _refuse("a buffer whose .npy bytes do not hold the values the layout needs")
+    offsets = dict.fromkeys(flats, 0)
+    out = {}
+    for name, dtype, shape, count in entries:
+        start = offsets[dtype]
+        out[name] = flats[dtype][start:start + count].view(shape)  # a view of the buffer's fresh copy
+        offsets[dtype] = start + count
+    return out
+
+
 def arrays_to_tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The tensors of an ArrayRecord, each its own writable copy (``arrays.to_torch_state_dict()``, faster)."""
+    """The tensors of an ArrayRecord, flat or per tensor, writable and never aliasing the record's bytes
+    (``to_torch_state_dict()``, faster). A flat record's tensors are views of one fresh buffer per dtype
+    (``.clone()`` one before saving it alone with safetensors). A flat record whose layout does not add up
+    raises ``ValueError``."""
+    if LAYOUT_KEY in arrays:
+        return _flat_to_tensors(arrays)
     return {k: to_tensor(v) for k, v in arrays.items()}
 
 

@@ -104,7 +104,11 @@ class AdapterFedAvg(FedAvg):
             sent = self.sent_for(metrics)
             if reference_for is not None and sent is None:
                 sent = reference
-            reply = accept_reply(arrays_to_tensors(arrays), metrics, sent=sent, reference=reference,
+            try:
+                payload = arrays_to_tensors(arrays)
+            except ValueError as err:  # a flat record whose layout does not add up, a corrupt .npy header
+                raise UpdateRejected("malformed", str(err)) from None
+            reply = accept_reply(payload, metrics, sent=sent, reference=reference,
                                  limits=self.limits, device=msg.metadata.src_node_id)
         except UpdateRejected as err:
             stats.rejected[err.reason] += 1

@@ -12,7 +12,7 @@ from fedtune.config import dump_config
 from fedtune.data import build_client_data, save_client_data
 from fedtune.flower.client_app import build_client_app
 from fedtune.flower.context import run_context
-from fedtune.flower.records import UPDATE_METRIC_KEYS, payload_bytes, state_to_arrays
+from fedtune.flower.records import UPDATE_METRIC_KEYS, arrays_to_tensors, payload_bytes, state_to_arrays
 from fedtune.models.tokenizer import ByteEncoder
 from fedtune.privacy import LedgerStore
 from fedtune.workspace import RunDir
@@ -49,19 +49,22 @@ def test_only_adapter_tensors_cross_the_wire(run_setup):
     msg = _train_message(state)
     # downlink: the message the server sends holds the adapter and the task, nothing else
     assert set(msg.content.keys()) == {"arrays", "config"}
-    assert set(msg.content["arrays"].keys()) == set(state)
+    assert set(arrays_to_tensors(msg.content["arrays"])) == set(state)
     reply = app(msg, _context(run_config, 0))
     assert not reply.has_error(), reply.error
     content = reply.content
     # uplink: exactly one ArrayRecord with exactly the adapter keys, one MetricRecord of numbers
     assert set(content.array_records) == {"arrays"} and set(content.metric_records) == {"metrics"}
     assert not content.config_records
-    arrays = content["arrays"]
-    assert set(arrays.keys()) == set(state)
-    assert all("lora_" in k for k in arrays.keys())
+    # the adapter travels flat: a layout and one buffer that holds exactly the adapter's values, no more
+    assert set(content["arrays"].keys()) == {"layout", "flat:float16"}  # fp16: federation.upload's default
+    assert content["arrays"]["flat:float16"].shape == (sum(v.numel() for v in state.values()),)
+    arrays = arrays_to_tensors(content["arrays"])
+    assert set(arrays) == set(state) and all(arrays[k].shape == state[k].shape for k in state)
+    assert all("lora_" in k for k in arrays)
     assert set(content["metrics"].keys()) == set(UPDATE_METRIC_KEYS)
     base_names = {n for n, _ in model.named_parameters() if "lora_" not in n}
-    assert not (set(arrays.keys()) & base_names)
+    assert not (set(arrays) & base_names)
 
 
 def test_upload_byte_count(run_setup):
@@ -70,15 +73,13 @@ def test_upload_byte_count(run_setup):
     state = get_adapter_state(run_context(run_config).model()[0])
     reply = app(_train_message(state), _context(run_config, 1))
     arrays: ArrayRecord = reply.content["arrays"]
-    # every tensor travels as an fp16 .npy blob (federation.upload's default): raw bytes + the .npy header
-    expected = 0
-    for k, t in state.items():
-        buf = io.BytesIO()
-        np.save(buf, t.to(torch.float16).numpy(), allow_pickle=False)
-        expected += len(buf.getvalue())
-    assert payload_bytes(arrays) == expected
+    # the adapter travels as one fp16 .npy buffer (federation.upload's default) plus its layout: .npy bytes
+    npy = lambda a: (np.save(buf := io.BytesIO(), a, allow_pickle=False), len(buf.getvalue()))[1]  # noqa: E731
+    flat = arrays["flat:float16"].numpy()
+    assert flat.shape == (sum(t.numel() for t in state.values()),)
+    assert payload_bytes(arrays) == npy(flat) + npy(arrays["layout"].numpy())
     raw = sum(t.numel() * 2 for t in state.values())
-    assert raw < payload_bytes(arrays) <= raw + 128 * len(state)
+    assert raw < payload_bytes(arrays) <= raw + 2 * 128 + sum(len(k) + 32 for k in state)  # headers + layout
     # LoRA r=4 on q (64->64) and v (64->32: 2 kv heads x 16) of the 2-layer tiny model, fp16
     assert raw == 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4)) * 2
 

@@ -110,3 +110,14 @@ def test_norm_is_measured_against_the_adapter_sent_this_round():
     replies = [_reply(out[0], _honest(5.1)), _reply(out[1], _honest(5.2))]
     arrays, _ = s.aggregate_train(2, replies)
     assert arrays is not None and not s.stats[2].rejected
+
+
+def test_a_reply_whose_flat_layout_does_not_add_up_is_rejected_as_malformed():
+    s = _strategy(min_clients=1)
+    out = _cohort(s, 2)
+    bad = state_to_arrays(_honest(0.1))
+    bad["flat:float32"] = state_to_arrays({"x": torch.zeros(5)})["flat:float32"]  # 5 values, the layout names 12
+    replies = [_reply(out[0], _honest(0.1)), _reply(out[1], bad)]
+    arrays, _ = s.aggregate_train(1, replies)  # counted, not raised: the round goes on with the honest one
+    assert dict(s.stats[1].rejected) == {"malformed": 1} and s.stats[1].succeeded == 1
+    assert all(torch.allclose(t, torch.full_like(t, 0.1)) for t in arrays_to_state(arrays).values())

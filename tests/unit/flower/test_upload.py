@@ -9,7 +9,7 @@ from fedtune.config import dump_config
 from fedtune.data import build_client_data, save_client_data
 from fedtune.flower.client_app import build_client_app
 from fedtune.flower.context import run_context
-from fedtune.flower.records import payload_bytes, state_to_arrays
+from fedtune.flower.records import arrays_to_tensors, payload_bytes, state_to_arrays
 from fedtune.flower.strategy import AdapterFedAvg, RoundStats
 from fedtune.models.tokenizer import ByteEncoder
 from fedtune.workspace import RunDir
@@ -53,7 +53,7 @@ def test_bytes_on_the_wire_per_scheme(tmp_path):
     tensor_bytes = sum(v.numel() * 4 for v in sent.values())
     assert b32 - b16 == tensor_bytes // 2  # fp16: exactly half of every tensor's bytes (same .npy headers)
     assert b32 / b8 >= 3.5, (b32, b8)  # int8 + one fp32 scale per 256 values + two headers
-    assert set(r8.content["arrays"].keys()) == {"delta.int8", "delta.scale"}
+    assert set(arrays_to_tensors(r8.content["arrays"])) == {"delta.int8", "delta.scale"}
     assert list((run.root / "state" / "residuals").glob("*.safetensors"))  # error feedback stays on the device
 
 
@@ -70,7 +70,7 @@ def test_server_decodes_an_int8_reply_before_it_aggregates(tmp_path):
         assert (decoded[k] - exact[k]).abs().max() <= step + 1e-6
     arrays, _ = strategy.aggregate_train(1, [r8])  # the pipeline averages the decoded fp32 adapter
     assert strategy.stats[1].upload_bytes == payload_bytes(r8.content["arrays"])  # counted as sent: int8
-    out = arrays.to_torch_state_dict()
+    out = arrays_to_tensors(arrays)
     assert out.keys() == sent.keys() and all(out[k].dtype == torch.float32 for k in out)
     for k in sent:  # one reply: the average is that reply's decoded adapter
         torch.testing.assert_close(out[k], decoded[k])
