@@ -18,9 +18,9 @@ from fedtune.workspace import RunDir
 from tests.conftest import make_config
 
 
-def _run(tmp_path, name: str, concurrent: int):
+def _run(tmp_path, name: str, concurrent: int, dp: bool = False):
     cfg = make_config(federation={"rounds": 2, "clients_per_round": 3, "min_clients": 3, "upload": "fp32"},
-                      train={"local_steps": 2, "eval_max_chunks": 4})
+                      train={"local_steps": 2, "eval_max_chunks": 4}, privacy={"enabled": dp})
     model = create_adapter(load_base_model(cfg.model)[0], cfg.adapter, cfg.seed)
     run = RunDir.create(tmp_path / name)
     records = run_inprocess(cfg, model, build_client_data(cfg.data, ByteEncoder(), cfg.seed), run,
@@ -28,14 +28,17 @@ def _run(tmp_path, name: str, concurrent: int):
     return run, records
 
 
-def test_side_by_side_round_equals_one_at_a_time(tmp_path):
-    one_run, one = _run(tmp_path, "one", 1)
-    two_run, two = _run(tmp_path, "two", 3)
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
+def test_side_by_side_round_equals_one_at_a_time(tmp_path, dp):
+    one_run, one = _run(tmp_path, "one", 1, dp)
+    two_run, two = _run(tmp_path, "two", 3, dp)
     assert [r["clients_succeeded"] for r in two] == [r["clients_succeeded"] for r in one] == [0, 3, 3]
+    assert (one[-1].get("epsilon") is not None) == dp
     for a, b in zip(one[1:], two[1:]):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
     for a, b in zip(one, two):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+        assert b.get("epsilon") == a.get("epsilon")  # the same ledgers (absent without DP)
     final_one = load_file(one_run.adapter(2) / "adapter_model.safetensors")
     final_two = load_file(two_run.adapter(2) / "adapter_model.safetensors")
     assert final_one.keys() == final_two.keys()
