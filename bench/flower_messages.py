@@ -3,7 +3,7 @@
 A SmolLM2-135M-shaped LoRA adapter (r=8 on q,k,v,o over 30 layers: 240 tensors, 921,600 values), a packed
 group of 50 devices and a round of 100 replies (fp16 uploads), timed side by side in one process:
   - client: decoding the group's incoming adapters (Flower's ``to_torch_state_dict`` per device, vs fedtune's
-    codec once per shared adapter) and encoding 50 replies (``ArrayRecord(state_dict)`` vs fedtune's codec);
+    codec once per shared adapter) and encoding 50 replies (``ArrayRecord(state_dict)`` vs fedtune's flat codec);
   - server: decoding and validating 100 replies (``to_torch_state_dict`` + convert-then-clone, vs now);
   - the pickled size of one group message (what Ray ships to the actor).
 
@@ -13,12 +13,13 @@ group of 50 devices and a round of 100 replies (fp16 uploads), timed side by sid
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import statistics
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtune.aggregation.validate import validate_update
 from fedtune.federation.replies import ReplyLimits, accept_reply
@@ -71,6 +72,16 @@ def new_server(replies, ref):
                      limits=ReplyLimits())
 
 
+def strategy_server(replies, ref):  # what AdapterFedAvg does: the same checks, on a few threads
+    from fedtune.flower.strategy import AdapterFedAvg, RoundStats
+
+    strategy = AdapterFedAvg(reference=ref, clients_per_round=len(replies), min_clients=1, seed=0)
+    strategy.current = ref
+    msgs = [Message(RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": 10.0, "train-loss": 1.0})}),
+                    dst_node_id=0, message_type=MessageType.TRAIN) for r in replies]
+    assert all(r is not None for r in strategy._validated_many(msgs, RoundStats()))
+
+
 def timed(fn, repeats):
     out = []
     for _ in range(repeats):
@@ -96,12 +107,15 @@ def main() -> None:
     before, after = old_pack(msgs, list(range(GROUP))), pack_group(msgs, list(range(GROUP)))
     uploads = [{k: v.half() for k, v in adapter(s).items()} for s in range(1, 6)]
     replies_old = [ArrayRecord(uploads[i % 5]) for i in range(ROUND)]
+    replies_new = [tensors_to_arrays(uploads[i % 5]) for i in range(ROUND)]  # flat
     rows = [
         ("client: decode the group's 50 incoming adapters", lambda: old_client(before), lambda: new_client(after)),
         ("client: encode 50 replies", lambda: [ArrayRecord(uploads[i % 5]) for i in range(GROUP)],
          lambda: [tensors_to_arrays(uploads[i % 5]) for i in range(GROUP)]),
         ("server: decode + validate 100 replies", lambda: old_server(replies_old, ref),
-         lambda: new_server(replies_old, ref)),
+         lambda: new_server(replies_new, ref)),
+        (f"  the same in the strategy ({min(8, os.cpu_count() or 1)} threads)", lambda: old_server(replies_old, ref),
+         lambda: strategy_server(replies_new, ref)),
     ]
     print(f"{'piece':52s} {'before s':>9s} {'after s':>9s}")
     for name, old, new in rows:

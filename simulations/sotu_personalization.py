@@ -5,6 +5,8 @@ with and without DP: per-device DP-SGD (--dp on) and user-level DP-FedAvg on the
     python simulations/sotu_personalization.py --data my_users.jsonl --out runs/mine   # your own data
     python simulations/sotu_personalization.py --prepare-only data/sotu-prepared       # tokenize only (to ship
     python simulations/sotu_personalization.py --prepared data/sotu-prepared --device cuda ...  #  to a GPU box)
+    python simulations/sotu_personalization.py --device cuda --pack 45 --dp off,on,user   # 2+ GPUs: the settings
+        # run side by side, one worker process per GPU (--gpus N: at most N; --gpus 1: one after another)
 
 Your own data: a .jsonl, .csv or .parquet file with one row per document and two columns, the user id
 (``user_id``) and the text (``text``); other names with --user-column/--text-column. Each user's documents
@@ -44,6 +46,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-users", type=int, default=None, help="only the first N users (a quick look)")
     p.add_argument("--pack", type=int, default=1,
                    help="train up to N devices at once on the packed engine (same results; use on a GPU)")
+    p.add_argument("--gpus", "--workers", dest="workers", type=int, default=None, metavar="N",
+                   help="run the privacy settings side by side, one worker process per GPU (a queue when there "
+                        "are more settings than GPUs; same results as one after another). Default: every visible "
+                        "GPU with --device cuda; 1: one after another. With --device cpu: N CPU processes")
     return p.parse_args(argv)
 
 
@@ -90,8 +96,16 @@ def main(argv=None) -> dict | None:
         print(f"saved {len(clients)} users' chunks to {args.prepare_only}")
         return None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from fedtune.personalization.parallel import plan_slots
+
+    try:
+        plan_slots(device, args.workers, len(settings))
+    except ValueError as err:
+        print(f"error: --gpus {args.workers}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"{len(clients)} users, {sum(c.num_train for c in clients)} training chunks; device {device}", flush=True)
     report = run_benchmark(cfg, clients, args.out, device=device, settings=settings, pack=args.pack,
+                           workers=args.workers,
                            progress=lambda msg: print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True))
     print((args.out / "benchmark.md").read_text())
     print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "out": str(args.out)}))

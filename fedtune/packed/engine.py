@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from fedtune.config import PrivacyConfig
 from fedtune.packed.grad_sample import DeviceNoise, clipped_sums, noised_grads
-from fedtune.packed.model import PackedModel, packed_lora
+from fedtune.packed.model import FrozenBranch, PackedModel, packed_lora
 from fedtune.packed.sampling import DeviceBatches
 from fedtune.privacy.csprng import as_stream
 from fedtune.privacy.dpsgd import resolve_noise
@@ -85,17 +85,20 @@ def train_packed(
     weight_decay: float = 0.0,
     micro_batch: int | None = None,
     noise_multipliers: Sequence[float] | None = None,
+    frozen: FrozenBranch | None = None,
 ) -> list[ClientUpdate]:
     """Train K devices packed on ``model`` (the worker's peft LoRA model); one ClientUpdate per device.
     ``noise_multipliers`` (one per device) replace ``privacy``'s noise when each device was calibrated apart
-    (``fedtune.personalization.select``: what is left of each device's own budget)."""
+    (``fedtune.personalization.select``: what is left of each device's own budget). ``frozen``: a LoRA branch
+    shared by all K, frozen beside the ones they train (dual adapters, ``fedtune.personalization.dual``); only
+    the devices' own branches have gradients, so clipping, noise and accounting are per device as without it."""
     dp = privacy is not None and privacy.enabled
     _check_group(adapters, datas, tasks, dp, ledgers)
     if micro_batch is not None and micro_batch < 1:
         raise ValueError(f"micro_batch must be a positive number of sequences, got {micro_batch}")
     k_dev, steps, lr = len(adapters), tasks[0].local_steps, tasks[0].lr
     streams = [DeviceBatches(d, t, dp) for d, t in zip(datas, tasks)]
-    with packed_lora(model, k_dev) as pm:
+    with packed_lora(model, k_dev, frozen) as pm:
         pm.load(list(adapters))
         params = [p for _, p in pm.params_in_order()]
         device = params[0].device

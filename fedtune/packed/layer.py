@@ -73,15 +73,23 @@ class PackedLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(num_devices, rank, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(num_devices, out_features, rank, device=device, dtype=dtype))
         self.grad_samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # a frozen LoRA branch shared by every device (FedDPA's global adapter next to the private one being
+        # trained): (A [r, in], B [out, r], scale); it passes gradients to its input, has none of its own
+        self.frozen: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, T, in]
         result = self.base_layer(x)  # [N, T, out]
+        dtype = result.dtype
         if x.dim() != 3 or self.batch.dev is None or self.batch.dev.shape[0] != x.shape[0]:
             raise ValueError(f"a packed LoRA layer needs a batch-first [N, T, in] input with the device of "
                              f"each of its N samples set; got input {tuple(x.shape)}, devices "
                              f"{None if self.batch.dev is None else tuple(self.batch.dev.shape)}")
         delta = _PackedLora.apply(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self)  # [N, T, out]
-        return (result + delta).to(result.dtype)
+        result = result + delta
+        if self.frozen is not None:  # after the trained branch, as peft adds its active adapters in order
+            A, B, scale = self.frozen
+            result = result + (x.to(A.dtype) @ A.T @ B.T) * scale
+        return result.to(dtype)
 
     def take_grad_samples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dev [N], dA [N, r, in], dB [N, out, r]) of every micro-batch since the last call."""

@@ -70,6 +70,16 @@ class PackedModel:
         return states
 
 
+@dataclass(frozen=True)
+class FrozenBranch:
+    """A LoRA branch every packed device shares, frozen, next to its own trained one (FedDPA dual adapters,
+    ``fedtune.personalization.dual``): each layer computes base(x) + α·s·B_k A_k x + (1-α)·s·B_g A_g x,
+    ``state`` holding A_g, B_g under the model's adapter keys and ``alpha`` the trained branch's weight."""
+
+    state: AdapterState
+    alpha: float
+
+
 def _lora_modules(peft_model) -> list[tuple[str, torch.nn.Module]]:
     from peft.tuners.lora import LoraLayer
 
@@ -96,10 +106,13 @@ def _lora_modules(peft_model) -> list[tuple[str, torch.nn.Module]]:
 
 
 @contextmanager
-def packed_lora(model, num_devices: int) -> Iterator[PackedModel]:
-    """Borrow ``model`` (a peft LoRA model, possibly wrapped) as a packed model for ``num_devices``."""
+def packed_lora(model, num_devices: int, frozen: FrozenBranch | None = None) -> Iterator[PackedModel]:
+    """Borrow ``model`` (a peft LoRA model, possibly wrapped) as a packed model for ``num_devices``; with
+    ``frozen``, every layer also adds that shared frozen branch and scales the devices' own by its α."""
     if num_devices < 1:
         raise ValueError(f"a packed fleet needs at least one device, got {num_devices}")
+    if frozen is not None and not 0.0 <= frozen.alpha <= 1.0:
+        raise ValueError(f"the frozen branch's mixing weight must lie in [0, 1], got {frozen.alpha}")
     peft_model = getattr(model, "_module", model)
     mods = _lora_modules(peft_model)
     batch = PackedBatch(num_devices=num_devices)
@@ -109,8 +122,18 @@ def packed_lora(model, num_devices: int) -> Iterator[PackedModel]:
         for name, m in mods:
             A = m.lora_A["default"].weight  # [r, in]
             B = m.lora_B["default"].weight  # [out, r]
-            layer = PackedLoraLinear(m.base_layer, num_devices, A.shape[0], m.scaling["default"], A.shape[1],
+            scale = m.scaling["default"]
+            layer = PackedLoraLinear(m.base_layer, num_devices, A.shape[0],
+                                     scale if frozen is None else frozen.alpha * scale, A.shape[1],
                                      B.shape[0], batch, device=A.device, dtype=A.dtype)
+            if frozen is not None:
+                keys = (f"{name}.lora_A.weight", f"{name}.lora_B.weight")
+                missing = [k for k in keys if k not in frozen.state]
+                if missing:
+                    raise ValueError(f"the frozen branch's state lacks {missing[0]}: it must be an adapter state "
+                                     "of this model (fedtune.adapters.get_adapter_state)")
+                layer.frozen = tuple(frozen.state[k].to(A.device, A.dtype) for k in keys) + (
+                    (1.0 - frozen.alpha) * scale,)
             parent_name, _, child = name.rpartition(".")
             parent = peft_model.get_submodule(parent_name)
             setattr(parent, child, layer)

@@ -33,14 +33,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fedtune.adapters import get_adapter_state
 from fedtune.config import ExperimentConfig
 from fedtune.personalization.evaluate import evaluate_users
 from fedtune.federation.inprocess import run_inprocess as federate
 from fedtune.personalization.tuning import tune_selection, with_personalization
 from fedtune.personalization.users import select_users
 from fedtune.privacy.device_budget import budget_warning, over_target, sit_out_reason
-from fedtune.personalization.run_eval import load_model, sources_for
+from fedtune.personalization.run_eval import load_model, seeded_initial, sources_for
 from fedtune.personalization.settings import (
     DIRS, FROM_GLOBAL, comparison, comparison_line, setting_name, user_level_config, user_level_refusal,
 )
@@ -92,7 +91,7 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
                 progress(f"user-level setting not run: {why}")
             return {"setting": name, "dp": False, "refused": why}
     model = load_model(cfg, device)
-    initial = initial if initial is not None else get_adapter_state(model)
+    initial = initial if initial is not None else seeded_initial(model)
     t0 = time.perf_counter()
     sat_out = sit_outs(_with(cfg, dp, "none"), clients)
     trainable = [c for c in clients if c.user_id not in sat_out]
@@ -187,16 +186,25 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
 
 
 def run_benchmark(cfg: ExperimentConfig, clients: list[ClientData], out: str | Path, device: str = "cpu",
-                  settings: tuple[bool | str, ...] = ("off", "on"), progress=None, pack: int = 1) -> dict:
+                  settings: tuple[bool | str, ...] = ("off", "on"), progress=None, pack: int = 1,
+                  workers: int | None = None) -> dict:
     """The privacy settings (off / on / user; bools mean off / on); writes ``out/benchmark.md`` and
     ``out/benchmark.json`` and returns the latter, with ``comparison`` (per-device DP-SGD vs user-level
     DP-FedAvg) when both ran. ``pack`` > 1 trains devices that many at a time on the packed engine (same
-    results, faster on a GPU)."""
+    results, faster on a GPU). ``workers``: settings side by side, one worker process each
+    (``fedtune.personalization.parallel``; default: one per visible GPU on cuda, one after another on the CPU;
+    1: one after another); every setting starts from the same seeded adapter either way."""
+    from fedtune.personalization.parallel import plan_slots, run_parallel
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"name": cfg.name, "users": len(clients), "device": device, "pack": pack, "settings": []}
-    initial = get_adapter_state(load_model(cfg, device))  # the seeded init, before any setting trains
-    for dp in settings:
+    slots = plan_slots(device, workers, len(settings))
+    report = {"name": cfg.name, "users": len(clients), "device": device, "pack": pack, "settings": [],
+              "workers": [s.label for s in slots] or [device]}
+    initial = seeded_initial(load_model(cfg, device))  # the seeded init, whatever the cached model went through
+    if slots:
+        report["settings"] = run_parallel(cfg, clients, out, tuple(settings), slots, pack, initial, progress)
+    for dp in settings if not slots else ():
         report["settings"].append(run_setting(cfg, clients, out / DIRS[setting_name(dp)], dp, device,
                                               progress, pack, initial))
     report["comparison"] = comparison(report["settings"])
@@ -206,7 +214,9 @@ def run_benchmark(cfg: ExperimentConfig, clients: list[ClientData], out: str | P
 
 
 def format_report(report: dict) -> str:
-    lines = [f"# Personalization benchmark: {report['name']} ({report['users']} users, {report['device']})", ""]
+    where = report["device"] if len(report.get("workers", [])) < 2 else (
+        f"{report['device']}, settings side by side on {', '.join(report['workers'])}")
+    lines = [f"# Personalization benchmark: {report['name']} ({report['users']} users, {where})", ""]
     for s in report["settings"]:
         if s.get("refused"):
             lines += ["## User-level DP-FedAvg on the server: not run", "",
@@ -244,7 +254,8 @@ def format_report(report: dict) -> str:
                          + ", ".join(sorted(s["sat_out"])))
         extra += [f"**{w}**" for w in s.get("epsilon_warnings", [])]
         lines += [head, "", s["table"], "", verdict, *targets, *extra,
-                  f"(federations {s['federation_seconds']} s, evaluation {s['evaluation_seconds']} s; global "
+                  f"(federations {s['federation_seconds']} s, evaluation {s['evaluation_seconds']} s"
+                  f"{' on ' + s['device'] if s.get('device') else ''}; global "
                   f"perplexity by round {[round(x, 2) for x in s['global_perplexity_by_round']]})", ""]
     line = comparison_line(report.get("comparison"))
     if line:

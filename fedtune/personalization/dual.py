@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -53,9 +53,10 @@ def _lora_layers(model) -> list:
 
 
 @contextmanager
-def dual_model(model, global_state: AdapterState, alpha: float) -> Iterator[None]:
+def dual_model(model, global_state: AdapterState, alpha: float) -> Iterator[Callable[[float], None]]:
     """Within the context: ``global_state`` frozen in a second adapter at weight 1 - α, the model's own
-    (trainable) adapter at weight α. The caller loads the private state (``set_adapter_state``)."""
+    (trainable) adapter at weight α. The caller loads the private state (``set_adapter_state``); the context
+    yields a function that sets another α without rebuilding the second adapter."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"the dual-adapter mixing weight must lie in [0, 1], got {alpha}")
     layers = _lora_layers(model)
@@ -71,10 +72,16 @@ def dual_model(model, global_state: AdapterState, alpha: float) -> Iterator[None
         model.base_model.set_adapter(["default", FROZEN])
         for p in model.parameters():  # peft turned on every active adapter's grads: restore, freeze the copy
             p.requires_grad_(flags.get(id(p), False))
-        for m, s in zip(layers, scales):
-            m.scaling["default"] = alpha * s["default"]
-            m.scaling[FROZEN] = (1.0 - alpha) * s["default"]
-        yield
+
+        def set_alpha(a: float) -> None:
+            if not 0.0 <= a <= 1.0:
+                raise ValueError(f"the dual-adapter mixing weight must lie in [0, 1], got {a}")
+            for m, s in zip(layers, scales):
+                m.scaling["default"] = a * s["default"]
+                m.scaling[FROZEN] = (1.0 - a) * s["default"]
+
+        set_alpha(alpha)
+        yield set_alpha
     finally:
         model.base_model.set_adapter("default")
         model.delete_adapter(FROZEN)
@@ -102,6 +109,18 @@ def dual_loss(model, dual: DualAdapters, chunks: torch.Tensor, batch_size: int) 
         return evaluate_chunks(model, chunks, batch_size).loss
 
 
+def dual_losses(model, global_state: AdapterState, private: AdapterState, alphas: list[float],
+                chunks: torch.Tensor, batch_size: int) -> dict[float, float]:
+    """{α: loss of the dual model at α on ``chunks``}: ``dual_loss`` for each α, the adapters set up once."""
+    out = {}
+    with dual_model(model, global_state, alphas[0]) as set_alpha:
+        set_adapter_state(model, private)
+        for a in alphas:
+            set_alpha(a)
+            out[a] = evaluate_chunks(model, chunks, batch_size).loss
+    return out
+
+
 def train_private(model, global_state: AdapterState, fit, task, privacy, ledger, alpha: float, **train_kwargs
                   ) -> AdapterState:
     """The private adapter after ``task.local_steps`` steps of ``train_local`` (DP-SGD on ``ledger`` when
@@ -110,3 +129,28 @@ def train_private(model, global_state: AdapterState, fit, task, privacy, ledger,
 
     with dual_model(model, global_state, alpha):
         return train_local(model, global_state, fit, task, privacy, ledger, **train_kwargs).adapter
+
+
+def train_private_packed(model, global_state: AdapterState, fits: list, tasks: list, privacies: list, ledgers: list,
+                         alpha: float, pack: int, weight_decay: float = 0.0) -> list[AdapterState]:
+    """``train_private`` for many devices, ``pack`` at a time on the packed engine: the global branch, the same
+    for every device, is a frozen branch of the packed layers (``fedtune.packed.FrozenBranch``; it never touches
+    the base weights, so a quantized base works as it does alone) and each device trains its own private LoRA
+    with its own sampling, clipping, noise (``privacies[i].noise_multiplier``) and ledger. Every task must have
+    the same ``local_steps`` (group devices by steps first). One private state per device, in order."""
+    from fedtune.packed import FrozenBranch, train_packed
+
+    if len({t.local_steps for t in tasks}) > 1:
+        raise ValueError("packed dual training needs one step count per group; group devices by local_steps")
+    dp = bool(privacies) and privacies[0].enabled
+    out: list[AdapterState] = []
+    for i in range(0, len(fits), pack):
+        n = len(fits[i:i + pack])
+        updates = train_packed(model, [global_state] * n, fits[i:i + pack], tasks[i:i + pack],
+                               privacies[0].model_copy(update={"target_epsilon": None}) if dp else privacies[0],
+                               ledgers[i:i + pack] if dp else None, planned_steps=tasks[i].local_steps,
+                               weight_decay=weight_decay,
+                               noise_multipliers=[p.noise_multiplier for p in privacies[i:i + pack]] if dp else None,
+                               frozen=FrozenBranch(global_state, alpha))
+        out += [u.adapter for u in updates]
+    return out

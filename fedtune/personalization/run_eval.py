@@ -76,12 +76,26 @@ def sources_for(run: RunDir, cfg: ExperimentConfig, template: AdapterState) -> S
     return src
 
 
+_SEEDED: dict[int, AdapterState] = {}  # id(cached model) -> its adapter as created (the seeded init)
+
+
 def load_model(cfg: ExperimentConfig, device: str):
     from fedtune.models import get_base_model
 
-    model, _ = get_base_model(cfg.model, device, build=lambda m: create_adapter(m, cfg.adapter, cfg.seed),
-                              extra=cfg.adapter.model_dump_json())
+    def build(base):
+        model = create_adapter(base, cfg.adapter, cfg.seed)
+        _SEEDED[id(model)] = get_adapter_state(model)
+        return model
+
+    model, _ = get_base_model(cfg.model, device, build=build, extra=cfg.adapter.model_dump_json())
     return model
+
+
+def seeded_initial(model) -> AdapterState:
+    """The adapter ``model`` was created with (``load_model``), whatever training has since left on the cached
+    model; a model built elsewhere: its current adapter."""
+    state = _SEEDED.get(id(model))
+    return {k: v.clone() for k, v in state.items()} if state is not None else get_adapter_state(model)
 
 
 def sit_out_notes(run: RunDir) -> list[str]:

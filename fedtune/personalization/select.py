@@ -123,6 +123,7 @@ class _Device:
     prev: float = math.inf
     best: tuple[float, int, AdapterState] | None = None  # (validation loss, steps, adapter) of the best FT
     active: bool = True
+    private: AdapterState | None = None  # the dual adapter's private LoRA, when trained packed
 
 
 def _train_group(model, devs: list[_Device], steps: int, segment: int, cfg: ExperimentConfig, total: int,
@@ -193,7 +194,33 @@ def select_models(model, global_state: AdapterState, datas: list[ClientData], cf
             if loss > d.prev:  # early stopping: the validation loss got worse
                 d.active = False
             d.prev = loss
+    if per.dual_adapters and pack > 1:
+        _train_duals_packed(model, [d for d in devs if d.best is not None], global_state, cfg, pack)
     return [_choose(model, d, global_state, cfg) for d in devs]
+
+
+def _dual_task(d: _Device, cfg: ExperimentConfig, ft_steps: int) -> ClientTask:
+    per = cfg.personalization
+    return ClientTask(server_round=0, local_steps=per.dual_steps or ft_steps, batch_size=cfg.train.batch_size,
+                      lr=per.finetune_lr or cfg.train.lr, seed=(d.seed + 104729) % (2**31))
+
+
+def _train_duals_packed(model, devs: list[_Device], global_state: AdapterState, cfg: ExperimentConfig,
+                        pack: int) -> None:
+    """Every device's private dual LoRA, ``pack`` at a time, grouped by step count (each the one it trains alone:
+    same task, ledger and noise; ``fedtune.personalization.dual.train_private_packed``)."""
+    from fedtune.personalization.dual import train_private_packed
+
+    groups: dict[int, list[tuple[_Device, ClientTask]]] = {}
+    for d in devs:
+        task = _dual_task(d, cfg, d.best[1])
+        groups.setdefault(task.local_steps, []).append((d, task))
+    for _, group in sorted(groups.items()):
+        privates = train_private_packed(model, global_state, [d.fit for d, _ in group], [t for _, t in group],
+                                        [d.privacy for d, _ in group], [d.ledger for d, _ in group],
+                                        cfg.personalization.dual_train_alpha, pack, cfg.train.weight_decay)
+        for (d, _), private in zip(group, privates):
+            d.private = private
 
 
 def dual_budget_steps(cfg: ExperimentConfig) -> int:
@@ -207,22 +234,21 @@ def _dual_candidates(model, d: _Device, global_state: AdapterState, cfg: Experim
                      ) -> tuple[int, list[tuple]]:
     """(steps, candidates) of the dual adapter: the private LoRA trained on the fit chunks next to the frozen
     global one, then scored on the validation slice at each α (``fedtune.personalization.dual``)."""
-    from fedtune.personalization.dual import DualAdapters, dual_loss, train_private
+    from fedtune.personalization.dual import DualAdapters, dual_losses, train_private
 
     per = cfg.personalization
-    steps = per.dual_steps or ft_steps
-    task = ClientTask(server_round=0, local_steps=steps, batch_size=cfg.train.batch_size,
-                      lr=per.finetune_lr or cfg.train.lr, seed=(d.seed + 104729) % (2**31))
-    private = train_private(model, global_state, d.fit, task, d.privacy, d.ledger, per.dual_train_alpha,
-                            planned_steps=steps, weight_decay=cfg.train.weight_decay,
-                            physical_batch_size=cfg.train.physical_batch_size)
+    task = _dual_task(d, cfg, ft_steps)
+    private = d.private
+    if private is None:  # one device at a time (``_train_duals_packed`` trains them packed)
+        private = train_private(model, global_state, d.fit, task, d.privacy, d.ledger, per.dual_train_alpha,
+                                planned_steps=task.local_steps, weight_decay=cfg.train.weight_decay,
+                                physical_batch_size=cfg.train.physical_batch_size)
+    alphas = sorted(set(per.alpha_grid) | {per.dual_train_alpha})
     cands = []
-    for a in sorted(set(per.alpha_grid) | {per.dual_train_alpha}):
-        dual = DualAdapters(global_state, private, a)
-        loss = dual_loss(model, dual, d.val, cfg.train.eval_batch_size)
+    for a, loss in dual_losses(model, global_state, private, alphas, d.val, cfg.train.eval_batch_size).items():
         d.keep.scores[f"dual@{a:g}"] = loss
-        cands.append((loss, 3, "dual", a, dual))
-    return steps, cands
+        cands.append((loss, 3, "dual", a, DualAdapters(global_state, private, a)))
+    return task.local_steps, cands
 
 
 def _choose(model, d: _Device, global_state: AdapterState, cfg: ExperimentConfig) -> tuple[AdapterState, Choice]:

@@ -85,7 +85,7 @@ def test_the_comparison_line_is_computed_from_both_settings_results(tmp_path, mo
 
     monkeypatch.setattr(benchmark, "run_setting", fake)
     monkeypatch.setattr(benchmark, "load_model", lambda cfg, device: torch.nn.Linear(1, 1))
-    monkeypatch.setattr(benchmark, "get_adapter_state", lambda model: {})
+    monkeypatch.setattr(benchmark, "seeded_initial", lambda model: {})
     report = run_benchmark(SimpleNamespace(name="x"), [], tmp_path / "a", settings=("on", "user"))
     md = (tmp_path / "a" / "benchmark.md").read_text()
     assert "median change vs global -5.0% vs -2.0%, better: **per-device DP-SGD**" in md

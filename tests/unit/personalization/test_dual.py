@@ -115,3 +115,54 @@ def test_dual_selection_reads_only_validation_chunks_and_stays_within_the_budget
     assert ledger.steps >= 2 + 2  # at least the first grid step and the dual adapter's
     if choice.candidate == "dual":
         assert isinstance(chosen, DualAdapters) and chosen.alpha == choice.alpha and choice.label.startswith("dual@")
+
+
+@pytest.mark.parametrize("quant", ["none", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_packed_private_training_gives_each_device_what_it_trains_alone(quant):
+    """The packed path (the global branch frozen in the packed layers, the base untouched) trains each device's
+    private LoRA as ``train_private`` does alone: same adapter, same DP steps on its ledger; nf4 base included."""
+    from fedtune.personalization.dual import train_private_packed
+    from fedtune.personalization.select import personal_privacy
+    from tests.conftest import make_config
+
+    cfg = make_config(data={"synthetic_users": 3, "synthetic_docs_per_user": 10}, model={"quantization": quant},
+                      privacy={"enabled": True, "target_epsilon": 8.0, "max_noise_to_batch": 5.0})
+    model = load_model(cfg, "cpu")
+    start = get_adapter_state(model)
+    gen = torch.Generator().manual_seed(0)
+    glob = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in start.items()}
+    users = build_client_data(cfg.data, ByteEncoder(), cfg.seed)
+    tasks = [ClientTask(server_round=0, local_steps=3, batch_size=4, lr=0.05, seed=11 + i) for i in range(3)]
+    privacies = [personal_privacy(cfg, u, 3, PrivacyLedger(u.user_id)) for u in users]
+    assert all(p.enabled and p.noise_multiplier > 0 for p in privacies)
+    alone_ledgers = [PrivacyLedger(u.user_id) for u in users]
+    alone = [train_private(model, glob, u, t, p, led, 0.75, planned_steps=3)
+             for u, t, p, led in zip(users, tasks, privacies, alone_ledgers)]
+    packed_ledgers = [PrivacyLedger(u.user_id) for u in users]
+    packed = train_private_packed(model, glob, users, tasks, privacies, packed_ledgers, 0.75, pack=2)
+    for a, b, la, lb in zip(alone, packed, alone_ledgers, packed_ledgers):
+        assert set(a) == set(b) == set(start)
+        assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), max((a[k] - b[k]).abs().max() for k in a)
+        assert any(not torch.equal(b[k], glob[k]) for k in glob)  # it trained
+        assert la.history == lb.history and len(lb.history) > 0
+    assert not any(FROZEN in n for n, _ in model.named_parameters())  # the model is as it was
+
+
+@pytest.mark.slow
+def test_packed_dual_selection_makes_the_one_at_a_time_choice(setup):
+    from fedtune.personalization.select import select_models
+
+    model, start, glob, _, users = setup
+    cfg = _cfg(enabled=True, target_epsilon=8.0, max_noise_to_batch=5.0)
+    picks = {}
+    for pack in (1, 2):
+        ledgers = [PrivacyLedger(u.user_id) for u in users]
+        picks[pack] = (select_models(model, glob, [_poisoned(u) for u in users], cfg, ledgers, [5, 6], pack=pack),
+                       ledgers)
+    for (a1, c1), (a2, c2), l1, l2 in zip(picks[1][0], picks[2][0], picks[1][1], picks[2][1]):
+        assert c1.label == c2.label and c1.scores.keys() == c2.scores.keys()
+        assert any(k.startswith("dual@") for k in c1.scores)
+        assert c1.scores == pytest.approx(c2.scores, rel=1e-3)
+        assert l1.history == l2.history and c1.epsilon == pytest.approx(c2.epsilon)
+        if c1.candidate == "dual":
+            assert all(torch.allclose(a1.private[k], a2.private[k], atol=1e-4) for k in a1.private)
