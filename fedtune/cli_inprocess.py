@@ -3,7 +3,7 @@
 The same round as the Flower simulation (sampler, device round, pipeline, recorder:
 ``fedtune.federation.inprocess``) in this process, for machines where Ray does not fit or is not wanted
 (a GPU box without Ray, a quick look). Devices train side by side in threads on one shared frozen base
-(``simulation.concurrent_devices``; by default as many as CPUs on CPU, one at a time on a GPU) or, with
+(``simulation.concurrent_devices``; by default as many as torch has threads on CPU, one at a time on a GPU) or, with
 ``simulation.packed_group_size`` > 1, in packed groups on one device. It writes the same run directory (metrics.jsonl, checkpoints, ledgers),
 so the report, the plots and ``fedtune evaluate`` read it like any other run.
 """

@@ -274,7 +274,7 @@ class SimulationConfig(_Section):
     packed_group_size: int = Field(1, gt=0)
     packed_micro_batch: int | None = Field(None, gt=0)  # sequences per packed forward/backward (GPU memory)
     # in-process backend: device calls run side by side in threads on one shared frozen base (each running device
-    # adds its adapter, optimizer and activations); None = the CPU count (at most 8) on CPU, 1 on a GPU
+    # adds its adapter, optimizer and activations); None = torch's thread count (at most 8) on CPU, 1 on a GPU
     concurrent_devices: int | None = Field(None, gt=0)
 
 

@@ -12,7 +12,6 @@ a time; a device's update depends only on its own inputs and seeds (float summat
 
 from __future__ import annotations
 
-import os
 import queue
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,16 +27,14 @@ R = TypeVar("R")
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """The cores this process trains on: torch's intra-op thread count (the machine's cores unless a caller,
+    e.g. a benchmark worker given its share, set it lower)."""
+    return max(1, torch.get_num_threads())
 
 
 def resolve_workers(requested: int | None, device: str, cap: int = 8) -> int:
-    """Devices to train at once: ``requested``, or by default the CPU count (at most ``cap``) on CPU and 1 on a GPU
-    (kernels of one GPU stream do not overlap by threads)."""
+    """Devices to train at once: ``requested``, or by default the cores torch trains on (at most ``cap``) on CPU
+    and 1 on a GPU (kernels of one GPU stream do not overlap by threads)."""
     if requested is not None:
         return requested
     return max(1, min(available_cpus(), cap)) if device == "cpu" else 1

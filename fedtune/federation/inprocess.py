@@ -191,7 +191,7 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
     devices at once with the packed engine (default: ``simulation.packed_group_size``); devices of one
     fleet tier are packed together. ``concurrent``: device calls run side by side in threads, each on a replica
     of the model sharing its frozen base (``fedtune.federation.concurrent``; default:
-    ``simulation.concurrent_devices``, or the CPU count on CPU and 1 on a GPU; packed groups run one at a
+    ``simulation.concurrent_devices``, or torch's thread count on CPU and 1 on a GPU; packed groups run one at a
     time). ``progress(round, user_id, update)`` is called after each device trains, in cohort order.
     """
     from fedtune.data import save_client_data
