@@ -13,7 +13,14 @@ AdamW, FedAvg of the adapters, no DP. Contenders, each in its own process (its t
   of 4 held-out chunks each round (fedtune cannot skip it; one forward of 4 x 128).
 * ``flower1``: the same with one ClientApp actor of 2 CPUs (``num_cpus_per_client: 2``,
   ``max_concurrent_clients: 1``): 2 torch threads in one actor, as bare and pfl use.
-* ``inprocess``: fedtune's in-process backend, the same engine in one Python loop.
+* ``inprocess``: fedtune's in-process backend, the same engine in one Python loop, one device at a time
+  (``simulation.concurrent_devices: 1``).
+* ``inprocess-x2``: the same with 2 devices side by side in threads on one shared frozen base
+  (``concurrent_devices: 2``, 1 torch thread each) and the fused chunked loss at 128 tokens
+  (``train.loss_chunk_tokens: 128``: the same loss, no [512, vocab] logits).
+* ``inprocess-x2gc``: ``inprocess-x2`` plus checkpointing of every 2nd decoder layer
+  (``train.gradient_checkpointing``, ``checkpoint_every_n_layers: 2``): half the activations, 1/2 a
+  forward recomputed.
 * ``pfl``: pfl-research 0.6.0, PyTorch simulated FL: ``SimulatedBackend``, ``FederatedAveraging``,
   ``PyTorchModel`` over the same peft model (AdamW locally, central SGD lr=1), the same per-user tensors
   (pfl iterates a user's chunks in order; fedtune and bare sample batches), no evaluation.
@@ -52,7 +59,13 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 USERS_PER_ROUND, STEPS, BATCH, SEQ, LR, SEED = 10, 4, 4, 128, 3e-3, 0
 PFL_SITE = "/work/wt/perf-pflvenv/lib/python3.11/site-packages"
-CONTENDERS = ("bare", "flower", "flower1", "inprocess", "pfl")
+CONTENDERS = ("bare", "flower", "flower1", "inprocess", "inprocess-x2", "inprocess-x2gc", "pfl")
+INPROCESS = {  # contender -> (simulation, train) overrides
+    "inprocess": ({"concurrent_devices": 1}, {}),
+    "inprocess-x2": ({"concurrent_devices": 2}, {"loss_chunk_tokens": 128}),
+    "inprocess-x2gc": ({"concurrent_devices": 2}, {"loss_chunk_tokens": 128, "gradient_checkpointing": True,
+                                                   "checkpoint_every_n_layers": 2}),
+}
 
 
 def workload(rounds: int) -> dict:
@@ -146,7 +159,9 @@ def worker_flower1(raw: dict, rounds: int, out: Path) -> dict:
     return worker_flower({**raw, "simulation": {"num_cpus_per_client": 2, "max_concurrent_clients": 1}}, rounds, out)
 
 
-def worker_inprocess(raw: dict, rounds: int, out: Path) -> dict:
+def worker_inprocess(raw: dict, rounds: int, out: Path, variant: str = "inprocess") -> dict:
+    sim, train = INPROCESS[variant]
+    raw = {**raw, "simulation": {**raw["simulation"], **sim}, "train": {**raw["train"], **train}}
     from fedtune.adapters import create_adapter
     from fedtune.federation.inprocess import run_inprocess
     from fedtune.models import load_base_model
@@ -322,7 +337,7 @@ def main() -> None:
     if args.worker:
         out, raw = Path(args.out), workload(args.rounds)
         fn = {"bare": worker_bare, "flower": worker_flower, "flower1": worker_flower1,
-              "inprocess": worker_inprocess}.get(args.worker)
+              **{v: (lambda r, n, o, v=v: worker_inprocess(r, n, o, v)) for v in INPROCESS}}.get(args.worker)
         res = fn(raw, args.rounds, out) if fn else worker_pfl(raw, args.rounds, out, args.pfl_site)
         (out / "result.json").write_text(json.dumps(res))
         return
@@ -365,7 +380,7 @@ def _report(results: list[dict], names: list[str], raw: dict) -> dict:
         summary[name] = {k: [r[k] for r in mine] for k in
                          ("updates_per_min", "steady_updates_per_min", "end_to_end_s", "peak_rss_gib", "peak_pss_gib")}
     ratios = {}
-    for a in ("flower", "flower1", "inprocess"):
+    for a in ("flower", "flower1", *INPROCESS):
         for b in ("bare", "pfl"):
             if a in names and b in names:  # per repeat (the same minutes), then listed
                 by_rep = {n: {r["repeat"]: r for r in results if r["contender"] == n} for n in (a, b)}

@@ -2,8 +2,9 @@
 
 The same round as the Flower simulation (sampler, device round, pipeline, recorder:
 ``fedtune.federation.inprocess``) in this process, for machines where Ray does not fit or is not wanted
-(a GPU box without Ray, a quick look). Devices train one at a time or, with ``simulation.packed_group_size``
-> 1, in packed groups on one device. It writes the same run directory (metrics.jsonl, checkpoints, ledgers),
+(a GPU box without Ray, a quick look). Devices train side by side in threads on one shared frozen base
+(``simulation.concurrent_devices``; by default as many as torch has threads on CPU, one at a time on a GPU) or, with
+``simulation.packed_group_size`` > 1, in packed groups on one device. It writes the same run directory (metrics.jsonl, checkpoints, ledgers),
 so the report, the plots and ``fedtune evaluate`` read it like any other run.
 """
 
@@ -43,15 +44,17 @@ def simulate_in_process(console: Console, cfg, run, clients) -> None:
 
 def _simulate(console: Console, cfg, run, clients) -> None:
     from fedtune.adapters import create_adapter
-    from fedtune.federation.inprocess import run_inprocess
+    from fedtune.federation.inprocess import concurrent_workers, run_inprocess
     from fedtune.models import get_base_model
 
     device = compute_device(cfg)
     model, _ = get_base_model(cfg.model, device, build=lambda m: create_adapter(m, cfg.adapter, cfg.seed),
                               extra=cfg.adapter.model_dump_json())
     pack = cfg.simulation.packed_group_size
-    console.print(f"in-process backend on {device}: devices train "
-                  + (f"in packed groups of up to {pack}" if pack > 1 else "one at a time"))
+    workers = concurrent_workers(cfg, model, pack)
+    how = (f"in packed groups of up to {pack}" if pack > 1 else
+           f"{workers} at a time (threads, one shared base)" if workers > 1 else "one at a time")
+    console.print(f"in-process backend on {device}: devices train {how}")
     started, shown, trained = time.monotonic(), 0, {}
 
     def show_finished(upto: int) -> None:
@@ -68,5 +71,5 @@ def _simulate(console: Console, cfg, run, clients) -> None:
             console.print(f"[{time.monotonic() - started:6.0f}s] round {server_round}/{cfg.federation.rounds}: "
                           "training")
 
-    run_inprocess(cfg, model, clients, run, progress=progress, pack=pack)
+    run_inprocess(cfg, model, clients, run, progress=progress, pack=pack, concurrent=workers)
     show_finished(cfg.federation.rounds)

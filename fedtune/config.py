@@ -273,6 +273,9 @@ class SimulationConfig(_Section):
     # devices trained at once by one ClientApp call (fedtune.packed; LoRA; a fleet packs each tier apart): 1 = one at a time
     packed_group_size: int = Field(1, gt=0)
     packed_micro_batch: int | None = Field(None, gt=0)  # sequences per packed forward/backward (GPU memory)
+    # in-process backend: device calls run side by side in threads on one shared frozen base (each running device
+    # adds its adapter, optimizer and activations); None = torch's thread count (at most 8) on CPU, 1 on a GPU
+    concurrent_devices: int | None = Field(None, gt=0)
 
 
 class TrackingConfig(_Section):

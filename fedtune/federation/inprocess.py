@@ -22,12 +22,14 @@ One round (numbered as in ``fedtune.federation``'s package docstring):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from fedtune.adapters import get_adapter_state
 from fedtune.adapters.split import initial_private, shared_part
 from fedtune.aggregation import UpdateRejected
 from fedtune.config import ExperimentConfig, dump_config
+from fedtune.federation.concurrent import ConcurrentDevices, resolve_workers
 from fedtune.federation.device_round import (
     Declined, DeviceState, declined_event, train_group, train_one,
 )
@@ -48,11 +50,11 @@ def _groups(members: list[int], size: int) -> list[list[int]]:
     return [members[i:i + size] for i in range(0, len(members), size)]
 
 
-def _metrics(cfg, update, device: int, rank: int, partition: int) -> dict:
+def _metrics(cfg, update, device: int, rank: int, partition: int, seconds: float) -> dict:
     from fedtune.federation.reply_figures import reply_figures, resolve
 
     return reply_figures(update, resolve(cfg.federation.reply_figures, deployed=False), device=device, rank=rank,
-                         partition=partition)
+                         partition=partition, seconds=seconds)
 
 
 def _bytes(state: dict) -> int:
@@ -69,17 +71,50 @@ class _Cohort:
     references: list  # what its reply must match
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One training call: a packed group, or a single device (``pack`` = 1)."""
+
+    group: list[int]  # indices into the cohort
+    plans: list
+    devices: list[int]
+    fleet: list  # the fleet's simulated device for each, or None
+    datas: list
+    keys: list[str]
+    sent: list
+
+
+def _train_job(cfg, state: DeviceState, pack: int):
+    """The call that trains a job on a model: its results (a ``Trained`` or ``Declined`` per device) and its
+    wall seconds (a packed group's devices share them)."""
+    def train(model, job: _Job) -> tuple[list, float]:
+        started = time.perf_counter()
+        if pack > 1:
+            results = train_group(model, state, cfg, job.sent, job.datas, job.plans, job.keys, job.devices)
+        else:
+            try:
+                results = [train_one(model, state, cfg, job.sent[0], job.datas[0], job.plans[0], job.keys[0],
+                                     job.devices[0])]
+            except Declined as err:
+                results = [err]
+        return results, time.perf_counter() - started
+
+    return train
+
+
 def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, limits, pack, progress,
-                  stats: RoundStats, dropped: list[int], fleet=None, note=None) -> dict[int, tuple]:
-    """Train every device of the cohort (packed groups share rank and quantization); returns device ->
-    (reply, simulated seconds) for the valid replies, counting failures, declines (by reason: a device too
-    small for its DP budget sits out, ``too_small``; one whose own budget is spent, ``budget_spent``) and
-    rejections in ``stats`` and the fleet's dropouts in ``dropped``; ``note(event)`` gets each decline's
-    event (its user, reason and detail)."""
+                  stats: RoundStats, dropped: list[int], fleet=None, note=None,
+                  runner: ConcurrentDevices | None = None) -> dict[int, tuple]:
+    """Train every device of the cohort (packed groups share rank and quantization; ``runner`` trains several
+    calls side by side); returns device -> (reply, simulated seconds) for the valid replies, counting
+    failures, declines (by reason: a device too small for its DP budget sits out, ``too_small``; one whose
+    own budget is spent, ``budget_spent``) and rejections in ``stats`` and the fleet's dropouts in
+    ``dropped``; ``note(event)`` gets each decline's event (its user, reason and detail)."""
     out: dict[int, tuple] = {}
     by_tier: dict[tuple, list[int]] = {}
     for j, plan in enumerate(cohort.plans):
         by_tier.setdefault((plan.rank, plan.quantization), []).append(j)
+    jobs: list[tuple] = []
     for members in by_tier.values():
         for group in _groups(members, pack):
             plans = [cohort.plans[j] for j in group]
@@ -91,39 +126,35 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
             if not keep:
                 continue
             group, plans, devs, fdevs = ([x[k] for k in keep] for x in (group, plans, devs, fdevs))
-            model = model_for(plans[0])
             datas = [clients[partition_of(d, len(clients))] for d in devs]
             keys = [ledger_key(d, partition_of(d, len(clients)), c.user_id) for c, d in zip(datas, devs)]
-            sent = [cohort.sent[j] for j in group]
-            if pack > 1:
-                results = train_group(model, state, cfg, sent, datas, plans, keys, devs)
-            else:
-                try:
-                    results = [train_one(model, state, cfg, sent[0], datas[0], plans[0], keys[0], devs[0])]
-                except Declined as err:
-                    results = [err]
-            for j, d, res, f, plan, data in zip(group, devs, results, fdevs, plans, datas):
-                if isinstance(res, Declined):
-                    stats.declined[res.reason] += 1
-                    log.info("device %s (%s) declines round %d (%s): %s", d, data.user_id, plan.server_round,
-                             res.reason, res)
-                    if note is not None:
-                        note(declined_event(plan.server_round, d, data.user_id, res))
-                    continue
-                stats.upload_bytes += _bytes(res.payload)
-                metrics = _metrics(cfg, res.update, d, plan.rank or cfg.adapter.rank, partition_of(d, len(clients)))
-                try:
-                    reply = accept_reply(res.payload, metrics, sent=cohort.sent[j], reference=cohort.references[j],
-                                         limits=limits, device=d)
-                except UpdateRejected as err:
-                    stats.rejected[err.reason] += 1
-                    continue
-                stats.clients.append(metrics)
-                seconds = f.seconds(plan.server_round, _bytes(cohort.sent[j]), res.update.tokens,
-                                    _bytes(res.payload)) if f is not None else 0.0
-                out[d] = (reply, seconds)
-                if progress is not None:
-                    progress(plan.server_round, data.user_id, res.update)
+            jobs.append((model_for(plans[0]), _Job(group, plans, devs, fdevs, datas, keys,
+                                                   [cohort.sent[j] for j in group])))
+    runner = runner or ConcurrentDevices(1)
+    for (_, job), (results, seconds) in zip(jobs, runner.map(_train_job(cfg, state, pack), jobs)):
+        for j, d, res, f, plan, data in zip(job.group, job.devices, results, job.fleet, job.plans, job.datas):
+            if isinstance(res, Declined):
+                stats.declined[res.reason] += 1
+                log.info("device %s (%s) declines round %d (%s): %s", d, data.user_id, plan.server_round,
+                         res.reason, res)
+                if note is not None:
+                    note(declined_event(plan.server_round, d, data.user_id, res))
+                continue
+            stats.upload_bytes += _bytes(res.payload)
+            metrics = _metrics(cfg, res.update, d, plan.rank or cfg.adapter.rank, partition_of(d, len(clients)),
+                               seconds)
+            try:
+                reply = accept_reply(res.payload, metrics, sent=cohort.sent[j], reference=cohort.references[j],
+                                     limits=limits, device=d)
+            except UpdateRejected as err:
+                stats.rejected[err.reason] += 1
+                continue
+            stats.clients.append(metrics)
+            sim = f.seconds(plan.server_round, _bytes(cohort.sent[j]), res.update.tokens,
+                            _bytes(res.payload)) if f is not None else 0.0
+            out[d] = (reply, sim)
+            if progress is not None:
+                progress(plan.server_round, data.user_id, res.update)
     return out
 
 
@@ -144,17 +175,30 @@ def _tier_models(cfg, model):
     return model_for
 
 
+def concurrent_workers(cfg: ExperimentConfig, model, pack: int) -> int:
+    """Device calls the in-process backend runs side by side: 1 for packed groups, else
+    ``simulation.concurrent_devices`` or its default for the model's device (``resolve_workers``)."""
+    if pack > 1:
+        return 1
+    return resolve_workers(cfg.simulation.concurrent_devices, next(model.parameters()).device.type)
+
+
 def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: RunDir, initial=None,
-                  progress=None, pack: int | None = None) -> list[dict]:
+                  progress=None, pack: int | None = None, concurrent: int | None = None) -> list[dict]:
     """Run ``cfg.federation.rounds`` rounds in this process; returns the metrics records (also in the run dir).
 
     ``initial``: the starting adapter (default: the model's current one). ``pack`` > 1 trains up to that many
     devices at once with the packed engine (default: ``simulation.packed_group_size``); devices of one
-    fleet tier are packed together. ``progress(round, user_id, update)`` is called after each device trains.
+    fleet tier are packed together. ``concurrent``: device calls run side by side in threads, each on a replica
+    of the model sharing its frozen base (``fedtune.federation.concurrent``; default:
+    ``simulation.concurrent_devices``, or torch's thread count on CPU and 1 on a GPU; packed groups run one at a
+    time). ``progress(round, user_id, update)`` is called after each device trains, in cohort order.
     """
     from fedtune.data import save_client_data
 
     pack = cfg.simulation.packed_group_size if pack is None else pack
+    workers = concurrent_workers(cfg, model, pack) if concurrent is None else concurrent
+    runner = ConcurrentDevices(workers)
     dump_config(cfg, run.config)
     save_client_data(clients, run.data)
     state = DeviceState.simulated(run.root / "state", cfg.seed)
@@ -208,7 +252,7 @@ def run_inprocess(cfg: ExperimentConfig, model, clients: list[ClientData], run: 
         dropped: list[int] = []
         done = _train_cohort(cfg, state, clients, cohort, model_for, limits, pack, progress, stats, dropped,
                              fleet=(lambda d: fleet_device(cfg, d, params)) if fleet is not None else None,
-                             note=run.append_event)
+                             note=run.append_event, runner=runner)
         if coord is not None:
             accepted = coord.settle(r, {d: s for d, (_, s) in done.items()}, dropped)
             good = [done[d][0] for d in accepted]
