@@ -1,4 +1,5 @@
-# the GPU fleet config end to end: in process (1 GPU), Flower on Ray (1 GPU, 2 GPUs); FLEET="flower1 flower2" picks.
+# the GPU fleet config end to end: in process (1 GPU), Flower on Ray (1 GPU, 2 GPUs); FLEET="flower1 flower2" picks,
+# EXTRA="--set federation.rounds=4" adds arguments to each.
 # Needs only site.tar.xz (the first call may carry it with this script); a call that carries gguf.part00 keeps
 # SmolLM2's first half in /tmp for call 3 (FLEET="" copies it and runs nothing else).
 source .dev/s5/setup.sh   # bench/device/setup.sh, copied there by make_bundle.sh
@@ -19,9 +20,9 @@ PY
 }
 for run in ${FLEET-inproc flower1 flower2}; do
   case $run in
-    inproc*) fleet $run 120 0 --backend inprocess ;;
-    flower1*) fleet $run 170 0 ;;
-    flower2*) fleet $run 170 0,1 --set simulation.max_concurrent_clients=2 ;;
+    inproc*) fleet $run 120 0 --backend inprocess $EXTRA ;;
+    flower1*) fleet $run 170 0 $EXTRA ;;
+    flower2*) fleet $run 170 0,1 --set simulation.max_concurrent_clients=2 $EXTRA ;;
   esac
   cp /tmp/runs/$run/events.jsonl $OUT/${run}_events.jsonl 2>/dev/null
 done
