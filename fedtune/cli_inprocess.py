@@ -43,13 +43,11 @@ def simulate_in_process(console: Console, cfg, run, clients) -> None:
 
 
 def _simulate(console: Console, cfg, run, clients) -> None:
-    from fedtune.adapters import create_adapter
+    from fedtune.adapters.cached import adapter_model
     from fedtune.federation.inprocess import concurrent_workers, run_inprocess
-    from fedtune.models import get_base_model
 
     device = compute_device(cfg)
-    model, _ = get_base_model(cfg.model, device, build=lambda m: create_adapter(m, cfg.adapter, cfg.seed),
-                              extra=cfg.adapter.model_dump_json())
+    model, _ = adapter_model(cfg.model, cfg.adapter, cfg.seed, device)
     pack = cfg.simulation.packed_group_size
     workers = concurrent_workers(cfg, model, pack)
     how = (f"in packed groups of up to {pack}" if pack > 1 else

@@ -160,8 +160,7 @@ def _train_cohort(cfg, state: DeviceState, clients, cohort: _Cohort, model_for, 
 
 def _tier_models(cfg, model):
     """The model for a plan: the caller's for the configured rank and quantization, else a cached tier model."""
-    from fedtune.adapters import create_adapter
-    from fedtune.models import get_base_model
+    from fedtune.adapters.cached import adapter_model
 
     def model_for(plan):
         if plan.rank in (None, cfg.adapter.rank) and plan.quantization in (None, cfg.model.quantization):
@@ -169,8 +168,7 @@ def _tier_models(cfg, model):
         model_cfg = cfg.model.model_copy(update={"quantization": plan.quantization or cfg.model.quantization})
         adapter_cfg = cfg.adapter.model_copy(update={"rank": plan.rank, "alpha": plan.alpha or cfg.adapter.alpha})
         device = str(next(model.parameters()).device)
-        return get_base_model(model_cfg, device, build=lambda m: create_adapter(m, adapter_cfg, cfg.seed),
-                              extra=adapter_cfg.model_dump_json())[0]
+        return adapter_model(model_cfg, adapter_cfg, cfg.seed, device)[0]
 
     return model_for
 

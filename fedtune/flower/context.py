@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from fedtune.adapters import create_adapter
+from fedtune.adapters.cached import adapter_model
 from fedtune.config import ExperimentConfig, load_config
-from fedtune.models import get_base_model
 from fedtune.workspace import RunDir
 
 
@@ -33,9 +32,7 @@ class RunContext:
         adapter_cfg = cfg.adapter
         if rank is not None:
             adapter_cfg = adapter_cfg.model_copy(update={"rank": rank, "alpha": alpha or adapter_cfg.alpha})
-        return get_base_model(model_cfg, self.device,
-                              build=lambda m: create_adapter(m, adapter_cfg, cfg.seed),
-                              extra=adapter_cfg.model_dump_json())
+        return adapter_model(model_cfg, adapter_cfg, cfg.seed, self.device)
 
     @functools.cached_property
     def data_index(self) -> list[dict]:

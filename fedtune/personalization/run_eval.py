@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedtune.adapters import create_adapter, get_adapter_state
+from fedtune.adapters import get_adapter_state
 from fedtune.adapters.split import merge, initial_private, shared_part
 from fedtune.config import ExperimentConfig, load_config
 from fedtune.data.partition import load_client_data, read_index
@@ -80,15 +80,12 @@ _SEEDED: dict[int, AdapterState] = {}  # id(cached model) -> its adapter as crea
 
 
 def load_model(cfg: ExperimentConfig, device: str):
-    from fedtune.models import get_base_model
+    from fedtune.adapters.cached import adapter_model
 
-    def build(base):
-        model = create_adapter(base, cfg.adapter, cfg.seed)
+    def keep_seeded(model):
         _SEEDED[id(model)] = get_adapter_state(model)
-        return model
 
-    model, _ = get_base_model(cfg.model, device, build=build, extra=cfg.adapter.model_dump_json())
-    return model
+    return adapter_model(cfg.model, cfg.adapter, cfg.seed, device, on_build=keep_seeded)[0]
 
 
 def seeded_initial(model) -> AdapterState:
