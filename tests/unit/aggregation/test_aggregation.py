@@ -34,3 +34,11 @@ def test_validate_rejects_with_reason(update, n, reason):
 
 def test_validate_accepts_good_update():
     validate_update({"a": torch.ones(2, 3), "b": torch.ones(4)}, REF, 10, max_examples=1000)
+
+
+def test_a_finite_update_whose_sum_overflows_is_not_called_non_finite():
+    # the check sums first; an overflowing sum of finite values must fall through to the exact elementwise check
+    from fedtune.aggregation.validate import validate_update
+
+    ref = {"w": torch.zeros(2)}
+    validate_update({"w": torch.full((2,), 3e38)}, ref, num_examples=1.0)  # finite, though 3e38 + 3e38 = inf
