@@ -26,8 +26,11 @@ def test_fedsa_run_through_flower_then_per_user_evaluation(tmp_path):
     a_keys = [k for k in saved if ".lora_A." in k]
     a_bytes = sum(saved[k].numel() * 2 for k in a_keys)  # fp16 uploads (federation.upload's default)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for r in records[1:]:  # each device uploads its A tensors (+ a 128-byte .npy header each), no B
-        assert r["clients_succeeded"] == 4 and r["upload_bytes"] == 4 * (a_bytes + 128 * len(a_keys))
+    # each device uploads its A tensors, no B: one flat fp16 buffer and its layout (.npy headers, names, shapes)
+    overhead = 2 * 128 + sum(len(k) + 40 for k in a_keys)
+    for r in records[1:]:
+        assert r["clients_succeeded"] == 4 and r["upload_bytes"] % 4 == 0
+        assert 4 * a_bytes < r["upload_bytes"] <= 4 * (a_bytes + overhead)
         assert r["upload_bytes"] < 4 * r["adapter_bytes"]
     rows = list(csv.DictReader(open(out / "eval" / "per_user.csv")))
     assert {r["method"] for r in rows} == {"base", "global", "finetune", "personalized", "split", "local_only"}
