@@ -39,7 +39,8 @@ from fedtune.federation.inprocess import run_inprocess as federate
 from fedtune.personalization.tuning import tune_selection, with_personalization
 from fedtune.personalization.users import select_users
 from fedtune.privacy.device_budget import budget_warning, over_target, sit_out_reason
-from fedtune.personalization.run_eval import load_model, seeded_initial, sources_for
+from fedtune.adapters.cached import seeded_initial
+from fedtune.personalization.run_eval import load_model, sources_for
 from fedtune.personalization.settings import (
     DIRS, FROM_GLOBAL, comparison, comparison_line, setting_name, user_level_config, user_level_refusal,
 )

@@ -76,23 +76,10 @@ def sources_for(run: RunDir, cfg: ExperimentConfig, template: AdapterState) -> S
     return src
 
 
-_SEEDED: dict[int, AdapterState] = {}  # id(cached model) -> its adapter as created (the seeded init)
-
-
 def load_model(cfg: ExperimentConfig, device: str):
     from fedtune.adapters.cached import adapter_model
 
-    def keep_seeded(model):
-        _SEEDED[id(model)] = get_adapter_state(model)
-
-    return adapter_model(cfg.model, cfg.adapter, cfg.seed, device, on_build=keep_seeded)[0]
-
-
-def seeded_initial(model) -> AdapterState:
-    """The adapter ``model`` was created with (``load_model``), whatever training has since left on the cached
-    model; a model built elsewhere: its current adapter."""
-    state = _SEEDED.get(id(model))
-    return {k: v.clone() for k, v in state.items()} if state is not None else get_adapter_state(model)
+    return adapter_model(cfg.model, cfg.adapter, cfg.seed, device)[0]
 
 
 def sit_out_notes(run: RunDir) -> list[str]:

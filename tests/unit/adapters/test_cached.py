@@ -17,9 +17,16 @@ def test_the_seed_is_part_of_the_key():
     assert any(not torch.equal(sa[k], sb[k]) for k in sa if "lora_A" in k)  # each its own seeded init
 
 
-def test_on_build_runs_once_when_the_model_is_built():
+def test_seeded_initial_is_the_adapter_as_built_whoever_built_it():
+    from fedtune.adapters import set_adapter_state
+    from fedtune.adapters.cached import seeded_initial
+
     cfg = make_config()
-    built = []
-    first, _ = adapter_model(cfg.model, cfg.adapter, 3, "cpu", on_build=built.append)
-    adapter_model(cfg.model, cfg.adapter, 3, "cpu", on_build=built.append)
-    assert built == [first]
+    model, _ = adapter_model(cfg.model, cfg.adapter, 4, "cpu")
+    before = get_adapter_state(model)
+    set_adapter_state(model, {k: v + 1.0 for k, v in before.items()})  # what training leaves on the cached model
+    try:
+        after = seeded_initial(model)
+        assert all(torch.equal(after[k], before[k]) for k in before)
+    finally:
+        set_adapter_state(model, before)

@@ -4,7 +4,8 @@ previous run left on it (a second benchmark in one process, or the parent of par
 import torch
 
 from fedtune.adapters import get_adapter_state, set_adapter_state
-from fedtune.personalization.run_eval import load_model, seeded_initial
+from fedtune.adapters.cached import seeded_initial
+from fedtune.personalization.run_eval import load_model
 from tests.conftest import make_config
 
 
