@@ -78,7 +78,8 @@ def strategy_server(replies, ref):  # what AdapterFedAvg does with a round's rep
     strategy.current = ref
     msgs = [Message(RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": 10.0, "train-loss": 1.0})}),
                     dst_node_id=0, message_type=MessageType.TRAIN) for r in replies]
-    assert all(r is not None for r in strategy._validated_many(msgs, RoundStats()))
+    stats = RoundStats()
+    assert all(strategy._validated(m, stats) is not None for m in msgs)
 
 
 def timed(fn, repeats):

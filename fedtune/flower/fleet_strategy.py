@@ -96,7 +96,7 @@ class FleetFedAvg(AdapterFedAvg):
         # 1. decode and validate every reply (errors and rejections are counted here)
         finished: dict[int, float] = {}
         valid: dict[int, tuple[Reply, Message]] = {}
-        failed, trained = [], []
+        failed = []
         for msg in replies:
             device = sent.get(msg.metadata.src_node_id)
             if msg.has_error():
@@ -107,8 +107,7 @@ class FleetFedAvg(AdapterFedAvg):
             if (reason := declined_reason(msg)) is not None:  # e.g. too small for its DP budget: sits out
                 stats.declined[reason] += 1
                 continue
-            trained.append(msg)
-        for msg, reply in zip(trained, self._validated_many(trained, stats, self._reference_for_rank)):
+            reply = self._validated(msg, stats, self._reference_for_rank)
             if reply is not None:
                 finished[reply.device] = float(msg.content[METRICS_KEY]["sim-seconds"])
                 valid[reply.device] = (reply, msg)

@@ -10,8 +10,9 @@ the bytes are the same as ``np.save`` writes, and anything unusual (non-contiguo
 An adapter travels *flat*: one ``.npy`` ``Array`` per dtype (``flat:<dtype>``,
 the tensors' values end to end) and a ``layout`` ``Array`` (uint8: JSON of name, dtype, shape in order), so a
 reply is two ``Array``s instead of 240 and decoding is one buffer and slices. Both are plain ``.npy`` arrays:
-Flower's own ``to_torch_state_dict`` and FedAvg (same layout on every reply) still work on them. Records in the per-tensor form (older
-devices, other Flower apps) still decode; a flat record whose layout does not add up is refused.
+Flower's own ``to_torch_state_dict`` and FedAvg (same layout on every reply) still work on them. Records in the
+per-tensor form (older devices, other Flower apps) still decode; a flat record whose layout does not add up is
+refused.
 """
 
 from __future__ import annotations
@@ -138,12 +139,10 @@ def _flat_to_tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     buffers = {k.removeprefix(FLAT_PREFIX): v for k, v in arrays.items() if k != LAYOUT_KEY}
     if len(buffers) != len(arrays) - 1 or set(buffers) != set(totals):
         raise _refuse(f"buffers {sorted(arrays.keys())} for a layout of dtypes {sorted(totals)}")
-    for dtype, array in buffers.items():
-        if tuple(array.shape) != (totals[dtype],) or array.dtype != dtype:
-            raise _refuse(f"a {dtype} buffer of shape {tuple(array.shape)}, the layout needs ({totals[dtype]},)")
     flats = {d: to_tensor(a) for d, a in buffers.items()}  # one fresh copy per dtype
-    if any(tuple(buf.shape) != (totals[d],) for d, buf in flats.items()):  # the .npy header disagrees
-        raise _refuse("a buffer whose .npy bytes do not hold the values the layout needs")
+    for d, buf in flats.items():  # what the bytes hold, not what the Array says
+        if tuple(buf.shape) != (totals[d],) or str(buf.dtype).removeprefix("torch.") != d:
+            raise _refuse(f"a flat:{d} buffer holding {buf.dtype} {tuple(buf.shape)}, the layout needs ({totals[d]},)")
     offsets = dict.fromkeys(flats, 0)
     out = {}
     for name, dtype, shape, count in entries:

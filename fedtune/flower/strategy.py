@@ -96,22 +96,6 @@ class AdapterFedAvg(FedAvg):
         ``reference_for(metrics)`` gives the adapter the reply must match (default: the global one).
         A valid reply is not counted here: ``_count`` does that once the caller keeps it.
         """
-        return self._validated_many([msg], stats, reference_for)[0]
-
-    def _validated_many(self, msgs: list[Message], stats: RoundStats, reference_for=None) -> list[Reply | None]:
-        """``_validated`` for each reply, in order. One thread: on threads, the per-tensor ops of 100 replies
-        convoyed on the GIL (1.2-3.6 s against 0.6-0.8 s, bench/flower_messages.py on 2 cores)."""
-        out: list[Reply | None] = []
-        for msg in msgs:
-            res = self._check(msg, reference_for)
-            if isinstance(res, UpdateRejected):
-                stats.rejected[res.reason] += 1
-                log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, res)
-                res = None
-            out.append(res)
-        return out
-
-    def _check(self, msg: Message, reference_for=None) -> Reply | UpdateRejected:
         try:
             content = msg.content
             if ARRAYS_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
@@ -128,7 +112,9 @@ class AdapterFedAvg(FedAvg):
             return accept_reply(payload, metrics, sent=sent, reference=reference,
                                 limits=self.limits, device=msg.metadata.src_node_id)
         except UpdateRejected as err:
-            return err
+            stats.rejected[err.reason] += 1
+            log.warning("rejected update from node %s: %s", msg.metadata.src_node_id, err)
+            return None
 
     @staticmethod
     def _count(stats: RoundStats, msg: Message) -> None:
@@ -145,8 +131,8 @@ class AdapterFedAvg(FedAvg):
         server_round += self.round_offset
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.mark("replies_in")
+        # one reply at a time: checked on threads, the per-tensor ops convoyed on the GIL (3x slower; benchmarks.md)
         good: list[Reply] = []
-        trained: list[Message] = []
         for msg in replies:
             if msg.has_error():
                 stats.failed += 1
@@ -156,10 +142,7 @@ class AdapterFedAvg(FedAvg):
                 log.info("node %s declined round %d: %s", msg.metadata.src_node_id, server_round, reason)
             elif self.secure is not None:
                 good.append(self._metadata(msg, stats))
-            else:
-                trained.append(msg)
-        for msg, reply in zip(trained, self._validated_many(trained, stats)):
-            if reply is not None:
+            elif (reply := self._validated(msg, stats)) is not None:
                 self._count(stats, msg)
                 good.append(reply)
         stats.mark("checked")

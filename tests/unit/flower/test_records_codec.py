@@ -127,3 +127,10 @@ def test_a_flat_buffer_whose_npy_bytes_disagree_with_its_shape_is_refused():
                                             data=to_array(torch.ones(2)).data)  # says (4,), holds 2 values
     with pytest.raises(ValueError, match="malformed flat adapter record"):
         arrays_to_tensors(record)
+
+
+def test_a_flat_buffer_whose_bytes_hold_another_dtype_is_refused():
+    record = tensors_to_arrays({"x": torch.ones(4)})
+    record[FLAT_PREFIX + "float32"] = to_array(torch.ones(4).half())  # named float32, holds float16
+    with pytest.raises(ValueError, match="malformed flat adapter record"):
+        arrays_to_tensors(record)
