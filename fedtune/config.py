@@ -227,6 +227,10 @@ class PersonalizationConfig(_Section):
     validation_max_chunks: int = Field(8, gt=0)
     finetune_grid: list[int] = Field([4, 8, 16], min_length=1)
     alpha_grid: list[float] = [0.25, 0.5, 0.75]
+    # a candidate replaces the global adapter only if its validation gain is at least this many paired standard
+    # errors of the per-token loss difference (0: the lowest validation loss always wins); noisy one-chunk
+    # slices otherwise leave users worse than global on their test chunks
+    min_gain_z: float = Field(1.0, ge=0)
     # FedDPA-style dual adapters as one more selection candidate (fedtune/personalization/dual.py): a private
     # LoRA next to the frozen global one, outputs mixed as alpha * private + (1 - alpha) * global, the private
     # one trained for `dual_steps` (default: the fine-tuning search's best k) at `dual_train_alpha`, alpha chosen
@@ -243,6 +247,9 @@ class PersonalizationConfig(_Section):
     # change vs global) among these, then reports the test users (fedtune/personalization/tuning.py); empty: off
     tune_finetune_lrs: list[float] = []
     tune_finetune_grids: list[list[int]] = []
+    # ... and the gain threshold min_gain_z: among these, with each (lr, grid), the one with the lowest median
+    # change among those that keep >= 95% of tuning users at least as good as global (fedtune/personalization/tuning.py)
+    tune_min_gain_zs: list[float] = []
     eval_max_users: int | None = Field(None, gt=0)  # evaluate at most this many of them (a quick look)
     evaluate_at_end: bool = False  # `fedtune simulate` runs `fedtune evaluate` on the run when it ends
     methods: list[Literal["base", "global", "finetune", "personalized", "split", "local_only"]] = [
@@ -385,9 +392,12 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if any(not g or any(k <= 0 for k in g) for g in per.tune_finetune_grids):
         p.append("personalization.tune_finetune_grids: each grid is a non-empty list of positive step counts, got "
                  f"{per.tune_finetune_grids}")
-    if (per.tune_finetune_lrs or per.tune_finetune_grids) and per.eval_users != "test":
+    if any(z < 0 for z in per.tune_min_gain_zs):
+        p.append("personalization.tune_min_gain_zs: thresholds are standard errors >= 0, got "
+                 f"{per.tune_min_gain_zs}")
+    if (per.tune_finetune_lrs or per.tune_finetune_grids or per.tune_min_gain_zs) and per.eval_users != "test":
         p.append(f"personalization.eval_users: hyperparameters tuned on the tuning users (tune_finetune_lrs / "
-                 f"tune_finetune_grids) must be reported on the other users; got eval_users {per.eval_users!r}, "
+                 f"tune_finetune_grids / tune_min_gain_zs) must be reported on the other users; got eval_users {per.eval_users!r}, "
                  "set it to test")
     if any(not 0 < a < 1 for a in per.alpha_grid):
         p.append(f"personalization.alpha_grid: mixing weights must lie strictly between 0 and 1, got {per.alpha_grid}")

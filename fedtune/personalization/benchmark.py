@@ -111,7 +111,7 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
     per = cfg.personalization
     t1 = time.perf_counter()
     tuned = None
-    if per.tune_finetune_lrs or per.tune_finetune_grids:  # chosen on tuning users, reported on test users
+    if per.tune_finetune_lrs or per.tune_finetune_grids or per.tune_min_gain_zs:  # chosen on tuning users only
         tuning_ids = set(select_users([c.user_id for c in clients], "tuning", per.tuning_fraction))
         tuned = tune_selection(model, [c for c in clients if c.user_id in tuning_ids], src_avg, avg_cfg, pack,
                                progress)
@@ -163,6 +163,10 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
         "users_evaluated": [c.user_id for c in evaluated],
         "user_split": per.eval_users,
         "tuning": None if tuned is None else {"chosen": tuned.chosen, "tried": tuned.rows},
+        "min_gain_z": avg_cfg.personalization.min_gain_z,
+        # users whose best candidate's validation gain was below min_gain_z: they keep the global adapter
+        "held_at_global": sorted(r.user for r in results if r.method == "personalized" and r.choice == "global"
+                                 and (r.gain_z or 0) > 0),
         "personalized_targets": None if pers is None else {
             "at_least_as_good_as_global": pers.not_worse_than_global,
             "better_than_global": pers.improved_over_global,
@@ -245,11 +249,15 @@ def format_report(report: dict) -> str:
             f"{100 * (t['better_than_local_only'] or 0):.0f}% (90%): **{'met' if t['met'] else 'not met'}**"]
         extra = [f"users evaluated: {len(s.get('users_evaluated', []))} ({s.get('user_split', 'all')} users)"]
         if s.get("tuning"):
-            tried = "; ".join(f"lr {r['finetune_lr']}, grid {r['finetune_grid']}: "
+            tried = "; ".join(f"lr {r['finetune_lr']}, grid {r['finetune_grid']}"
+                              + (f", z {r['min_gain_z']:g}" if r.get("min_gain_z") is not None else "") + ": "
                               + ("n/a" if r["median_change_vs_global"] is None
                                  else f"{100 * r['median_change_vs_global']:+.2f}%") for r in s["tuning"]["tried"])
             extra.append(f"chosen on {s['tuning']['tried'][0]['users']} tuning users (not in the table): "
                          f"{s['tuning']['chosen']} (median change vs global per combination: {tried})")
+        if s.get("min_gain_z") is not None and "held_at_global" in s:
+            extra.append(f"users kept on the global adapter because their best candidate's validation gain was "
+                         f"below min_gain_z={s['min_gain_z']:g} standard errors: {len(s['held_at_global'])}")
         if s.get("sat_out"):
             extra.append(f"devices that sat out (too small for the budget): {len(s['sat_out'])}: "
                          + ", ".join(sorted(s["sat_out"])))

@@ -43,6 +43,9 @@ class UserResult:
     train_steps: int  # local steps this method spent on the user's device at evaluation time
     epsilon: float | None  # the device's sample-level epsilon under this method (None without DP)
     choice: str = ""  # personalized: the selected candidate (e.g. finetune@8, mix@0.5/k8, global)
+    # personalized: the best candidate's validation gain over global in standard errors, kept or not
+    # (``fedtune.personalization.select.significance``; the tuning of ``min_gain_z`` reads it)
+    gain_z: float | None = None
 
     def row(self) -> dict:
         return asdict(self)
@@ -187,12 +190,13 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
         if src.global_state is None:
             return None
         if trained is not None and (data.user_id, method) in trained:
-            adapter, steps, epsilon, choice = trained[data.user_id, method]
+            adapter, choice = trained[data.user_id, method]
         else:
-            adapter, steps, epsilon, choice = personalize(model, data, src, cfg, src.choices)
+            adapter, choice = personalize(model, data, src, cfg, src.choices)
         with applied(model, adapter):  # one adapter state, or dual adapters (``fedtune.personalization.dual``)
             res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
-        return replace(_result(data, method, res, steps, epsilon), choice=choice)
+        return replace(_result(data, method, res, choice.steps, choice.epsilon), choice=choice.label,
+                       gain_z=choice.gain_z)
     elif method in ("finetune", "local_only"):
         if method == "finetune" and src.global_state is None:
             return None
@@ -216,7 +220,7 @@ def _ledger_copy(data: ClientData, src: Sources, cfg: ExperimentConfig) -> Priva
 
 def personalize_all(model, clients: list[ClientData], src: Sources, cfg: ExperimentConfig, pack: int) -> dict:
     """``personalize`` for every user, the fine-tuning segments ``pack`` users at a time (packed engine):
-    {(user, "personalized"): (adapter, steps, epsilon, choice label)}."""
+    {(user, "personalized"): (adapter, choice)}."""
     from fedtune.personalization.select import select_models
 
     picked = select_models(model, src.global_state, clients, cfg, [_ledger_copy(c, src, cfg) for c in clients],
@@ -225,20 +229,20 @@ def personalize_all(model, clients: list[ClientData], src: Sources, cfg: Experim
     for c, (adapter, choice) in zip(clients, picked):
         if src.choices is not None:
             src.choices.save(choice)
-        out[c.user_id, "personalized"] = (adapter, choice.steps, choice.epsilon, choice.label)
+        out[c.user_id, "personalized"] = (adapter, choice)
     return out
 
 
 def personalize(model, data: ClientData, src: Sources, cfg: ExperimentConfig, store=None):
     """The device's own model selection (``fedtune.personalization.select``), continuing a copy of its ledger:
-    (adapter, steps, epsilon, choice label); the choice is saved to ``store`` (device-local) when given."""
+    (adapter, ``Choice``); the choice is saved to ``store`` (device-local) when given."""
     from fedtune.personalization.select import select_model
 
     adapter, choice = select_model(model, src.global_state, data, cfg, _ledger_copy(data, src, cfg),
                                    _seed(cfg, data.user_id, "select"))
     if store is not None:
         store.save(choice)
-    return adapter, choice.steps, choice.epsilon, choice.label
+    return adapter, choice
 
 
 def _spent(data: ClientData, src: Sources, cfg: ExperimentConfig) -> float | None:

@@ -13,7 +13,12 @@ Each device, after the federation, without touching its test chunks:
   5. with ``personalization.dual_adapters``: trains a private LoRA next to the frozen global one (FedDPA-style,
      ``fedtune.personalization.dual``) and scores the output mix α·private + (1-α)·global for α in
      ``alpha_grid`` + ``dual_train_alpha``; its DP-SGD steps share the device's personal budget with step 3;
-  6. keeps the candidate with the lowest validation loss (ties go to the global adapter, then the simpler).
+  6. keeps the candidate with the lowest validation loss (ties go to the global adapter, then the simpler),
+     but leaves the global adapter for it only if its gain is above the slice's own noise: the mean per-token
+     loss difference to the global adapter on the slice, in paired standard errors (``significance``), must
+     reach ``personalization.min_gain_z``. A one-chunk slice scores a model on ~100 tokens; a "gain" there is
+     often noise, and a user whose test chunks disagree ends up worse than global. The threshold can be
+     chosen on the tuning users (``tune_min_gain_zs``: ``fedtune.personalization.tuning``).
 The choice and its score are the device's own state (``SelectionStore``); nothing is sent to the server.
 Selection reads only the device's training data and the model stays on the device, so it releases nothing
 beyond the DP-SGD steps its ledger already counts.
@@ -32,6 +37,7 @@ import torch
 
 from fedtune.adapters import set_adapter_state
 from fedtune.config import ExperimentConfig, PrivacyConfig
+from fedtune.personalization.dual import applied
 from fedtune.privacy.device_budget import (
     BudgetExceeded,
     DeviceTooSmall,
@@ -40,7 +46,7 @@ from fedtune.privacy.device_budget import (
     loader_sample_rate,
 )
 from fedtune.privacy.ledger import PrivacyLedger
-from fedtune.training import evaluate_chunks, train_local
+from fedtune.training import evaluate_chunks, token_losses, train_local
 from fedtune.types import AdapterState, ClientData, ClientTask
 from fedtune.workspace import safe_filename
 
@@ -60,7 +66,10 @@ class Choice:
     validation_chunks: int
     scores: dict  # candidate label -> validation loss
     epsilon: float | None  # the device's ε after selection (None without DP)
-    reason: str = ""  # why the global adapter was kept without a search, if it was
+    reason: str = ""  # why the global adapter was kept, if it was
+    # the best candidate's validation gain over global in paired standard errors (``significance``), whether or
+    # not it reached ``min_gain_z``; None without a search
+    gain_z: float | None = None
 
     @property
     def label(self) -> str:
@@ -103,6 +112,17 @@ def personal_privacy(cfg: ExperimentConfig, fit: ClientData, steps: int, ledger:
     return p.model_copy(update={"noise_multiplier": sigma, "target_epsilon": None})
 
 
+def significance(global_tokens: torch.Tensor, tokens: torch.Tensor) -> float:
+    """The mean per-token loss gain of a candidate over the global adapter on the same validation tokens, in
+    standard errors of that mean (paired: token by token). inf for a gain without spread; 0 without a gain."""
+    diff = global_tokens - tokens
+    gain = float(diff.mean())
+    spread = float(diff.std()) if diff.numel() > 1 else 0.0
+    if gain <= 0:
+        return 0.0
+    return math.inf if spread == 0 else gain / (spread / math.sqrt(diff.numel()))
+
+
 def _val(model, adapter: AdapterState, val: torch.Tensor, batch: int) -> float:
     set_adapter_state(model, adapter)
     return evaluate_chunks(model, val, batch).loss
@@ -121,6 +141,7 @@ class _Device:
     privacy: PrivacyConfig | None = None
     state: AdapterState | None = None
     prev: float = math.inf
+    global_tokens: torch.Tensor | None = None  # the global adapter's per-token losses on the validation slice
     best: tuple[float, int, AdapterState] | None = None  # (validation loss, steps, adapter) of the best FT
     active: bool = True
     private: AdapterState | None = None  # the dual adapter's private LoRA, when trained packed
@@ -172,7 +193,9 @@ def select_models(model, global_state: AdapterState, datas: list[ClientData], cf
                                                     f"validation slice and keep {MIN_FIT_CHUNKS} to train on"), False
             continue
         d.fit, d.val = split
-        d.prev = _val(model, global_state, d.val, bs)
+        set_adapter_state(model, global_state)
+        d.global_tokens = token_losses(model, d.val, bs)
+        d.prev = float(d.global_tokens.mean())
         d.keep = replace(keep, val_loss=d.prev, global_val_loss=d.prev, validation_chunks=int(d.val.shape[0]),
                          scores={"global": d.prev})
         try:  # one calibration for every personal step: the search's and the dual adapter's
@@ -252,7 +275,8 @@ def _dual_candidates(model, d: _Device, global_state: AdapterState, cfg: Experim
 
 
 def _choose(model, d: _Device, global_state: AdapterState, cfg: ExperimentConfig) -> tuple[AdapterState, Choice]:
-    """The device's pick; for ``dual`` the returned model is a ``DualAdapters`` (``dual.applied`` runs it)."""
+    """The device's pick (step 6); for ``dual`` the returned model is a ``DualAdapters`` (``dual.applied`` runs
+    it)."""
     if d.best is None:  # no search: the device keeps the global adapter (``Choice.reason`` says why)
         return global_state, d.keep
     ft_loss, ft_steps, ft_state = d.best
@@ -270,8 +294,17 @@ def _choose(model, d: _Device, global_state: AdapterState, cfg: ExperimentConfig
     loss, _, cand, alpha, chosen = min(cands, key=lambda c: (c[0], c[1]))
     eps = d.ledger.epsilon(cfg.privacy.delta) if cfg.privacy.enabled and d.ledger is not None else None
     steps = {"global": 0, "dual": dual_steps}.get(cand, ft_steps)
-    return chosen, replace(d.keep, candidate=cand, steps=steps, alpha=alpha,
-                           val_loss=loss, scores=scores, epsilon=eps)
+    pick = replace(d.keep, candidate=cand, steps=steps, alpha=alpha, val_loss=loss, scores=scores, epsilon=eps)
+    if cand == "global":
+        return chosen, replace(pick, gain_z=0.0)
+    with applied(model, chosen):
+        z = significance(d.global_tokens, token_losses(model, d.val, cfg.train.eval_batch_size))
+    need = cfg.personalization.min_gain_z
+    if z >= need:
+        return chosen, replace(pick, gain_z=z)
+    why = (f"{pick.label}'s validation gain over global ({d.keep.global_val_loss - loss:.4f} nats/token on "
+           f"{d.global_tokens.numel()} tokens) is {z:.2f} standard errors, below personalization.min_gain_z={need:g}")
+    return global_state, replace(d.keep, epsilon=eps, scores=scores, gain_z=z, reason=why)
 
 
 def select_model(model, global_state: AdapterState, data: ClientData, cfg: ExperimentConfig,

@@ -22,7 +22,7 @@ def _tiny_recipe_config(tmp_path) -> Path:
     raw["federation"].update(rounds=2, clients_per_round=2, min_clients=1)
     raw["personalization"].update(finetune_steps=2, eval_max_chunks=4, finetune_grid=[2, 4], alpha_grid=[0.5],
                                   eval_users="all", validation_max_chunks=2, tune_finetune_lrs=[],
-                                  tune_finetune_grids=[])
+                                  tune_finetune_grids=[], tune_min_gain_zs=[])
     raw["privacy"].update(max_noise_to_batch=10.0)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))

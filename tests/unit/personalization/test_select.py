@@ -1,5 +1,7 @@
 """Per-user model selection: validation from training chunks only, the grid, mixing, DP budget, tiny users."""
 
+import math
+
 import pytest
 import torch
 
@@ -7,17 +9,18 @@ from fedtune.adapters import get_adapter_state
 from fedtune.data import build_client_data
 from fedtune.models.tokenizer import ByteEncoder
 from fedtune.personalization.run_eval import load_model
-from fedtune.personalization.select import SelectionStore, mix, select_model, split_validation
+from fedtune.personalization.select import SelectionStore, mix, select_model, significance, split_validation
 from fedtune.privacy.accounting import compute_epsilon
 from fedtune.privacy.ledger import PrivacyLedger
 from fedtune.types import ClientData
 from tests.conftest import make_config
 
 
-def _cfg(**privacy):
+def _cfg(min_gain_z: float = 1.0, **privacy):
     return make_config(data={"synthetic_users": 2, "synthetic_docs_per_user": 10},
                        privacy={"enabled": False, **privacy},
-                       personalization={"finetune_grid": [2, 4], "alpha_grid": [0.5], "validation_max_chunks": 4})
+                       personalization={"finetune_grid": [2, 4], "alpha_grid": [0.5], "validation_max_chunks": 4,
+                                        "min_gain_z": min_gain_z})
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def test_validation_slice_comes_from_training_chunks_and_leaves_enough_to_fit(se
 
 def test_selection_never_touches_test_chunks_and_keeps_the_best_validation_score(setup, tmp_path):
     model, start, users = setup
-    cfg = _cfg()
+    cfg = _cfg(min_gain_z=0.0)  # the lowest validation loss wins (the gain threshold: the tests below)
     adapter, choice = select_model(model, start, _poisoned(users[0]), cfg, None, seed=1)
     assert {"global", "finetune@2", "mix@0.5"} <= set(choice.scores)
     assert set(choice.scores) <= {"global", "finetune@2", "finetune@4", "mix@0.5"}
@@ -58,6 +61,31 @@ def test_selection_never_touches_test_chunks_and_keeps_the_best_validation_score
     store = SelectionStore(tmp_path)
     store.save(choice)
     assert store.load(choice.user) == choice
+
+
+def test_significance_is_the_paired_mean_gain_in_standard_errors():
+    g = torch.tensor([2.0, 3.0, 1.0, 4.0], dtype=torch.float64)
+    c = g - torch.tensor([0.1, 0.3, 0.2, 0.2], dtype=torch.float64)  # gains: mean 0.2, sd 0.0816
+    se = torch.tensor([0.1, 0.3, 0.2, 0.2], dtype=torch.float64).std().item() / 2
+    assert significance(g, c) == pytest.approx(0.2 / se)
+    # paired: a big spread shared by both models is not noise in their difference
+    assert significance(g * 100, g * 100 - (g - c)) == pytest.approx(0.2 / se)
+    assert significance(g, g + 0.1) == 0.0 and significance(g, g) == 0.0  # no gain
+    assert significance(g, g - 0.5) == math.inf  # a gain on every token alike
+
+
+def test_a_gain_below_min_gain_z_keeps_the_global_adapter_and_says_so(setup):
+    model, start, users = setup
+    _, free = select_model(model, start, users[0], _cfg(min_gain_z=0.0), None, seed=1)
+    assert free.candidate != "global" and free.val_loss < free.global_val_loss  # a learnable pattern
+    assert 0 < free.gain_z < math.inf
+    above, kept = select_model(model, start, users[0], _cfg(min_gain_z=free.gain_z * 0.99), None, seed=1)
+    assert kept.label == free.label and kept.gain_z == pytest.approx(free.gain_z)
+    adapter, held = select_model(model, start, users[0], _cfg(min_gain_z=free.gain_z * 1.01), None, seed=1)
+    assert held.candidate == "global" and held.steps == 0 and held.val_loss == held.global_val_loss
+    assert held.gain_z == pytest.approx(free.gain_z) and "min_gain_z" in held.reason
+    assert held.scores == pytest.approx(free.scores)  # the same search, only the verdict differs
+    assert all(torch.equal(adapter[k], start[k]) for k in start)
 
 
 def test_mix_is_the_weighted_average():
