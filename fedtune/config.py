@@ -225,6 +225,9 @@ class PersonalizationConfig(_Section):
     # and alpha * fine-tuned + (1 - alpha) * global
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     validation_max_chunks: int = Field(8, gt=0)
+    # a device whose slice would be smaller keeps the global adapter without a search: on one chunk a "gain"
+    # is mostly that chunk's own context (docs/personalization.md, the short-history dataset)
+    validation_min_chunks: int = Field(2, gt=0)
     finetune_grid: list[int] = Field([4, 8, 16], min_length=1)
     alpha_grid: list[float] = [0.25, 0.5, 0.75]
     # a candidate replaces the global adapter only if its validation gain is at least this many paired standard
@@ -392,6 +395,9 @@ def _semantic_problems(cfg: ExperimentConfig) -> list[str]:
     if any(not g or any(k <= 0 for k in g) for g in per.tune_finetune_grids):
         p.append("personalization.tune_finetune_grids: each grid is a non-empty list of positive step counts, got "
                  f"{per.tune_finetune_grids}")
+    if per.validation_min_chunks > per.validation_max_chunks:
+        p.append(f"personalization.validation_min_chunks: {per.validation_min_chunks} is above validation_max_chunks "
+                 f"{per.validation_max_chunks}, so no device could hold out a slice; lower it or raise the maximum")
     if any(z < 0 for z in per.tune_min_gain_zs):
         p.append("personalization.tune_min_gain_zs: thresholds are standard errors >= 0, got "
                  f"{per.tune_min_gain_zs}")

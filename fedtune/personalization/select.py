@@ -2,7 +2,9 @@
 
 Each device, after the federation, without touching its test chunks:
   1. holds out a validation slice of its *training* chunks (the tail of its already shuffled chunks);
-     a device with too few chunks for a slice keeps the global adapter (``Choice.reason`` says why);
+     a device with too few chunks for a slice of ``personalization.validation_min_chunks`` keeps the global
+     adapter (``Choice.reason`` says why): tokens of one chunk share their context, so one chunk says little
+     about the next, and the per-token spread of step 6 underestimates that noise;
   2. scores the global adapter on that slice;
   3. fine-tunes the global adapter on the rest of its training chunks in segments up to each k of
      ``personalization.finetune_grid`` (DP-SGD continuing its own ledger, noise calibrated to what is left of
@@ -77,11 +79,13 @@ class Choice:
                 "mix": f"mix@{self.alpha:g}/k{self.steps}", "dual": f"dual@{self.alpha:g}/k{self.steps}"}[self.candidate]
 
 
-def split_validation(data: ClientData, fraction: float, max_chunks: int) -> tuple[ClientData, torch.Tensor] | None:
-    """(data to fit on, validation chunks) from the TRAINING chunks only; None if too small for a slice."""
+def split_validation(data: ClientData, fraction: float, max_chunks: int, min_chunks: int = 1
+                     ) -> tuple[ClientData, torch.Tensor] | None:
+    """(data to fit on, validation chunks) from the TRAINING chunks only; None if too small for a slice of at
+    least ``min_chunks`` that leaves ``MIN_FIT_CHUNKS`` to fit on."""
     n = data.num_train
     v = min(max_chunks, max(1, round(n * fraction)))
-    if n - v < MIN_FIT_CHUNKS:
+    if v < min_chunks or n - v < MIN_FIT_CHUNKS:
         return None
     fit = ClientData(user_id=data.user_id, train=data.train[: n - v], heldout=data.heldout[:0])
     return fit, data.train[n - v:]
@@ -187,10 +191,12 @@ def select_models(model, global_state: AdapterState, datas: list[ClientData], cf
                       global_val_loss=None, validation_chunks=0, scores={}, epsilon=eps)
         d = _Device(data, ledger, seed, keep, state=global_state)
         devs.append(d)
-        split = split_validation(data, per.validation_fraction, per.validation_max_chunks)
+        split = split_validation(data, per.validation_fraction, per.validation_max_chunks, per.validation_min_chunks)
         if split is None:
             d.keep, d.active = replace(keep, reason=f"{data.num_train} training chunks: too few to hold out a "
-                                                    f"validation slice and keep {MIN_FIT_CHUNKS} to train on"), False
+                                                    f"validation slice of at least {per.validation_min_chunks} "
+                                                    f"(personalization.validation_min_chunks) and keep "
+                                                    f"{MIN_FIT_CHUNKS} to train on"), False
             continue
         d.fit, d.val = split
         set_adapter_state(model, global_state)

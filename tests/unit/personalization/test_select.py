@@ -63,6 +63,28 @@ def test_selection_never_touches_test_chunks_and_keeps_the_best_validation_score
     assert store.load(choice.user) == choice
 
 
+def test_a_one_chunk_slice_is_no_validation_the_device_keeps_the_global_adapter(setup):
+    model, start, users = setup
+    small = ClientData("small", users[0].train[:6], users[0].heldout)  # a 20% slice of 6 chunks: 1 chunk
+    assert split_validation(small, 0.2, 4, min_chunks=2) is None
+    assert split_validation(small, 0.2, 4, min_chunks=1)[1].shape[0] == 1
+    adapter, choice = select_model(model, start, small, _cfg(min_gain_z=0.0), None, seed=0)
+    assert choice.candidate == "global" and not choice.scores and "validation_min_chunks" in choice.reason
+    assert all(torch.equal(adapter[k], start[k]) for k in start)
+    cfg = _cfg(min_gain_z=0.0)
+    cfg = cfg.model_copy(update={"personalization": cfg.personalization.model_copy(
+        update={"validation_min_chunks": 1})})
+    _, searched = select_model(model, start, small, cfg, None, seed=0)
+    assert searched.validation_chunks == 1 and "finetune@2" in searched.scores
+
+
+def test_validation_min_chunks_above_the_maximum_is_refused():
+    from fedtune.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="validation_min_chunks"):
+        config_from_dict({"personalization": {"validation_min_chunks": 5, "validation_max_chunks": 4}})
+
+
 def test_significance_is_the_paired_mean_gain_in_standard_errors():
     g = torch.tensor([2.0, 3.0, 1.0, 4.0], dtype=torch.float64)
     c = g - torch.tensor([0.1, 0.3, 0.2, 0.2], dtype=torch.float64)  # gains: mean 0.2, sd 0.0816
