@@ -32,17 +32,41 @@ def validate_update(update: AdapterState, reference: AdapterState, num_examples:
             raise UpdateRejected("bad_shape", f"{name}: expected {tuple(ref.shape)}, got {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise UpdateRejected("bad_dtype", f"{name}: expected a floating tensor, got {t.dtype}")
-        if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():  # a finite sum: every value is finite
-            raise UpdateRejected("non_finite", f"{name} holds NaN or Inf")
+    bad = _non_finite(update, list(reference))
+    if bad is not None:
+        raise UpdateRejected("non_finite", f"{bad} holds NaN or Inf")
     if not math.isfinite(num_examples) or not (num_examples > 0) or (max_examples is not None and num_examples > max_examples):
         raise UpdateRejected("bad_num_examples", f"num-examples={num_examples} outside (0, {max_examples}]")
 
 
+def _non_finite(update: AdapterState, names: list[str]) -> str | None:
+    """The first of ``names`` whose tensor holds NaN or Inf, else None. One fused norm per tensor
+    (``torch._foreach_norm``, as ``clip_grad_norm_`` does: no Python op per tensor); a finite norm proves every
+    value finite, and a tensor whose norm is not finite (NaN, Inf, or finite values whose squares overflow) is
+    checked value by value."""
+    if not names:
+        return None
+    norms = torch.stack(torch._foreach_norm([update[n] for n in names])).float()
+    if bool(torch.isfinite(norms).all()):
+        return None
+    for i in torch.nonzero(~torch.isfinite(norms)).flatten().tolist():
+        if not bool(torch.isfinite(update[names[i]]).all()):
+            return names[i]
+    return None
+
+
 def update_norm(update: AdapterState, reference: AdapterState) -> float:
-    """L2 norm of (update - reference) over all adapter tensors (the delta a device sends)."""
-    total = 0.0
-    for name, ref in reference.items():
-        total += float((update[name].double() - ref.double()).pow(2).sum())
+    """L2 norm of (update - reference) over all adapter tensors (the delta a device sends): every tensor's delta
+    and norm in one fused op each (in the wider of the two dtypes), their squares summed in float64."""
+    names = list(reference)
+    if not names:
+        return 0.0
+    wide = [torch.promote_types(update[n].dtype, reference[n].dtype) for n in names]
+    deltas = torch._foreach_sub([update[n].to(d) for n, d in zip(names, wide)],
+                                [reference[n].to(d) for n, d in zip(names, wide)])
+    total = float(torch.stack(torch._foreach_norm(deltas)).double().pow(2).sum())
+    if not math.isfinite(total):  # a norm past fp32's range (or NaN): recomputed exactly in float64
+        total = sum(float((update[n].double() - reference[n].double()).pow(2).sum()) for n in names)
     return math.sqrt(total)
 
 

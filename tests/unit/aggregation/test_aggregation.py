@@ -37,8 +37,29 @@ def test_validate_accepts_good_update():
 
 
 def test_a_finite_update_whose_sum_overflows_is_not_called_non_finite():
-    # the check sums first; an overflowing sum of finite values must fall through to the exact elementwise check
+    # the check takes norms first; an overflowing norm of finite values must fall through to the exact check
     from fedtune.aggregation.validate import validate_update
 
     ref = {"w": torch.zeros(2)}
     validate_update({"w": torch.full((2,), 3e38)}, ref, num_examples=1.0)  # finite, though 3e38 + 3e38 = inf
+
+
+def test_the_fused_checks_name_the_bad_tensor_and_give_the_float64_norm():
+    from fedtune.aggregation.validate import UpdateRejected, update_norm, validate_update
+
+    g = torch.Generator().manual_seed(0)
+    ref = {f"t{i}": torch.randn(7, 5, generator=g) for i in range(6)}
+    up = {k: v + 0.01 * torch.randn(7, 5, generator=g) for k, v in ref.items()}
+    exact = sum(float((up[k].double() - ref[k].double()).pow(2).sum()) for k in ref) ** 0.5
+    assert update_norm(up, ref) == pytest.approx(exact, rel=1e-6)
+    huge = {k: v.clone() for k, v in up.items()}
+    huge["t2"][0, 0] = 3e38  # finite, but its square is past fp32's range: the norm is recomputed in float64
+    assert update_norm(huge, ref) == pytest.approx(3e38, rel=1e-6)
+    validate_update(huge, ref, num_examples=1.0)
+    half = {k: v.half() for k, v in up.items()}  # mixed dtypes: computed in the wider one
+    assert update_norm(half, ref) == pytest.approx(exact, rel=1e-2)
+    for bad in (float("nan"), float("inf")):
+        broken = {k: v.clone() for k, v in up.items()}
+        broken["t4"][3, 1] = bad
+        with pytest.raises(UpdateRejected, match="non_finite: t4 holds NaN or Inf"):
+            validate_update(broken, ref, num_examples=1.0)
