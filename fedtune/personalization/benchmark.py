@@ -10,7 +10,8 @@ For each setting (DP off, per-device DP-SGD on, user-level DP-FedAvg on the serv
      device's own selected model (personalized) and local-only from run 1, split from run 2
      (``fedtune.personalization.evaluate``); with ``personalization.tune_finetune_lrs`` / ``tune_finetune_grids``
      the personal learning rate and step grid are first chosen on the TUNING users only
-     (``fedtune.personalization.tuning``; ``tuning.json``) and the test users evaluated with that choice.
+     (``fedtune.personalization.tuning``; ``tuning.json``, and every tuning user's rows in ``tuning_users.csv``)
+     and the test users evaluated with that choice.
 Every device's DP-SGD noise is calibrated to ``privacy.target_epsilon`` from its own sampling rate; a device
 too small to train within it sits out and is named; any ε above the target is flagged in the report.
 Under user-level DP-FedAvg (``user``) no device runs DP-SGD: the server clips and noises, its ledger's ε
@@ -44,7 +45,7 @@ from fedtune.personalization.run_eval import load_model, sources_for
 from fedtune.personalization.settings import (
     DIRS, FROM_GLOBAL, comparison, comparison_line, setting_name, user_level_config, user_level_refusal,
 )
-from fedtune.personalization.summary import best_personalized, format_table, write_outputs
+from fedtune.personalization.summary import best_personalized, format_table, write_outputs, write_rows
 from fedtune.types import ClientData
 from fedtune.workspace import RunDir
 
@@ -117,6 +118,7 @@ def run_setting(cfg: ExperimentConfig, clients: list[ClientData], out: Path, dp:
                                progress)
         avg_cfg, sa_cfg = with_personalization(avg_cfg, tuned.chosen), with_personalization(sa_cfg, tuned.chosen)
         (out / "tuning.json").write_text(json.dumps({"chosen": tuned.chosen, "tried": tuned.rows}, indent=1))
+        write_rows(out / "tuning_users.csv", tuned.per_user)
     wanted = set(select_users([c.user_id for c in clients], per.eval_users, per.tuning_fraction, per.eval_max_users))
     evaluated = [c for c in clients if c.user_id in wanted]
     user_progress = (lambda d, n, u: progress(f"evaluated {u} ({d}/{n})")) if progress else None

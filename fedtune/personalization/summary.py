@@ -108,15 +108,19 @@ def format_table(summaries: list[MethodSummary]) -> str:
     return "\n".join(lines)
 
 
+def write_rows(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """``rows`` as a CSV file (columns: ``fields``, else the first row's keys)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or (list(rows[0]) if rows else []))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write_outputs(results: list[UserResult], out_dir: Path, title: str = "",
                   notes: list[str] | None = None) -> list[MethodSummary]:
     """eval/per_user.csv, summary.json, summary.md (``notes``: lines under the table) and the plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "per_user.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(UserResult.__dataclass_fields__))
-        w.writeheader()
-        for r in results:
-            w.writerow(r.row())
+    write_rows(out_dir / "per_user.csv", [r.row() for r in results], list(UserResult.__dataclass_fields__))
     summaries = summarize(results)
     best = best_personalized(summaries)
     (out_dir / "summary.json").write_text(json.dumps(

@@ -35,6 +35,9 @@ AT_LEAST_AS_GOOD = 0.95  # the share of users the personalized model must not ma
 class Tuned:
     chosen: dict  # the personalization fields picked: finetune_lr, finetune_grid (and min_gain_z)
     rows: list[dict]  # every combination tried: its fields, median change vs global, share better, users
+    # every tuning user's global and personalized rows under each combination (thresholds at 0): the per-user
+    # evidence behind ``rows``, so other thresholds can be studied on tuning users without a re-run
+    per_user: list[dict] = dataclasses.field(default_factory=list)
 
 
 def combinations(cfg: ExperimentConfig) -> list[dict]:
@@ -92,10 +95,12 @@ def tune_selection(model, tuning: list[ClientData], src, cfg: ExperimentConfig, 
                          "(users are split by id hash; docs/personalization.md) or unset the tune_* lists")
     src = dataclasses.replace(src, choices=None)  # tuning writes no device's selection state
     zs = sorted(set(cfg.personalization.tune_min_gain_zs))
-    rows = []
+    rows, per_user = [], []
     for fields in combinations(cfg):
         run = with_personalization(cfg, {**fields, "min_gain_z": 0.0} if zs else fields)
         results = evaluate_users(model, tuning, src, run, ["global", "personalized"], pack=pack)
+        per_user += [{"finetune_lr": fields["finetune_lr"], "finetune_grid": " ".join(map(str, fields["finetune_grid"])),
+                      **r.row()} for r in results]
         for z in zs or [None]:
             row = _score(results if z is None else at_threshold(results, z),
                          fields if z is None else {**fields, "min_gain_z": z}, len(tuning))
@@ -108,4 +113,4 @@ def tune_selection(model, tuning: list[ClientData], src, cfg: ExperimentConfig, 
                          f"{'n/a' if share is None else f'{100 * share:.0f}%'}")
     best = _best(rows, bool(zs))
     keys = ("finetune_lr", "finetune_grid") + (("min_gain_z",) if zs else ())
-    return Tuned({k: best[k] for k in keys}, rows)
+    return Tuned({k: best[k] for k in keys}, rows, per_user)

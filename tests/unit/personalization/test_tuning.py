@@ -1,5 +1,6 @@
 """Selection hyperparameters are chosen on tuning users only, and the table reports the other users."""
 
+import csv
 import json
 
 import pytest
@@ -44,6 +45,13 @@ def test_the_recipe_tunes_on_tuning_users_and_reports_test_users(tmp_path):
     best = min(safe, key=lambda r: r["median_change_vs_global"])
     assert tuning["chosen"] == {k: best[k] for k in ("finetune_lr", "finetune_grid", "min_gain_z")}
     assert setting["tuning"]["chosen"] == tuning["chosen"]
+    # the per-user evidence: the tuning user's global and personalized rows under each (lr, grid)
+    with open(out / "dp-off" / "tuning_users.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["user"] for r in rows} == {"writer-0"} and len(rows) == 2 * 2
+    assert {(r["finetune_grid"], r["method"]) for r in rows} == {(g, m) for g in ("1", "3")
+                                                                   for m in ("global", "personalized")}
+    assert all(r["gain_z"] for r in rows if r["method"] == "personalized")
     assert "tuning users (not in the table)" in (out / "benchmark.md").read_text()
     # the test users' selection ran with the chosen grid: their scores name only its step counts
     choices = [json.loads(p.read_text()) for p in (out / "dp-off" / "fedavg" / "state" / "selection").glob("*.json")]
