@@ -4,7 +4,8 @@ A SmolLM2-135M-shaped LoRA adapter (r=8 on q,k,v,o over 30 layers: 240 tensors, 
 group of 50 devices and a round of 100 replies (fp16 uploads), timed side by side in one process:
   - client: decoding the group's incoming adapters (Flower's ``to_torch_state_dict`` per device, vs fedtune's
     codec once per shared adapter) and encoding 50 replies (``ArrayRecord(state_dict)`` vs fedtune's flat codec);
-  - server: decoding and validating 100 replies (``to_torch_state_dict`` + convert-then-clone, vs now);
+  - server: decoding and validating 100 replies (``to_torch_state_dict`` + convert-then-clone, vs now), and the
+    finite check + update norm alone (several torch ops per tensor, vs one fused op over all tensors);
   - the pickled size of one group message (what Ray ships to the actor).
 
     PYTHONPATH=$PWD python bench/flower_messages.py [--repeats 3]
@@ -20,7 +21,7 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedtune.aggregation.validate import validate_update
+from fedtune.aggregation.validate import update_norm, validate_update
 from fedtune.federation.replies import ReplyLimits, accept_reply
 from fedtune.flower.packed_grid import arrays_part, pack_group, part_key
 from fedtune.flower.records import arrays_to_state, arrays_to_tensors, state_to_arrays, tensors_to_arrays
@@ -71,6 +72,21 @@ def new_server(replies, ref):
                      limits=ReplyLimits())
 
 
+def per_tensor_checks(states, ref):  # session 6's checks: several Python-level torch ops per tensor
+    for state in states:
+        for name, r in ref.items():
+            t = state[name]
+            assert tuple(t.shape) == tuple(r.shape) and t.dtype.is_floating_point
+            assert torch.isfinite(t.sum()) or torch.isfinite(t).all()
+        sum(float((state[n].double() - r.double()).pow(2).sum()) for n, r in ref.items())
+
+
+def fused_checks(states, ref):  # now: aggregation.validate's fused finite check and update norm
+    for state in states:
+        validate_update(state, ref, 10.0)
+        update_norm(state, ref)
+
+
 def strategy_server(replies, ref):  # what AdapterFedAvg does with a round's replies
     from fedtune.flower.strategy import AdapterFedAvg, RoundStats
 
@@ -108,6 +124,7 @@ def main() -> None:
     uploads = [{k: v.half() for k, v in adapter(s).items()} for s in range(1, 6)]
     replies_old = [ArrayRecord(uploads[i % 5]) for i in range(ROUND)]
     replies_new = [tensors_to_arrays(uploads[i % 5]) for i in range(ROUND)]  # flat
+    decoded = [{k: v.float() for k, v in uploads[i % 5].items()} for i in range(ROUND)]
     rows = [
         ("client: decode the group's 50 incoming adapters", lambda: old_client(before), lambda: new_client(after)),
         ("client: encode 50 replies", lambda: [ArrayRecord(uploads[i % 5]) for i in range(GROUP)],
@@ -116,6 +133,8 @@ def main() -> None:
          lambda: new_server(replies_new, ref)),
         ("  the same through the strategy", lambda: old_server(replies_old, ref),
          lambda: strategy_server(replies_new, ref)),
+        ("server: finite check + update norm of 100 replies", lambda: per_tensor_checks(decoded, ref),
+         lambda: fused_checks(decoded, ref)),
     ]
     print(f"{'piece':52s} {'before s':>9s} {'after s':>9s}")
     for name, old, new in rows:
