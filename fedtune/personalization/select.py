@@ -48,7 +48,7 @@ from fedtune.privacy.device_budget import (
     loader_sample_rate,
 )
 from fedtune.privacy.ledger import PrivacyLedger
-from fedtune.training import evaluate_chunks, token_losses, train_local
+from fedtune.training import token_losses, train_local
 from fedtune.types import AdapterState, ClientData, ClientTask
 from fedtune.workspace import safe_filename
 
@@ -128,8 +128,9 @@ def significance(global_tokens: torch.Tensor, tokens: torch.Tensor) -> float:
 
 
 def _val(model, adapter: AdapterState, val: torch.Tensor, batch: int) -> float:
+    """The validation loss: the mean of the per-token losses ``significance`` compares (one summation for all)."""
     set_adapter_state(model, adapter)
-    return evaluate_chunks(model, val, batch).loss
+    return float(token_losses(model, val, batch).mean())
 
 
 @dataclass
