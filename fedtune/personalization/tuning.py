@@ -11,7 +11,11 @@ The benchmark (``fedtune.personalization.benchmark``) calls ``tune_selection`` a
      threshold gets the global adapter's result, exactly what a device with that threshold keeps. The pick is
      the lowest median change among the (combination, threshold) pairs that keep at least
      ``AT_LEAST_AS_GOOD`` of the tuning users at least as good as global (failing that, the pair with the
-     highest such share);
+     highest such share). Equal medians are common: a threshold moves only users whose gain is small, rarely
+     the median user. Among them the pick keeps the most tuning users at least as good, then the most
+     strictly better, then takes the higher threshold: 24 tuning users that cannot tell two thresholds apart
+     are no evidence for personalizing on the smaller gain (the cautious pick, as the one-standard-error rule
+     takes the simplest model within noise of the best);
   3. the best combination is what the test users (``personalization.eval_users: test``, the only users the
      table reports) are evaluated with. The tuning users' split is fixed by id hash
      (``fedtune.personalization.users``), so the same users tune in every run.
@@ -77,8 +81,14 @@ def _best(rows: list[dict], thresholds: bool) -> dict:
 
     if not thresholds:
         return min(rows, key=median)
-    safe = [r for r in rows if (r["at_least_as_good"] or 0) >= AT_LEAST_AS_GOOD]
-    return min(safe, key=median) if safe else min(rows, key=lambda r: (-(r["at_least_as_good"] or 0), median(r)))
+    def share(r, key):
+        return r.get(key) or 0.0
+
+    def ranked(r):  # the median, then among equal medians the more users kept safe, then the cautious threshold
+        return median(r), -share(r, "at_least_as_good"), -share(r, "better_than_global"), -r["min_gain_z"]
+
+    safe = [r for r in rows if share(r, "at_least_as_good") >= AT_LEAST_AS_GOOD]
+    return min(safe, key=ranked) if safe else min(rows, key=lambda r: (-share(r, "at_least_as_good"), ranked(r)))
 
 
 def with_personalization(cfg: ExperimentConfig, fields: dict) -> ExperimentConfig:

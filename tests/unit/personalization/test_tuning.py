@@ -83,3 +83,16 @@ def test_the_pick_is_the_best_median_among_thresholds_that_keep_users_at_least_a
     assert _best(rows, thresholds=False)["min_gain_z"] == 0.0  # without thresholds: the median alone
     unsafe = [dict(r, at_least_as_good=0.5 + r["min_gain_z"] / 10) for r in rows]
     assert _best(unsafe, thresholds=True)["min_gain_z"] == 2.0  # none safe: the safest
+
+
+def test_among_equal_medians_the_pick_keeps_more_users_safe_then_takes_the_cautious_threshold():
+    def row(z, share, better):
+        return {"min_gain_z": z, "median_change_vs_global": -0.07, "at_least_as_good": share,
+                "better_than_global": better}
+
+    tied = [row(0.0, 0.96, 0.83), row(0.5, 0.96, 0.83), row(1.0, 0.96, 0.83), row(2.0, 0.96, 0.62)]
+    assert _best(tied, thresholds=True)["min_gain_z"] == 1.0  # 0-1 indistinguishable; 2 loses better users
+    safer = [row(0.5, 0.96, 0.79), row(1.0, 1.0, 0.71)]
+    assert _best(safer, thresholds=True)["min_gain_z"] == 1.0  # more users at least as good wins the tie
+    lower = [dict(row(0.0, 0.96, 0.83), median_change_vs_global=-0.08), row(1.0, 1.0, 0.83)]
+    assert _best(lower, thresholds=True)["min_gain_z"] == 0.0  # a lower median still comes first
