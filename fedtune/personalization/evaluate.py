@@ -46,6 +46,7 @@ class UserResult:
     # personalized: the best candidate's validation gain over global in standard errors, kept or not
     # (``fedtune.personalization.select.significance``; the tuning of ``min_gain_z`` reads it)
     gain_z: float | None = None
+    gain_chunk_z: float | None = None  # the same gain in standard errors over validation chunks (for study)
 
     def row(self) -> dict:
         return asdict(self)
@@ -196,7 +197,7 @@ def evaluate_user(model, data: ClientData, method: str, src: Sources, cfg: Exper
         with applied(model, adapter):  # one adapter state, or dual adapters (``fedtune.personalization.dual``)
             res = evaluate_chunks(model, heldout, cfg.train.eval_batch_size)
         return replace(_result(data, method, res, choice.steps, choice.epsilon), choice=choice.label,
-                       gain_z=choice.gain_z)
+                       gain_z=choice.gain_z, gain_chunk_z=choice.gain_chunk_z)
     elif method in ("finetune", "local_only"):
         if method == "finetune" and src.global_state is None:
             return None

@@ -72,6 +72,9 @@ class Choice:
     # the best candidate's validation gain over global in paired standard errors (``significance``), whether or
     # not it reached ``min_gain_z``; None without a search
     gain_z: float | None = None
+    # the same gain in standard errors over the slice's chunks (``significance(..., chunks)``): recorded for
+    # study next to ``gain_z``, not used for the choice
+    gain_chunk_z: float | None = None
 
     @property
     def label(self) -> str:
@@ -116,10 +119,17 @@ def personal_privacy(cfg: ExperimentConfig, fit: ClientData, steps: int, ledger:
     return p.model_copy(update={"noise_multiplier": sigma, "target_epsilon": None})
 
 
-def significance(global_tokens: torch.Tensor, tokens: torch.Tensor) -> float:
+def significance(global_tokens: torch.Tensor, tokens: torch.Tensor, chunks: int = 0) -> float:
     """The mean per-token loss gain of a candidate over the global adapter on the same validation tokens, in
-    standard errors of that mean (paired: token by token). inf for a gain without spread; 0 without a gain."""
+    standard errors of that mean (paired: token by token). inf for a gain without spread; 0 without a gain.
+    With ``chunks`` (the slice's chunk count; equal-length chunks, in order) the units are the chunks' mean
+    gains instead of single tokens (a cluster-robust error: tokens of one chunk share their context, so their
+    gains are not independent); 0 for a one-chunk slice, which has no spread between chunks to measure."""
     diff = global_tokens - tokens
+    if chunks:
+        if chunks < 2:
+            return 0.0
+        diff = diff.reshape(chunks, -1).mean(dim=1)
     gain = float(diff.mean())
     spread = float(diff.std()) if diff.numel() > 1 else 0.0
     if gain <= 0:
@@ -303,15 +313,16 @@ def _choose(model, d: _Device, global_state: AdapterState, cfg: ExperimentConfig
     steps = {"global": 0, "dual": dual_steps}.get(cand, ft_steps)
     pick = replace(d.keep, candidate=cand, steps=steps, alpha=alpha, val_loss=loss, scores=scores, epsilon=eps)
     if cand == "global":
-        return chosen, replace(pick, gain_z=0.0)
+        return chosen, replace(pick, gain_z=0.0, gain_chunk_z=0.0)
     with applied(model, chosen):
-        z = significance(d.global_tokens, token_losses(model, d.val, cfg.train.eval_batch_size))
+        tokens = token_losses(model, d.val, cfg.train.eval_batch_size)
+    z, zc = significance(d.global_tokens, tokens), significance(d.global_tokens, tokens, int(d.val.shape[0]))
     need = cfg.personalization.min_gain_z
     if z >= need:
-        return chosen, replace(pick, gain_z=z)
+        return chosen, replace(pick, gain_z=z, gain_chunk_z=zc)
     why = (f"{pick.label}'s validation gain over global ({d.keep.global_val_loss - loss:.4f} nats/token on "
            f"{d.global_tokens.numel()} tokens) is {z:.2f} standard errors, below personalization.min_gain_z={need:g}")
-    return global_state, replace(d.keep, epsilon=eps, scores=scores, gain_z=z, reason=why)
+    return global_state, replace(d.keep, epsilon=eps, scores=scores, gain_z=z, gain_chunk_z=zc, reason=why)
 
 
 def select_model(model, global_state: AdapterState, data: ClientData, cfg: ExperimentConfig,

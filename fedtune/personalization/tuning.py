@@ -61,7 +61,7 @@ def at_threshold(results: list[UserResult], z: float) -> list[UserResult]:
         g = glob.get(r.user)
         if r.method == "personalized" and g is not None and (r.gain_z or 0.0) < z:
             r = replace(g, method=r.method, train_steps=r.train_steps, epsilon=r.epsilon, choice="global",
-                        gain_z=r.gain_z)
+                        gain_z=r.gain_z, gain_chunk_z=r.gain_chunk_z)
         out.append(r)
     return out
 

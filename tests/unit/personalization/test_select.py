@@ -96,11 +96,23 @@ def test_significance_is_the_paired_mean_gain_in_standard_errors():
     assert significance(g, g - 0.5) == math.inf  # a gain on every token alike
 
 
+def test_significance_over_chunks_takes_each_chunks_mean_gain_as_one_unit():
+    g = torch.tensor([2.0, 3.0, 1.0, 4.0, 2.0, 5.0], dtype=torch.float64)
+    gains = torch.tensor([0.1, 0.1, 0.1, 0.5, 0.5, 0.5], dtype=torch.float64)  # two chunks of 3 tokens
+    c = g - gains
+    means = torch.tensor([0.1, 0.5], dtype=torch.float64)
+    assert significance(g, c, chunks=2) == pytest.approx(0.3 / (means.std().item() / math.sqrt(2)))
+    assert significance(g, c, chunks=2) < significance(g, c)  # correlated tokens: fewer units, a wider error
+    assert significance(g, c, chunks=1) == 0.0  # one chunk: no spread between chunks to measure
+    assert significance(g, c, chunks=3) == pytest.approx(0.3 / (torch.tensor([0.1, 0.3, 0.5]).std().item()
+                                                                / math.sqrt(3)))
+
+
 def test_a_gain_below_min_gain_z_keeps_the_global_adapter_and_says_so(setup):
     model, start, users = setup
     _, free = select_model(model, start, users[0], _cfg(min_gain_z=0.0), None, seed=1)
     assert free.candidate != "global" and free.val_loss < free.global_val_loss  # a learnable pattern
-    assert 0 < free.gain_z < math.inf
+    assert 0 < free.gain_z < math.inf and free.gain_chunk_z is not None  # both recorded, kept or not
     above, kept = select_model(model, start, users[0], _cfg(min_gain_z=free.gain_z * 0.99), None, seed=1)
     assert kept.label == free.label and kept.gain_z == pytest.approx(free.gain_z)
     adapter, held = select_model(model, start, users[0], _cfg(min_gain_z=free.gain_z * 1.01), None, seed=1)
