@@ -5,6 +5,8 @@ Variants, each in its own process (its peak RSS is its own):
   b  one device, 2 intra-op threads
   c  two devices side by side in two Python threads, 1 torch thread each, two peft models sharing the
      same frozen base tensors (``fedtune.training.replica``); only adapters and optimizers are separate
+  e  c with ``torch.set_num_threads(1)`` called in each device thread too (OpenMP's thread count is per
+     thread: c sets it only in the calling thread)
   d  the packed engine (``fedtune.packed.train_packed``), 2 devices in one batch, 2 intra-op threads
 A variant may add ``:chunk=N`` (``train.loss_chunk_tokens``) and ``:gc=N`` (checkpoint every N-th layer).
 
@@ -70,16 +72,17 @@ def worker(spec: str, steps: int) -> dict:
     def task(i: int) -> ClientTask:
         return ClientTask(server_round=1, local_steps=steps, batch_size=4, lr=3e-3, seed=i)
 
-    torch.set_num_threads(1 if variant in ("a", "c") else 2)
+    torch.set_num_threads(1 if variant in ("a", "c", "e") else 2)
     if variant in ("a", "b"):
         def call():
             return [train_local(model, start, datas[0], task(0))]
         devices = 1
-    elif variant == "c":
+    elif variant in ("c", "e"):
         from fedtune.training.replica import frozen_sharing_copy
 
         models = [model, frozen_sharing_copy(model)]
-        pool = ThreadPoolExecutor(2)
+        pool = ThreadPoolExecutor(2, **({"initializer": torch.set_num_threads, "initargs": (1,)} if variant == "e"
+                                        else {}))
 
         def call():
             return list(pool.map(lambda i: train_local(models[i], start, datas[i], task(i)), range(2)))
