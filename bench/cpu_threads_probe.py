@@ -8,7 +8,9 @@ Variants, each in its own process (its peak RSS is its own):
   e  c with ``torch.set_num_threads(1)`` called in each device thread too (OpenMP's thread count is per
      thread: c sets it only in the calling thread)
   d  the packed engine (``fedtune.packed.train_packed``), 2 devices in one batch, 2 intra-op threads
-A variant may add ``:chunk=N`` (``train.loss_chunk_tokens``) and ``:gc=N`` (checkpoint every N-th layer).
+A variant may add ``:chunk=N`` (``train.loss_chunk_tokens``), ``:gc=N`` (checkpoint every N-th layer) and
+``:compile`` (``nn.Module.compile()`` on each model: inductor; the warm-up call compiles, and its time and
+the peak during it are reported apart from the timed call's).
 
 Each variant runs ``train_local`` (the engine's device call) for ``--steps`` steps a device, after one
 warm-up call. Reported: seconds a device-step (wall / devices trained / steps) and peak RSS.
@@ -58,7 +60,7 @@ def worker(spec: str, steps: int) -> dict:
     from functools import partial
 
     variant, *opts = spec.split(":")
-    opt = dict(o.split("=") for o in opts)
+    opt = dict(o.split("=") if "=" in o else (o, "1") for o in opts)
     kw = {"loss_chunk_tokens": int(opt.get("chunk", 1024)), "gradient_checkpointing": "gc" in opt,
           "checkpoint_every_n_layers": int(opt.get("gc", 1))}
 
@@ -93,13 +95,30 @@ def worker(spec: str, steps: int) -> dict:
         def call():
             return train_packed(model, [start, start], datas, [task(0), task(1)])
         devices = 2
-    call()  # warm-up
+    if "compile" in opt:
+        from fedtune.training.loss import _causal_parts
+
+        for m in (models if variant in ("c", "e") else [model]):  # the module the step calls: with the chunked
+            (_causal_parts(m)[0] if "chunk" in opt else m).compile()  # loss, the decoder under the head
+    t = time.perf_counter()
+    call()  # warm-up (and the compile, with ``:compile``)
+    warm, warm_peak = time.perf_counter() - t, _peak_rss_gib()
+    with open("/proc/self/clear_refs", "w") as f:  # the timed call's own peak from here
+        f.write("5")
     t = time.perf_counter()
     call()
     wall = time.perf_counter() - t
     return {"variant": spec, "threads": torch.get_num_threads(), "devices": devices, "steps": steps,
             "wall_s": round(wall, 2), "s_per_device_step": round(wall / devices / steps, 3),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)}
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
+            "timed_call_peak_rss_gib": _peak_rss_gib(), "warm_up_s": round(warm, 1), "warm_up_peak_rss_gib": warm_peak}
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak RSS since start or the last reset (``VmHWM``; ``/proc/self/clear_refs`` resets it)."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return round(kib / 2 ** 20, 3)
 
 
 def main() -> None:

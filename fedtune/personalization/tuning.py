@@ -13,7 +13,7 @@ The benchmark (``fedtune.personalization.benchmark``) calls ``tune_selection`` a
      ``AT_LEAST_AS_GOOD`` of the tuning users at least as good as global (failing that, the pair with the
      highest such share). Equal medians are common: a threshold moves only users whose gain is small, rarely
      the median user. Among them the pick keeps the most tuning users at least as good, then the most
-     strictly better, then takes the higher threshold: 24 tuning users that cannot tell two thresholds apart
+     strictly better, then takes the higher threshold: tuning users that cannot tell two thresholds apart
      are no evidence for personalizing on the smaller gain (the cautious pick, as the one-standard-error rule
      takes the simplest model within noise of the best);
   3. the best combination is what the test users (``personalization.eval_users: test``, the only users the
