@@ -116,9 +116,9 @@ def worker(spec: str, steps: int) -> dict:
 
 def _peak_rss_gib() -> float:
     """This process's peak RSS since start or the last reset (``VmHWM``; ``/proc/self/clear_refs`` resets it)."""
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return round(kib / 2 ** 20, 3)
+    from ghost_clipping import _status_mib  # bench/ is on the path (``_setup``)
+
+    return round(_status_mib("VmHWM") / 1024, 3)
 
 
 def main() -> None:
